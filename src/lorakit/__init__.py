@@ -1,0 +1,28 @@
+"""lorakit: LoRA-family fine-tuning on PyTorch with PEFT-format adapters."""
+
+from lorakit.adapters.inject import active_adapters, inject, match_targets, set_active, trainable_report
+from lorakit.adapters.io import AdapterFileError, load_adapter, read_adapter, save_adapter
+from lorakit.adapters.layer import LoraLayer
+from lorakit.adapters.merge import merge, merge_and_unload, merge_weights, unmerge
+from lorakit.config import LoraSpec, TrainConfig
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterFileError",
+    "LoraLayer",
+    "LoraSpec",
+    "TrainConfig",
+    "active_adapters",
+    "inject",
+    "load_adapter",
+    "match_targets",
+    "merge",
+    "merge_and_unload",
+    "merge_weights",
+    "read_adapter",
+    "save_adapter",
+    "set_active",
+    "trainable_report",
+    "unmerge",
+]

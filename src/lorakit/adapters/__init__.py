@@ -1,0 +1,1 @@
+"""Adapters: the wrapper layer, LoRA, injection, merging and PEFT-format I/O."""

@@ -1,0 +1,231 @@
+"""Target matching, wrapping layers in place, activation, and the trainable-parameter report.
+
+Matching follows PEFT's rules so the same `target_modules` select the same layers:
+a string is a full-match regex on the module's dotted name, a list entry matches the exact
+name or a dotted suffix, "all-linear" is every Linear/Conv1D except the output head.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+import torch
+from torch import nn
+
+from lorakit.adapters.copies import ModuleCopies, add_copy, module_copies
+from lorakit.adapters.layer import LoraLayer, base_kind, lora_layers
+from lorakit.adapters.lora import LoraAdapter
+from lorakit.config import LoraSpec
+
+# PEFT's per-architecture defaults when no targets are given
+DEFAULT_TARGETS = {
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "mixtral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+    "phi3": ["qkv_proj"],
+    "opt": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+    "gpt_neox": ["query_key_value"],
+    "bloom": ["query_key_value"],
+    "falcon": ["query_key_value"],
+    "gptj": ["q_proj", "v_proj"],
+    "gpt_bigcode": ["c_attn"],
+}
+LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)(?:\.|$)")
+
+
+def name_matches(name: str, pattern: str | list[str]) -> bool:
+    """PEFT's rule: a string is a full-match regex; a list matches exact names or dotted suffixes."""
+    if isinstance(pattern, str):
+        return re.fullmatch(pattern, name) is not None
+    return any(name == p or name.endswith("." + p) for p in pattern)
+
+
+def pattern_value(name: str, patterns: dict, default):
+    """First `rank_pattern`/`alpha_pattern` key that matches a dotted suffix of `name` (PEFT's rule)."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def output_head(model: nn.Module) -> nn.Module | None:
+    get = getattr(model, "get_output_embeddings", None)
+    return get() if callable(get) else None
+
+
+def candidate_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if n and base_kind(m) is not None and not in_adapter(n)]
+
+
+def in_adapter(name: str) -> bool:
+    return ".adapters." in f".{name}." or ".lora_copies." in f".{name}."
+
+
+def match_targets(model: nn.Module, spec: LoraSpec) -> list[str]:
+    """Dotted names of the modules `spec` selects; an error lists the candidates if none."""
+    targets = spec.targets
+    if targets is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in DEFAULT_TARGETS:
+            raise ValueError(
+                f"no default targets for model type {model_type!r}; set targets "
+                f"(e.g. 'all-linear'). Candidates: {describe_candidates(model)}"
+            )
+        targets = DEFAULT_TARGETS[model_type]
+    head = output_head(model)
+    names = []
+    for name in candidate_names(model):
+        module = model.get_submodule(name)
+        if targets == "all-linear":
+            if base_kind(module) not in ("linear", "conv1d") or module is head:
+                continue
+        elif not name_matches(name, targets):
+            continue
+        if spec.exclude is not None and name_matches(name, spec.exclude):
+            continue
+        if spec.layers is not None:
+            found = LAYER_INDEX.search(name)
+            if found is None or int(found.group(1)) not in spec.layers:
+                continue
+        names.append(name)
+    if not names:
+        raise ValueError(f"targets {targets!r} match no module. Candidates: {describe_candidates(model)}")
+    return names
+
+
+def describe_candidates(model: nn.Module) -> str:
+    leaves = Counter(n.rsplit(".", 1)[-1] for n in candidate_names(model))
+    listed = ", ".join(f"{leaf} (x{count})" if count > 1 else leaf for leaf, count in leaves.items())
+    return listed or "none (no Linear, Conv1D or Embedding layers)"
+
+
+def wrap(model: nn.Module, name: str) -> LoraLayer:
+    """Replace module `name` by a LoraLayer around it (or return the existing one)."""
+    module = model.get_submodule(name)
+    if isinstance(module, LoraLayer):
+        return module
+    layer = LoraLayer(module)
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, layer)
+    return layer
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    return list(getattr(model, "lorakit_specs", {}))
+
+
+def freeze_base(model: nn.Module) -> None:
+    """Every parameter that is not an adapter's (or a module copy's) stops training."""
+    own = {id(p) for _, layer in lora_layers(model) for p in layer.adapters.parameters()}
+    own |= {id(p) for _, copies in module_copies(model) for p in copies.copies.parameters()}
+    for p in model.parameters():
+        if id(p) not in own:
+            p.requires_grad_(False)
+
+
+def train_biases(model: nn.Module, mode: str) -> None:
+    """PEFT's bias modes: "all" trains every bias, "lora_only" those of adapted layers."""
+    if mode == "all":
+        modules = list(model.modules())
+    elif mode == "lora_only":
+        modules = [layer for _, layer in lora_layers(model)]
+    else:
+        return
+    for module in modules:
+        bias = module._parameters.get("bias")
+        if bias is not None:
+            bias.requires_grad_(True)
+
+
+def inject(model: nn.Module, spec: LoraSpec, name: str = "default", trainable: bool = True) -> nn.Module:
+    """Add LoRA adapter `name` to every module `spec` selects; the base is frozen. Returns `model`."""
+    if not name or "." in name:
+        raise ValueError(f"adapter name {name!r} must be non-empty and contain no '.'")
+    if name in adapter_names(model):
+        raise ValueError(f"model already has an adapter named {name!r}")
+    targets = match_targets(model, spec)
+    saved = resolve_modules_to_save(model, spec.modules_to_save or [])
+    clash = set(targets) & set(saved)
+    if clash:
+        raise ValueError(f"modules {sorted(clash)} are both LoRA targets and modules_to_save")
+    for target in targets:
+        layer = wrap(model, target)
+        in_features, out_features = layer.in_out
+        r = pattern_value(target, spec.rank_pattern, spec.r)
+        alpha = pattern_value(target, spec.alpha_pattern, spec.alpha)
+        adapter = LoraAdapter(
+            in_features, out_features, r, alpha, dropout=spec.dropout, rslora=spec.rslora,
+            init=spec.init, embedding=layer.kind == "embedding", device=layer.weight.device,
+            dtype=adapter_dtype(layer),
+        )
+        adapter.requires_grad_(trainable)
+        layer.add(name, adapter)
+    for path in saved:
+        add_copy(model.get_submodule(path), name, trainable=trainable)
+    model.lorakit_specs = {**getattr(model, "lorakit_specs", {}), name: spec}
+    freeze_base(model)
+    if trainable:
+        train_biases(model, spec.bias)
+    return model
+
+
+def adapter_dtype(layer: LoraLayer) -> torch.dtype:
+    """Adapters train in fp32 unless the base already is another float type of 32+ bits."""
+    dtype = layer.weight.dtype
+    return dtype if dtype.is_floating_point and dtype.itemsize >= 4 else torch.float32
+
+
+def resolve_modules_to_save(model: nn.Module, names: list[str]) -> list[str]:
+    """Module paths named exactly or by dotted suffix; a name that matches nothing is an error."""
+    found = []
+    all_names = [n for n, _ in model.named_modules() if n and not in_adapter(n)]
+    for entry in names:
+        hits = [n for n in all_names if name_matches(n, [entry])]
+        if not hits:
+            raise ValueError(f"modules_to_save entry {entry!r} matches no module")
+        found += [h for h in hits if h not in found]
+    return found
+
+
+def set_active(model: nn.Module, names: list[str]) -> None:
+    """Make exactly these adapters active everywhere (their deltas add up); [] = base only."""
+    known = adapter_names(model)
+    for n in names:
+        if n not in known:
+            raise ValueError(f"unknown adapter {n!r}; the model has {known}")
+    for _, layer in lora_layers(model):
+        layer.active = [n for n in names if n in layer.adapters]
+    for _, copies in module_copies(model):
+        copies.active = [n for n in names if n in copies.copies]
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    active = []
+    for _, module in model.named_modules():
+        if isinstance(module, LoraLayer | ModuleCopies):
+            active += [n for n in module.active if n not in active]
+    return active
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, all) parameter counts; shared (tied) parameters are counted once, as PEFT does."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel() * getattr(p, "lorakit_numel_factor", 1)
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total
+
+
+def trainable_report(model: nn.Module) -> str:
+    """PEFT's `print_trainable_parameters` line, character for character."""
+    trainable, total = count_parameters(model)
+    return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+

@@ -1,0 +1,376 @@
+"""Save and load adapters in PEFT's on-disk format, checked against the base they go onto.
+
+A folder holds `adapter_config.json` (PEFT's LoraConfig fields) and
+`adapter_model.safetensors` (keys `base_model.model.<module>.lora_A.weight`, ... with the
+adapter name stripped, metadata `{"format": "pt"}`). lorakit adds to that metadata the base's
+name and the names and weight shapes of the adapted modules; loading onto a base that differs
+is refused unless forced (PEFT ignores these metadata keys).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as safetensors_bytes
+from torch import nn
+
+from lorakit.adapters.copies import add_copy, module_copies
+from lorakit.adapters.inject import (
+    adapter_names,
+    candidate_names,
+    freeze_base,
+    name_matches,
+    pattern_value,
+    train_biases,
+    wrap,
+)
+from lorakit.adapters.layer import LoraLayer, base_kind, in_out, lora_layers
+from lorakit.adapters.lora import LoraAdapter
+from lorakit.atomic import atomic_write_bytes, atomic_write_text
+from lorakit.config import LoraSpec
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+LORA_SUFFIXES = {  # PEFT key suffix -> (our parameter, is embedding)
+    "lora_A.weight": ("lora_A", False),
+    "lora_B.weight": ("lora_B", False),
+    "lora_embedding_A": ("lora_A", True),
+    "lora_embedding_B": ("lora_B", True),
+}
+UNSUPPORTED = {  # PEFT config field -> its default; anything else we cannot honour yet
+    "use_dora": False,
+    "lora_bias": False,
+    "layer_replication": None,
+    "target_parameters": None,
+    "trainable_token_indices": None,
+    "use_qalora": False,
+    "alora_invocation_tokens": None,
+}
+
+
+class AdapterFileError(ValueError):
+    """An adapter folder that is missing, corrupt, or does not fit the model."""
+
+
+# ----------------------------------------------------------------------------- save
+
+
+def save_adapter(model: nn.Module, path: str | Path, name: str = "default") -> Path:
+    """Write adapter `name` to folder `path` in PEFT's format (atomically, file by file)."""
+    specs = getattr(model, "lorakit_specs", {})
+    if name not in specs:
+        raise ValueError(f"model has no adapter {name!r}; it has {list(specs)}")
+    spec = specs[name]
+    tensors: dict[str, torch.Tensor] = {}
+    base_shapes: dict[str, list[int]] = {}
+    for path_, layer in lora_layers(model):
+        if name not in layer.adapters:
+            continue
+        if name in layer.merged:
+            raise ValueError(f"adapter {name!r} is merged into {path_}; unmerge before saving")
+        adapter = layer.adapters[name]
+        for ours, theirs in adapter.peft_names().items():
+            tensors[f"{PREFIX}{path_}.{theirs}"] = getattr(adapter, ours)
+        base_shapes[path_] = list(layer.weight.shape)
+    tensors.update(bias_tensors(model, spec.bias))
+    saved_modules = []
+    for path_, copies in module_copies(model):
+        if name in copies.copies:
+            saved_modules.append(path_)
+            for key, t in copies.copies[name].state_dict().items():
+                tensors[f"{PREFIX}{path_}.{key}"] = t
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    metadata = {
+        "format": "pt",
+        "lorakit.base": base_name(model),
+        "lorakit.base_shapes": json.dumps(base_shapes, sort_keys=True),
+        "lorakit.fingerprint": fingerprint(base_shapes),
+    }
+    config = peft_config(model, spec, sorted(base_shapes), saved_modules)
+    folder = Path(path)
+    atomic_write_bytes(folder / WEIGHTS_FILE, safetensors_bytes(tensors, metadata=metadata))
+    atomic_write_text(folder / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return folder
+
+
+def bias_tensors(model: nn.Module, mode: str) -> dict[str, torch.Tensor]:
+    """PEFT's bias entries: a wrapped layer's bias is keyed `<module>.base_layer.bias`."""
+    if mode == "none":
+        return {}
+    out = {}
+    for path, module in model.named_modules():
+        if ".adapters." in f".{path}." or ".lora_copies." in f".{path}.":
+            continue
+        wrapped = isinstance(module, LoraLayer)
+        bias = module._parameters.get("bias")
+        if bias is None or (mode == "lora_only" and not wrapped):
+            continue
+        out[f"{PREFIX}{path}.base_layer.bias" if wrapped else f"{PREFIX}{path}.bias"] = bias
+    return out
+
+
+def base_name(model: nn.Module) -> str:
+    config = getattr(model, "config", None)
+    return str(getattr(config, "_name_or_path", "") or type(model).__name__)
+
+
+def fingerprint(base_shapes: dict[str, list[int]]) -> str:
+    return hashlib.sha256(json.dumps(base_shapes, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def peft_config(model: nn.Module, spec: LoraSpec, targets: list[str], saved: list[str]) -> dict:
+    """The adapter_config.json PEFT writes for this adapter (targets as the exact set adapted)."""
+    from transformers import GenerationMixin
+
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM" if isinstance(model, GenerationMixin) else None,
+        "base_model_name_or_path": base_name(model),
+        "inference_mode": True,
+        "r": spec.r,
+        "lora_alpha": spec.alpha,
+        "lora_dropout": spec.dropout,
+        "target_modules": exact_targets(model, targets),
+        "exclude_modules": None,
+        "bias": spec.bias,
+        "use_rslora": spec.rslora,
+        "modules_to_save": saved or None,
+        "init_lora_weights": "gaussian" if spec.init == "gaussian" else True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": dict(spec.rank_pattern),
+        "alpha_pattern": dict(spec.alpha_pattern),
+        "fan_in_fan_out": any(model.get_submodule(t).kind == "conv1d" for t in targets),
+        "use_dora": False,
+        "lora_bias": False,
+    }
+
+
+def exact_targets(model: nn.Module, targets: list[str]) -> list[str] | str:
+    """Leaf names if they select exactly `targets` under PEFT's rules, else a full-match regex."""
+    leaves = sorted({t.rsplit(".", 1)[-1] for t in targets})
+    if {n for n in candidate_names(model) if name_matches(n, leaves)} == set(targets):
+        return leaves
+    return "(" + "|".join(re.escape(t) for t in targets) + ")"
+
+
+# ----------------------------------------------------------------------------- load
+
+
+@dataclass
+class AdapterFile:
+    """A parsed, not yet applied adapter folder."""
+
+    folder: Path
+    spec: LoraSpec
+    lora: dict[str, dict[str, torch.Tensor]]  # module -> {"lora_A": [r, in], "lora_B": [out, r]}
+    embedding: set[str]  # modules whose tensors are PEFT embedding ones
+    biases: dict[str, torch.Tensor]  # module -> bias
+    copies: dict[str, dict[str, torch.Tensor]]  # module -> its state dict
+    base_weights: dict[str, torch.Tensor]  # module -> base weight PEFT saved beside (embeddings)
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def read_adapter(path: str | Path) -> AdapterFile:
+    """Parse and check an adapter folder on its own; every error names the file and the field."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise AdapterFileError(f"adapter folder {folder} does not exist")
+    config_file, weights_file = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+    if not config_file.is_file():
+        raise AdapterFileError(f"{config_file} is missing")
+    if not weights_file.is_file():
+        other = [p.name for p in folder.glob("adapter_model.*")]
+        hint = f" (found {other}: only safetensors is loaded, for safety)" if other else ""
+        raise AdapterFileError(f"{weights_file} is missing{hint}")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise AdapterFileError(f"{config_file}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    if not isinstance(config, dict):
+        raise AdapterFileError(f"{config_file}: expected a JSON object")
+    spec = spec_from_peft(config, config_file)
+    try:
+        with safe_open(weights_file, framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise AdapterFileError(f"{weights_file} is not a readable safetensors file: {e}") from None
+    return split_tensors(folder, spec, tensors, metadata, weights_file)
+
+
+def spec_from_peft(config: dict, where: Path) -> LoraSpec:
+    if config.get("peft_type", "LORA") != "LORA":
+        raise AdapterFileError(f"{where}: peft_type {config.get('peft_type')!r} is not LORA")
+    for key, default in UNSUPPORTED.items():
+        if config.get(key, default) not in (default, None, False, [], {}):
+            raise AdapterFileError(f"{where}: {key}={config[key]!r} is not supported by lorakit yet")
+    for key in ("r", "lora_alpha"):
+        if key not in config:
+            raise AdapterFileError(f"{where}: missing field {key!r}")
+    init = config.get("init_lora_weights", True)
+    try:
+        return LoraSpec(
+            r=config["r"],
+            alpha=config["lora_alpha"],
+            dropout=config.get("lora_dropout") or 0.0,
+            targets=config.get("target_modules"),
+            bias=config.get("bias") or "none",
+            rslora=bool(config.get("use_rslora", False)),
+            init="gaussian" if init == "gaussian" else "kaiming",
+            rank_pattern=config.get("rank_pattern") or {},
+            alpha_pattern=config.get("alpha_pattern") or {},
+            modules_to_save=config.get("modules_to_save"),
+        )
+    except (TypeError, ValueError) as e:
+        raise AdapterFileError(f"{where}: {e}") from None
+
+
+def split_tensors(folder: Path, spec: LoraSpec, tensors: dict, metadata: dict, where: Path) -> AdapterFile:
+    """Sort PEFT keys into LoRA factors, biases and module copies; unknown keys are an error."""
+    lora: dict[str, dict[str, torch.Tensor]] = {}
+    embedding, biases, copies, base_weights = set(), {}, {}, {}
+    saved = spec.modules_to_save or []
+    for key, t in tensors.items():
+        name = key.removeprefix(PREFIX)
+        for suffix, (ours, is_embedding) in LORA_SUFFIXES.items():
+            if name.endswith("." + suffix):
+                module = name[: -len(suffix) - 1]
+                lora.setdefault(module, {})[ours] = t
+                if is_embedding:
+                    embedding.add(module)
+                break
+        else:
+            owner = next((m for m in copy_owners(name, saved)), None)
+            if owner is not None:
+                copies.setdefault(owner, {})[name[len(owner) + 1 :]] = t
+            elif name.endswith(".base_layer.weight"):  # PEFT's save_embedding_layers
+                base_weights[name.removesuffix(".base_layer.weight")] = t
+            elif name.endswith(".base_layer.bias"):
+                biases[name.removesuffix(".base_layer.bias")] = t
+            elif name.endswith(".bias") and spec.bias != "none":
+                biases[name.removesuffix(".bias")] = t
+            else:
+                raise AdapterFileError(f"{where}: unexpected tensor {key!r} (not a LoRA, bias or saved-module key)")
+    for module, pair in lora.items():
+        missing = {"lora_A", "lora_B"} - set(pair)
+        if missing:
+            raise AdapterFileError(f"{where}: module {module!r} has no {sorted(missing)[0]} tensor")
+    if not lora and not copies:
+        raise AdapterFileError(f"{where}: holds no adapter tensors")
+    return AdapterFile(folder, spec, lora, embedding, biases, copies, base_weights, metadata)
+
+
+def copy_owners(name: str, saved: list[str]):
+    """Candidate module paths (prefixes of `name`) that `modules_to_save` names."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        prefix = ".".join(parts[:i])
+        if name_matches(prefix, saved):
+            yield prefix
+
+
+def check_fits(model: nn.Module, adapter: AdapterFile, force: bool = False) -> None:
+    """Refuse, naming the first mismatch, an adapter whose modules or shapes do not fit `model`."""
+    where = adapter.folder / WEIGHTS_FILE
+    modules = dict(model.named_modules())
+    shapes = adapter.metadata.get("lorakit.base_shapes")
+    if shapes and not force:
+        for path, shape in json.loads(shapes).items():
+            module = modules.get(path)
+            got = list(module.weight.shape) if module is not None and hasattr(module, "weight") else None
+            if got != shape:
+                raise AdapterFileError(
+                    f"{adapter.folder} was saved for base {adapter.metadata.get('lorakit.base')!r}, which "
+                    f"differs from this model at {path!r}: weight {shape} there, "
+                    f"{got if got is not None else 'no such module'} here (pass force=True to try anyway)"
+                )
+    for path, pair in adapter.lora.items():
+        module = modules.get(path)
+        if module is None:
+            raise AdapterFileError(f"{where}: module {path!r} is not in the model")
+        kind = base_kind(module)
+        if kind is None:
+            raise AdapterFileError(f"{where}: module {path!r} is a {type(module).__name__}, which LoRA cannot wrap")
+        if (kind == "embedding") != (path in adapter.embedding):
+            raise AdapterFileError(f"{where}: module {path!r} is a {kind} but the file holds "
+                                   f"{'embedding' if path in adapter.embedding else 'linear'} LoRA tensors")
+        n_in, n_out = in_out(module)
+        a, b = pair["lora_A"].shape, pair["lora_B"].shape
+        r = a[0]
+        if a != (r, n_in) or b != (n_out, r):
+            raise AdapterFileError(
+                f"{where}: module {path!r} takes [out={n_out}, in={n_in}] but lora_A is {list(a)} "
+                f"and lora_B is {list(b)} (expected [r, {n_in}] and [{n_out}, r])"
+            )
+        expected_r = pattern_value(path, adapter.spec.rank_pattern, adapter.spec.r)
+        if r != expected_r:
+            raise AdapterFileError(f"{where}: module {path!r} has rank {r} but the config says {expected_r}")
+    for path, bias in adapter.biases.items():
+        module = modules.get(path)
+        own = module._parameters.get("bias") if module is not None else None
+        if own is None or own.shape != bias.shape:
+            raise AdapterFileError(f"{where}: bias for {path!r} does not fit the model")
+    for path, weight in adapter.base_weights.items():
+        module = modules.get(path)
+        if module is None or not torch.equal(module.weight.detach().cpu(), weight.to(module.weight.dtype)):
+            raise AdapterFileError(
+                f"{where}: the file carries its own base weight for {path!r} that differs from this model's "
+                "(a resized vocabulary?); lorakit does not replace base weights from an adapter"
+            )
+    for path, state in adapter.copies.items():
+        if path not in modules:
+            raise AdapterFileError(f"{where}: saved module {path!r} is not in the model")
+        own = modules[path].state_dict()
+        for key, t in state.items():
+            if key not in own or own[key].shape != t.shape:
+                raise AdapterFileError(f"{where}: saved module tensor {path}.{key} does not fit the model")
+
+
+def load_adapter(
+    model: nn.Module, path: str | Path, name: str | None = None, trainable: bool = False, force: bool = False
+) -> str:
+    """Load a PEFT-format adapter onto `model`, wrapping layers where needed; returns its name.
+
+    Everything is checked before the model is touched. The loaded adapter becomes active.
+    """
+    adapter = read_adapter(path)
+    check_fits(model, adapter, force=force)
+    existing = adapter_names(model)
+    if name is None:
+        name = "default" if "default" not in existing else re.sub(r"\W", "_", adapter.folder.resolve().name)
+    if name in existing:
+        raise ValueError(f"model already has an adapter named {name!r}")
+    spec = adapter.spec
+    for path_, pair in adapter.lora.items():
+        layer = wrap(model, path_)
+        r, n_in = pair["lora_A"].shape
+        alpha = pattern_value(path_, spec.alpha_pattern, spec.alpha)
+        lora = LoraAdapter(
+            n_in, pair["lora_B"].shape[0], r, alpha, dropout=spec.dropout, rslora=spec.rslora,
+            embedding=layer.kind == "embedding", device=layer.weight.device, dtype=pair["lora_A"].dtype,
+        )
+        with torch.no_grad():
+            lora.lora_A.copy_(pair["lora_A"])
+            lora.lora_B.copy_(pair["lora_B"])
+        lora.requires_grad_(trainable)
+        layer.add(name, lora)
+    with torch.no_grad():
+        for path_, bias in adapter.biases.items():
+            model.get_submodule(path_).bias.copy_(bias)
+    for path_, state in adapter.copies.items():
+        copies = add_copy(model.get_submodule(path_), name, trainable=trainable)
+        copies.copies[name].load_state_dict(state, strict=False)
+    model.lorakit_specs = {**getattr(model, "lorakit_specs", {}), name: spec}
+    freeze_base(model)
+    if trainable:
+        train_biases(model, spec.bias)
+    return name
+

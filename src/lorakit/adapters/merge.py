@@ -1,0 +1,85 @@
+"""Merge adapters into the base weights, undo it, or drop the wrappers for a plain model.
+
+`merge_weights` is the same merge as a pure function on state dicts (PEFT-format adapter
+tensors + config onto base tensors), so a merge can run offline without building a model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lorakit.adapters.copies import module_copies, remove_copies
+from lorakit.adapters.inject import active_adapters
+from lorakit.adapters.layer import lora_layers
+
+
+def merge(model: nn.Module, names: list[str] | None = None, safe: bool = False) -> None:
+    """Fold adapters (default: the active ones) into the base weights of every wrapped layer.
+
+    With `safe`, a non-finite result is refused before any weight of that layer changes, and
+    the error names the adapter and the layer.
+    """
+    names = active_adapters(model) if names is None else names
+    for path, layer in lora_layers(model):
+        for name in names:
+            if name in layer.adapters:
+                try:
+                    layer.merge(name, safe=safe)
+                except ValueError as e:
+                    raise ValueError(f"{path}: {e}") from None
+
+
+def unmerge(model: nn.Module) -> None:
+    """Take every merged adapter back out of the base weights."""
+    for _, layer in lora_layers(model):
+        layer.unmerge()
+
+
+def merge_and_unload(model: nn.Module, names: list[str] | None = None, safe: bool = False) -> nn.Module:
+    """Merge, then replace every wrapper by its plain base module (a copy of an active adapter's
+    module replaces the original). Returns the same, now adapter-free, model."""
+    names = active_adapters(model) if names is None else names
+    merge(model, names, safe=safe)
+    for path, copies in list(module_copies(model)):
+        chosen = [n for n in names if n in copies.copies]
+        original = model.get_submodule(path)
+        if chosen:
+            replace(model, path, copies.copies[chosen[0]])
+        else:
+            remove_copies(original)
+    for path, layer in list(lora_layers(model)):
+        replace(model, path, layer.unwrap())
+    model.lorakit_specs = {}
+    return model
+
+
+def replace(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent), child, module)
+
+
+@torch.no_grad()
+def merge_weights(
+    base: dict[str, torch.Tensor],
+    adapter: dict[str, torch.Tensor],
+    scales: dict[str, float],
+    fan_in_fan_out: set[str] = frozenset(),
+) -> dict[str, torch.Tensor]:
+    """Pure merge: {module}.weight += scale * B @ A for each module in `scales`.
+
+    `adapter` holds `{module}.lora_A` [r, in] and `{module}.lora_B` [out, r]; modules named in
+    `fan_in_fan_out` store the weight as [in, out] (Conv1D, Embedding). Returns a new dict.
+    """
+    merged = dict(base)
+    for module, scale in scales.items():
+        key = f"{module}.weight"
+        if key not in base:
+            raise KeyError(f"base has no weight {key!r} for the adapter's module {module!r}")
+        delta = (adapter[f"{module}.lora_B"].double() @ adapter[f"{module}.lora_A"].double()) * scale
+        if module in fan_in_fan_out:
+            delta = delta.T
+        if delta.shape != base[key].shape:
+            raise ValueError(f"{module}: adapter delta {tuple(delta.shape)} != base weight {tuple(base[key].shape)}")
+        merged[key] = (base[key].double() + delta).to(base[key].dtype)
+    return merged

@@ -1,0 +1,126 @@
+"""`lorakit ...`: train, eval, generate, merge."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+from lorakit.config import load_train_config, to_dict
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config:  # `lorakit train key=value ...` without a file
+        config, overrides = None, [config, *overrides]
+    cfg = load_train_config(config, overrides)
+    if args.print_config:
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        return 0
+    from lorakit.train.run import run
+
+    run(cfg)
+    return 0
+
+
+def adapter_base(adapter_dir: str) -> str:
+    """The base an adapter was saved for, from its adapter_config.json."""
+    from lorakit.adapters.io import read_adapter
+
+    return read_adapter(adapter_dir).metadata.get("lorakit.base") or json.loads(
+        (Path(adapter_dir) / "adapter_config.json").read_text()).get("base_model_name_or_path") or "default"
+
+
+def load_with_adapter(base: str | None, adapter: str | None):
+    from lorakit.adapters.io import load_adapter
+    from lorakit.models import load
+
+    model, tokenizer = load(base or (adapter_base(adapter) if adapter else "default"))
+    if adapter:
+        load_adapter(model, adapter)
+    return model, tokenizer
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from lorakit.data.examples import read_jsonl
+    from lorakit.train.run import datasets, score
+
+    model, tokenizer = load_with_adapter(args.base, args.adapter)
+    cfg = load_train_config(None, [f"seed={args.seed}"])
+    held_out = read_jsonl(args.dataset) if args.dataset else datasets(cfg)[1]
+    em = score(model, tokenizer, held_out, args.max_new_tokens)
+    print(f"exact match: {em:.1%} ({len(held_out)} examples)")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from lorakit.generate import generate
+
+    model, tokenizer = load_with_adapter(args.base, args.adapter)
+    print(generate(model, tokenizer, [args.prompt], args.max_new_tokens)[0])
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from lorakit.adapters.merge import merge_and_unload
+    from lorakit.atomic import atomic_dir
+
+    model, tokenizer = load_with_adapter(args.base, args.adapter)
+    merged = merge_and_unload(model, safe=True)
+
+    def fill(tmp: Path) -> None:
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    atomic_dir(args.out, fill)
+    print(f"merged model written to {args.out}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lorakit", description="LoRA fine-tuning with PEFT-format adapters")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="fine-tune an adapter (no arguments: the built-in demo)")
+    t.add_argument("config", nargs="?", help="YAML config file")
+    t.add_argument("overrides", nargs="*", help="key=value overrides, dotted for sections (lora.r=16)")
+    t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="held-out exact match of an adapter (default: the demo task)")
+    e.add_argument("adapter", help="adapter folder")
+    e.add_argument("--dataset", help="JSONL of prompt/completion rows (default: demo held-out split)")
+    e.add_argument("--base", help="base model (default: the one the adapter was saved for)")
+    e.add_argument("--seed", type=int, default=0, help="demo task seed")
+    e.add_argument("--max-new-tokens", type=int, default=24)
+    e.set_defaults(func=cmd_eval)
+
+    g = sub.add_parser("generate", help="greedy completion of one prompt")
+    g.add_argument("prompt")
+    g.add_argument("--adapter", help="adapter folder")
+    g.add_argument("--base", help="base model (default: the adapter's, else the built-in default)")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.set_defaults(func=cmd_generate)
+
+    m = sub.add_parser("merge", help="write base + adapter as one plain transformers model folder")
+    m.add_argument("adapter", help="adapter folder")
+    m.add_argument("out", help="output folder")
+    m.add_argument("--base", help="base model (default: the one the adapter was saved for)")
+    m.set_defaults(func=cmd_merge)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"lorakit: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

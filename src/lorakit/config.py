@@ -1,0 +1,172 @@
+"""Configuration dataclasses (adapter spec, training) and YAML + `key=value` loading.
+
+Every config is a plain dataclass. A YAML file and dotted `key=value` overrides are merged
+into it field by field; an unknown key is an error naming the key, where it came from, and the
+nearest valid name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+INIT_CHOICES = ("kaiming", "gaussian")
+BIAS_CHOICES = ("none", "all", "lora_only")
+
+
+@dataclass
+class LoraSpec:
+    """What to adapt and how: the LoRA hyper-parameters of one adapter.
+
+    `targets`: "all-linear", a full-match regex string, a list of exact names or dotted
+    suffixes, or None for the architecture's default. `rank_pattern`/`alpha_pattern` map a
+    regex (matched against a module name's dotted suffix, as PEFT does) to a rank/alpha.
+    """
+
+    r: int = 8
+    alpha: float = 16
+    dropout: float = 0.0
+    targets: str | list[str] | None = "all-linear"
+    exclude: str | list[str] | None = None
+    bias: str = "none"
+    rslora: bool = False
+    init: str = "kaiming"
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    layers: list[int] | None = None
+    modules_to_save: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        check_positive_int("r", self.r)
+        for key, value in self.rank_pattern.items():
+            check_positive_int(f"rank_pattern[{key!r}]", value)
+        if not math.isfinite(self.alpha) or self.alpha <= 0:
+            raise ValueError(f"alpha must be a positive number, got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.bias not in BIAS_CHOICES:
+            raise ValueError(f"bias must be one of {BIAS_CHOICES}, got {self.bias!r}")
+        if self.init not in INIT_CHOICES:
+            raise ValueError(f"init must be one of {INIT_CHOICES}, got {self.init!r}")
+        if isinstance(self.targets, list) and not self.targets:
+            raise ValueError("targets is an empty list; use None for the architecture default")
+
+
+def check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+@dataclass
+class TrainConfig:
+    """One fine-tuning run: base model, adapter spec, data, optimisation, output.
+
+    `dataset`: "demo" (the built-in task) or a JSONL file of {"prompt", "completion"} rows.
+    Exactly one of `max_steps` / `epochs` bounds the run (`max_steps` wins when both are set).
+    """
+
+    base: str = "default"
+    dataset: str = "demo"
+    eval_dataset: str | None = None
+    demo_train: int = 2000
+    demo_eval: int = 100
+    output_dir: str = "runs/demo"
+    lora: LoraSpec = field(default_factory=lambda: LoraSpec(r=16, alpha=32))
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    max_steps: int | None = 150
+    epochs: float | None = None
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_length: int = 256
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    eval: bool = True
+    max_new_tokens: int = 24
+    log_every: int = 1
+
+
+def from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
+    """Build dataclass `cls` from a nested dict, rejecting unknown keys with the nearest name."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise ValueError(f"{where}: unknown key {key!r}{nearest_hint(key, fields)}")
+        if dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
+            unknown = set(value) - {f.name for f in dataclasses.fields(hints[key])}
+            defaults = {} if unknown else nested_defaults(fields[key])
+            value = from_dict(hints[key], {**defaults, **value}, f"{where}, section {key!r}")
+        kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def nested_defaults(f: dataclasses.Field) -> dict[str, Any]:
+    """A nested section given partially keeps the other values of the field's own default."""
+    if f.default_factory is not dataclasses.MISSING:
+        return dataclasses.asdict(f.default_factory())
+    return {}
+
+
+def nearest_hint(key: str, names: Any) -> str:
+    close = difflib.get_close_matches(key, list(names), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else f" (valid keys: {', '.join(names)})"
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    return dataclasses.asdict(obj)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b=value` -> (["a", "b"], value parsed as YAML, so numbers, lists and null work)."""
+    if "=" not in item:
+        raise ValueError(f"override {item!r} is not of the form key=value")
+    key, raw = item.split("=", 1)
+    if not key:
+        raise ValueError(f"override {item!r} has an empty key")
+    return key.split("."), yaml.safe_load(raw) if raw else ""
+
+
+def load_train_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
+    """YAML file (optional) + dotted overrides -> validated TrainConfig."""
+    data: dict[str, Any] = {}
+    where = "config"
+    if path is not None:
+        where = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ValueError(f"cannot read config {path}: {e.strerror}") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: invalid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: top level must be a mapping of keys to values")
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {k!r} is not a section")
+        node[keys[-1]] = value
+    if path is not None and overrides:
+        where = f"{path} + overrides"
+    elif overrides:
+        where = "overrides"
+    return from_dict(TrainConfig, data, where)

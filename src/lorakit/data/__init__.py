@@ -1,0 +1,1 @@
+"""Datasets: the demo task, JSONL prompt/completion files, tokenization with loss masks."""

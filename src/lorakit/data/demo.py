@@ -1,0 +1,74 @@
+"""The built-in demo task: rewrite an ISO date in long form ("2019-07-04" -> "July 4, 2019").
+
+Why this task: it is deterministic and scorable by exact match, SmolLM2-135M-Instruct fails it out of
+the box (0% held-out exact match: it echoes the ISO date back), and a LoRA adapter learns it (month
+number -> name, drop the day's leading zero, move the year) in a few dozen steps on a laptop CPU.
+Every prompt has the same token length, so batches need no padding beyond the completion.
+"""
+
+from __future__ import annotations
+
+import datetime
+import random
+from dataclasses import dataclass
+
+MONTHS = (
+    "January", "February", "March", "April", "May", "June",
+    "July", "August", "September", "October", "November", "December",
+)  # fmt: skip
+_FIRST = datetime.date(1950, 1, 1)
+_N_DAYS = (datetime.date(2050, 1, 1) - _FIRST).days  # dates are drawn from 1950-01-01 .. 2049-12-31
+
+# Defaults of `lorakit train` with no arguments, validated on SmolLM2-135M-Instruct, fp32, 2 CPU cores:
+# held-out exact match 0% before, 100% after; the adapter already reaches 100% by about step 20.
+DEMO_DEFAULTS: dict = {
+    "r": 8,
+    "alpha": 16,
+    "lr": 2e-3,
+    "warmup_steps": 5,
+    "max_steps": 40,
+    "batch_size": 8,
+    "grad_accum": 1,
+    "n_train": 1000,
+    "n_eval": 100,
+    "max_new_tokens": 12,  # longest answer, "September 30, 2049", is 10 tokens plus <|im_end|>
+    "targets": "all-linear",
+}
+
+
+@dataclass
+class DemoExample:
+    """One demo example; the loss is taken on `completion` only."""
+
+    prompt: str
+    completion: str
+
+
+def date_example(date: datetime.date) -> DemoExample:
+    """The prompt asking to rewrite `date` in long form, and its exact answer."""
+    prompt = f"Convert the date {date.isoformat()} to the format 'Month D, YYYY'."
+    return DemoExample(prompt, f"{MONTHS[date.month - 1]} {date.day}, {date.year}")
+
+
+def make_demo(seed: int = 0, n_train: int = 1000, n_eval: int = 100) -> tuple[list[DemoExample], list[DemoExample]]:
+    """(train, held-out) splits of distinct dates; the same seed always gives the same splits.
+
+    The dates are drawn without replacement, so no held-out date appears in train.
+    """
+    if n_train < 0 or n_eval < 0 or n_train + n_eval > _N_DAYS:
+        raise ValueError(f"need 0 <= n_train, n_eval and n_train + n_eval <= {_N_DAYS}, got {n_train}, {n_eval}")
+    rng = random.Random(seed)
+    days = rng.sample(range(_N_DAYS), n_train + n_eval)
+    examples = [date_example(_FIRST + datetime.timedelta(days=d)) for d in days]
+    return examples[:n_train], examples[n_train:]
+
+
+def exact_match(predictions: list[str], references: list[str]) -> float:
+    """Fraction of predictions equal to their reference after stripping surrounding whitespace.
+
+    Raises ValueError when the two lists differ in length.
+    """
+    if not references:
+        return 0.0
+    hits = sum(p.strip() == r.strip() for p, r in zip(predictions, references, strict=True))
+    return hits / len(references)

@@ -1,0 +1,72 @@
+"""One `lorakit train` run: load, inject, score before, fit, save, score after."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from torch import nn
+
+from lorakit.adapters.inject import inject, set_active, trainable_report
+from lorakit.adapters.io import save_adapter
+from lorakit.atomic import atomic_write_text
+from lorakit.config import TrainConfig, to_dict
+from lorakit.data.encode import encode
+from lorakit.data.examples import Example, read_jsonl
+from lorakit.generate import exact_match, generate
+from lorakit.models import load
+from lorakit.train.loop import fit
+
+
+def datasets(cfg: TrainConfig) -> tuple[list[Example], list[Example]]:
+    """(train, held-out) examples: the demo task's splits, or JSONL files."""
+    if cfg.dataset == "demo":
+        from lorakit.data.demo import make_demo
+
+        train, held_out = make_demo(cfg.seed, n_train=cfg.demo_train, n_eval=cfg.demo_eval)
+        if cfg.eval_dataset is not None:
+            held_out = read_jsonl(cfg.eval_dataset)
+        return train, held_out
+    return read_jsonl(cfg.dataset), read_jsonl(cfg.eval_dataset) if cfg.eval_dataset else []
+
+
+def score(model, tokenizer, examples: list[Example], max_new_tokens: int) -> float:
+    predictions = generate(model, tokenizer, [e.prompt for e in examples], max_new_tokens)
+    return exact_match(predictions, [e.completion for e in examples])
+
+
+def run(cfg: TrainConfig, log=print) -> tuple[nn.Module, dict]:
+    """Train one adapter as `cfg` says. Returns the trained model and a summary, which is also
+    written to output_dir/results.json; the adapter is saved to output_dir/adapter."""
+    out = Path(cfg.output_dir)
+    train, held_out = datasets(cfg)
+    model, tokenizer = load(cfg.base)
+    rows = [encode(tokenizer, e, cfg.max_length) for e in train]
+    inject(model, cfg.lora)
+    log(trainable_report(model))
+    results: dict = {"config": to_dict(cfg), "train_examples": len(train), "eval_examples": len(held_out)}
+    if cfg.eval and held_out:
+        t = time.perf_counter()
+        set_active(model, [])
+        results["exact_match_before"] = score(model, tokenizer, held_out, cfg.max_new_tokens)
+        set_active(model, ["default"])
+        results["eval_seconds_before"] = round(time.perf_counter() - t, 1)
+        log(f"held-out exact match before training: {results['exact_match_before']:.1%} ({len(held_out)} examples)")
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = out / "metrics.jsonl"
+    metrics.unlink(missing_ok=True)
+    fitted = fit(model, rows, cfg, tokenizer.pad_token_id, metrics_path=metrics)
+    results.update(steps=fitted.steps, first_loss=fitted.first_loss, last_loss=fitted.last_loss,
+                   train_seconds=round(fitted.seconds, 1))
+    save_adapter(model, out / "adapter")
+    log(f"adapter saved to {out / 'adapter'} ({fitted.steps} steps in {fitted.seconds:.0f}s, "
+        f"loss {fitted.first_loss:.3f} -> {fitted.last_loss:.3f})")
+    if cfg.eval and held_out:
+        t = time.perf_counter()
+        results["exact_match_after"] = score(model, tokenizer, held_out, cfg.max_new_tokens)
+        results["eval_seconds_after"] = round(time.perf_counter() - t, 1)
+        log(f"held-out exact match after training: {results['exact_match_after']:.1%} "
+            f"(before: {results['exact_match_before']:.1%})")
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+    return model, results

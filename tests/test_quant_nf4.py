@@ -1,0 +1,272 @@
+"""Blockwise 4-bit quantization against bitsandbytes (the reference), byte for byte, on CPU.
+
+What bitsandbytes 0.50 does on CPU, and so what each test compares with:
+- `quantize_4bit`'s 4-bit step runs bnb's pure-PyTorch reference backend (nearest code by
+  midpoints, ties to the lower code): compared byte for byte as is.
+- its nested 8-bit step (double quantization) runs a C kernel that rounds through a 65536-entry
+  lookup table, not to the nearest code, so a few nested codes differ from CUDA's and from the
+  reference backend's. The byte-for-byte tests route that op to bnb's reference backend; a
+  separate test checks against the C kernel that we are never farther from the value.
+- `dequantize_4bit`'s AVX-512 kernel is wrong when blocks straddle rows (last dim not a multiple
+  of the blocksize). Dequantization is compared with bnb's reference backend everywhere and with
+  the CPU kernel where it is right.
+"""
+
+from __future__ import annotations
+
+import json
+
+import bitsandbytes.functional as bnbf
+import pytest
+import torch
+
+from lorakit.quant import (
+    QuantState,
+    bits_per_parameter,
+    code_book,
+    dequantize_4bit,
+    dynamic_map,
+    from_state_dict_entries,
+    quantize_4bit,
+    state_dict_entries,
+)
+
+# (shape, dtype, blocksize): odd sizes, ragged last blocks, a block bigger than the tensor
+CASES = [
+    ((7,), torch.float32, 64),
+    ((33, 3), torch.bfloat16, 32),
+    ((64, 64), torch.float32, 64),
+    ((5, 130), torch.float16, 128),
+    ((3, 100), torch.bfloat16, 64),
+    ((257, 130), torch.float32, 32),  # > 256 blocks: ragged nested block too
+    ((16, 128), torch.float32, 256),
+    ((2, 4096), torch.bfloat16, 4096),
+]
+
+
+@pytest.fixture(autouse=True)
+def no_compile():
+    """bnb wraps its reference dequantizer in torch.compile; eager is the same math and much faster here."""
+    with torch._dynamo.config.patch(disable=True):
+        yield
+
+
+@pytest.fixture
+def bnb_reference(monkeypatch):
+    """Route bnb's blockwise 8-bit quantizer and 4-bit dequantizer to its pure-PyTorch reference backend."""
+    keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
+    for packet in (torch.ops.bitsandbytes.quantize_blockwise, torch.ops.bitsandbytes.dequantize_4bit):
+        op = packet.default
+        monkeypatch.setattr(packet, "default", lambda *args, _op=op: _op.redispatch(keys, *args))
+
+
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal dtype, shape and bits (torch.equal calls -0.0 and 0.0 equal)."""
+    raw = lambda t: t.detach().reshape(-1).view(torch.uint8)
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(raw(a), raw(b))
+
+
+def bnb_quantize(x: torch.Tensor, quant_type: str, blocksize: int, double_quant: bool, **kwargs):
+    return bnbf.quantize_4bit(x, blocksize=blocksize, compress_statistics=double_quant, quant_type=quant_type, **kwargs)
+
+
+def sample(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * 0.05
+    x.view(-1)[x.numel() // 2] = 0.0  # a zero and an outlier in every tensor
+    x.view(-1)[-1] = 0.3
+    return x.to(dtype)
+
+
+def test_code_books_match_bnb():
+    for quant_type in ("nf4", "fp4"):
+        assert same_bytes(code_book(quant_type), bnbf.get_4bit_type(quant_type, device="cpu"))
+    assert same_bytes(dynamic_map(), bnbf.create_dynamic_map(signed=True))
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize(("shape", "dtype", "blocksize"), CASES)
+def test_quantize_matches_bnb_bytes(bnb_reference, shape, dtype, blocksize, quant_type, double_quant):
+    x = sample(shape, dtype)
+    ref_packed, ref = bnb_quantize(x, quant_type, blocksize, double_quant)
+    packed, state = quantize_4bit(x, quant_type, blocksize, double_quant)
+
+    assert packed.dtype == torch.uint8 and packed.shape == ((x.numel() + 1) // 2, 1)
+    assert same_bytes(packed, ref_packed)
+    assert same_bytes(state.absmax, ref.absmax)  # fp32 absmax, or the nested uint8 codes
+    assert same_bytes(state.code, ref.code)
+    assert (state.shape, state.dtype, state.blocksize) == (ref.shape, ref.dtype, ref.blocksize)
+    if double_quant:
+        assert same_bytes(state.offset, ref.offset)
+        assert same_bytes(state.nested_absmax, ref.state2.absmax)
+        assert same_bytes(state.nested_code, ref.state2.code)
+        assert state.nested_blocksize == ref.state2.blocksize == 256
+    else:
+        assert not state.nested and ref.state2 is None
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize(("shape", "dtype", "blocksize"), CASES)
+def test_dequantize_matches_bnb(bnb_reference, shape, dtype, blocksize, quant_type, double_quant):
+    x = sample(shape, dtype, seed=1)
+    packed, state = quantize_4bit(x, quant_type, blocksize, double_quant)
+    ref = bnbf.dequantize_4bit(*bnb_quantize(x, quant_type, blocksize, double_quant))
+    assert same_bytes(dequantize_4bit(packed, state), ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("shape", "blocksize"), [((4, 128), 64), ((3, 99), 64), ((2, 4096), 2048), ((5, 7), 32)])
+def test_dequantize_matches_bnb_cpu_kernel(shape, blocksize, dtype):
+    """bnb's own CPU dequantizer, in the cases where it is right (row length a multiple of the block, or odd)."""
+    x = sample(shape, dtype, seed=2)
+    ref_packed, ref_state = bnb_quantize(x, "nf4", blocksize, True)
+    packed, state = from_state_dict_entries("", bnb_entries(ref_packed, ref_state))
+    assert same_bytes(dequantize_4bit(packed, state), bnbf.dequantize_4bit(ref_packed, ref_state))
+
+
+def test_double_quant_vs_bnb_cpu_lookup_table():
+    """bnb's CPU nested codes come from a 65536-bin lookup table: ours are never farther from the value."""
+    x = sample((256, 512), torch.float32, seed=3)
+    ref_packed, ref = bnb_quantize(x, "nf4", 32, True)
+    packed, state = quantize_4bit(x, "nf4", 32, True)
+    assert torch.equal(packed, ref_packed)
+    assert same_bytes(state.offset, ref.offset) and same_bytes(state.nested_absmax, ref.state2.absmax)
+
+    absmax = bnb_quantize(x, "nf4", 32, False)[1].absmax  # [4096]
+    scaled = ((absmax - state.offset).view(-1, 256) * (1.0 / state.nested_absmax)[:, None]).reshape(-1)  # [4096]
+    code = dynamic_map()
+    ours_err = (scaled - code[state.absmax.long()]).abs()
+    bnb_err = (scaled - code[ref.absmax.long()]).abs()
+    assert (ours_err <= bnb_err).all()
+    assert (state.absmax != ref.absmax).float().mean() < 0.05  # they agree almost everywhere
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_codes_are_nearest(quant_type):
+    """Independent of bnb: each code is a nearest code value of x / block absmax."""
+    x = sample((40, 96), torch.float32, seed=4)
+    packed, state = quantize_4bit(x, quant_type, 64, double_quant=False)
+    codes = torch.stack([packed.view(-1) >> 4, packed.view(-1) & 0xF], 1).reshape(-1).long()  # [n]
+    scaled = (x.reshape(-1, 64) / state.absmax[:, None]).reshape(-1)
+    chosen = (scaled - state.code[codes]).abs()
+    best = (scaled[:, None] - state.code[None, :]).abs().amin(dim=1)
+    assert torch.allclose(chosen, best, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_ties_go_to_the_lower_code_like_bnb(quant_type):
+    """Values exactly halfway between two code values (block absmax 1, so scaling is exact)."""
+    code = code_book(quant_type)
+    ranked = code.sort().values
+    midpoints = (ranked[:-1] + ranked[1:]) / 2  # [15] fp32, exactly representable after scaling by 1
+    x = torch.cat([torch.tensor([1.0]), midpoints, torch.tensor([1e-4, -1e-4, 0.0, -0.0])])  # [20]
+    packed, state = quantize_4bit(x, quant_type, 32, double_quant=False)
+    assert torch.equal(packed, bnb_quantize(x, quant_type, 32, False)[0])
+    codes = torch.stack([packed.view(-1) >> 4, packed.view(-1) & 0xF], 1).reshape(-1).long()
+    assert torch.equal(code[codes[1:16]], ranked[:-1])  # each midpoint got the lower of its two neighbours
+
+
+def test_packing_layout():
+    """Even element in the high nibble; an odd count is padded with the code of 0.0 (NF4 index 7)."""
+    packed, state = quantize_4bit(torch.tensor([1.0, -1.0, 0.0]), "nf4", 64, double_quant=False)
+    assert packed.tolist() == [[0xF0], [0x77]]
+    assert state.absmax.tolist() == [1.0]
+
+
+@pytest.mark.parametrize("storage", [torch.bfloat16, torch.float16, torch.float32])
+def test_quant_storage_is_a_view_of_the_same_bytes(storage):
+    x = sample((16, 64), torch.bfloat16)
+    ref_packed, _ = bnb_quantize(x, "nf4", 64, True, quant_storage=storage)
+    packed, state = quantize_4bit(x, quant_storage=storage)
+    uint8, _ = quantize_4bit(x)
+    assert packed.dtype == storage and packed.shape == ref_packed.shape
+    assert torch.equal(packed.view(torch.uint8), ref_packed.view(torch.uint8))
+    assert torch.equal(packed.reshape(-1).view(torch.uint8), uint8.reshape(-1))
+    assert torch.equal(dequantize_4bit(packed, state), dequantize_4bit(uint8, state))
+
+
+def test_bad_arguments_are_refused():
+    x = torch.randn(8, 8)
+    with pytest.raises(ValueError, match="blocksize"):
+        quantize_4bit(x, blocksize=48)
+    with pytest.raises(ValueError, match="blocksize"):
+        quantize_4bit(x, blocksize=8192)
+    with pytest.raises(ValueError, match="quant_type"):
+        quantize_4bit(x, quant_type="int4")
+    with pytest.raises(ValueError, match="float"):
+        quantize_4bit(x.to(torch.int32))
+    with pytest.raises(ValueError, match="cannot be viewed"):
+        quantize_4bit(torch.randn(3, 3), quant_storage=torch.float32)  # 5 bytes
+
+
+def test_bits_per_parameter():
+    x = torch.randn(256, 1024)
+    n = x.numel()
+    _, dq = quantize_4bit(x, "nf4", 64, double_quant=True)
+    assert bits_per_parameter(dq) == pytest.approx(4 + 8 / 64 + 32 / (64 * 256) + 32 / n, abs=1e-12)
+    assert bits_per_parameter(dq) == pytest.approx(4.127, abs=1e-3)
+    _, plain = quantize_4bit(x, "nf4", 64, double_quant=False)
+    assert bits_per_parameter(plain) == pytest.approx(4.5, abs=1e-12)
+
+
+def bnb_entries(packed: torch.Tensor, state: bnbf.QuantState, prefix: str = "") -> dict[str, torch.Tensor]:
+    """What bnb's Linear4bit writes for its weight."""
+    return {f"{prefix}weight": packed} | {f"{prefix}weight.{k}": v for k, v in state.as_dict(packed=True).items()}
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_state_dict_entries_equal_bnb(bnb_reference, quant_type, double_quant):
+    x = sample((48, 80), torch.bfloat16)
+    ours = state_dict_entries("model.q_proj.", *quantize_4bit(x, quant_type, 64, double_quant))
+    ref = bnb_entries(*bnb_quantize(x, quant_type, 64, double_quant), prefix="model.q_proj.")
+    assert list(ours) == list(ref)
+    for key in ref:
+        assert same_bytes(ours[key], ref[key]), key
+    json_key = f"model.q_proj.weight.quant_state.bitsandbytes__{quant_type}"
+    fields = json.loads(bytes(ours[json_key].tolist()))
+    assert fields["shape"] == [48, 80] and fields["dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_bnb_reads_our_entries(double_quant):
+    x = sample((32, 96), torch.float32)
+    packed, state = quantize_4bit(x, "fp4", 32, double_quant)
+    entries = state_dict_entries("", packed, state)
+    ref_state = bnbf.QuantState.from_dict({k: v for k, v in entries.items() if k != "weight"}, device="cpu")
+    assert same_bytes(bnbf.dequantize_4bit(packed, ref_state), dequantize_4bit(packed, state))
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_we_read_bnb_entries(double_quant):
+    x = sample((64, 128), torch.float16)
+    ref_packed, ref_state = bnb_quantize(x, "nf4", 128, double_quant)
+    packed, state = from_state_dict_entries("layer.", bnb_entries(ref_packed, ref_state, "layer."))
+    assert isinstance(state, QuantState) and state.nested == double_quant and state.dtype == torch.float16
+    assert same_bytes(dequantize_4bit(packed, state), bnbf.dequantize_4bit(ref_packed, ref_state))
+
+
+def test_malformed_entries_name_the_key():
+    entries = state_dict_entries("m.", *quantize_4bit(torch.randn(16, 64)))
+
+    missing = {k: v for k, v in entries.items() if k != "m.weight.nested_absmax"}
+    with pytest.raises(KeyError, match=r"m\.weight\.nested_absmax"):
+        from_state_dict_entries("m.", missing)
+
+    no_json = {k: v for k, v in entries.items() if "quant_state" not in k}
+    with pytest.raises(KeyError, match=r"m\.weight\.quant_state\.bitsandbytes__nf4"):
+        from_state_dict_entries("m.", no_json)
+
+    bad_json = entries | {"m.weight.quant_state.bitsandbytes__nf4": torch.tensor([123, 34, 120], dtype=torch.uint8)}
+    with pytest.raises(ValueError, match=r"m\.weight\.quant_state\.bitsandbytes__nf4"):
+        from_state_dict_entries("m.", bad_json)
+
+    short_absmax = entries | {"m.weight.absmax": entries["m.weight.absmax"][:-1]}
+    with pytest.raises(ValueError, match=r"m\.weight\.absmax"):
+        from_state_dict_entries("m.", short_absmax)
+
+    truncated = entries | {"m.weight": entries["m.weight"][:-1]}
+    with pytest.raises(ValueError, match=r"m\.weight: "):
+        from_state_dict_entries("m.", truncated)
