@@ -84,7 +84,7 @@ def match_targets(model: nn.Module, spec: LoraSpec) -> list[str]:
     for name in candidate_names(model):
         module = model.get_submodule(name)
         if targets == "all-linear":
-            if base_kind(module) not in ("linear", "conv1d") or module is head:
+            if base_kind(module) not in ("linear", "linear4bit", "conv1d") or module is head:
                 continue
         elif not name_matches(name, targets):
             continue

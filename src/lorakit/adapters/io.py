@@ -78,7 +78,7 @@ def save_adapter(model: nn.Module, path: str | Path, name: str = "default") -> P
         adapter = layer.adapters[name]
         for ours, theirs in adapter.peft_names().items():
             tensors[f"{PREFIX}{path_}.{theirs}"] = getattr(adapter, ours)
-        base_shapes[path_] = list(layer.weight.shape)
+        base_shapes[path_] = list(reversed(layer.in_out))  # [out, in], whatever the storage
     tensors.update(bias_tensors(model, spec.bias))
     saved_modules = []
     for path_, copies in module_copies(model):
@@ -285,7 +285,7 @@ def check_fits(model: nn.Module, adapter: AdapterFile, force: bool = False) -> N
     if shapes and not force:
         for path, shape in json.loads(shapes).items():
             module = modules.get(path)
-            got = list(module.weight.shape) if module is not None and hasattr(module, "weight") else None
+            got = list(reversed(in_out(module))) if module is not None and base_kind(module) else None
             if got != shape:
                 raise AdapterFileError(
                     f"{adapter.folder} was saved for base {adapter.metadata.get('lorakit.base')!r}, which "

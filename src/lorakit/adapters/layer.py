@@ -2,11 +2,12 @@
 
     y = base(x) + sum over active, unmerged adapters a of  scale_a * B_a A_a dropout_a(x)
 
-The wrapper re-registers the base layer's own parameters under their own names (`weight`,
-`bias`), so `...q_proj.weight` keeps its key: a base checkpoint loads unchanged and only
-adapter keys (`...q_proj.adapters.<name>.lora_A`) are added. The base module object is kept
-out of the module tree, only to restore it on unload and to answer attribute look-ups
-(`in_features`, `nf`, `padding_idx`, ...) that model code makes on the layer.
+The wrapper re-registers the base layer's own parameter objects under their own names
+(`weight`, `bias`), so `...q_proj.weight` keeps its key: a base checkpoint loads unchanged and
+only adapter keys (`...q_proj.adapters.<name>.lora_A`) are added. The base module itself is kept
+out of the module tree; it computes the base output, moves/saves/loads its parameters its own
+way (a 4-bit weight keeps its quantization state), comes back on unload, and answers attribute
+look-ups (`in_features`, `nf`, `padding_idx`, ...) that model code makes on the layer.
 """
 
 from __future__ import annotations
@@ -14,15 +15,18 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
+
+from lorakit.quant.linear4bit import Linear4bit, dequantize_weight
 
 
 def base_kind(module: nn.Module) -> str | None:
     """Which kind of base layer this is, or None if it cannot be wrapped."""
     if isinstance(module, LoraLayer):
         return module.kind
+    if isinstance(module, Linear4bit):
+        return "linear4bit"
     if isinstance(module, nn.Linear):
         return "linear"
     if isinstance(module, Conv1D):
@@ -32,33 +36,17 @@ def base_kind(module: nn.Module) -> str | None:
     return None
 
 
-def linear_forward(layer: LoraLayer, x: torch.Tensor) -> torch.Tensor:
-    return F.linear(x, layer.weight, layer.bias)
-
-
-def conv1d_forward(layer: LoraLayer, x: torch.Tensor) -> torch.Tensor:
-    # transformers' Conv1D: weight is [in, out]
-    out = torch.addmm(layer.bias, x.reshape(-1, x.shape[-1]), layer.weight)
-    return out.view(*x.shape[:-1], layer.weight.shape[1])
-
-
-def embedding_forward(layer: LoraLayer, x: torch.Tensor) -> torch.Tensor:
-    b = layer.base_module
-    return F.embedding(x, layer.weight, b.padding_idx, b.max_norm, b.norm_type, b.scale_grad_by_freq, b.sparse)
-
-
-# kind -> (forward of the frozen base, weight stored as [in, out] rather than [out, in])
-BASE_KINDS = {
-    "linear": (linear_forward, False),
-    "conv1d": (conv1d_forward, True),
-    "embedding": (embedding_forward, True),  # [vocab, dim]: "in" is the vocabulary
-}
+# kinds whose weight is stored [in, out] rather than [out, in] (an embedding's "in" is the vocabulary)
+TRANSPOSED = {"conv1d", "embedding"}
 
 
 def in_out(module: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of a wrappable layer, whatever its weight layout."""
+    """(in_features, out_features) of a wrappable layer, whatever its weight layout or storage."""
+    kind = base_kind(module)
+    if kind == "linear4bit":
+        return module.in_features, module.out_features
     rows, cols = module.weight.shape
-    return (rows, cols) if BASE_KINDS[base_kind(module)][1] else (cols, rows)
+    return (rows, cols) if kind in TRANSPOSED else (cols, rows)
 
 
 class LoraLayer(nn.Module):
@@ -68,22 +56,18 @@ class LoraLayer(nn.Module):
         super().__init__()
         kind = base_kind(base)
         if kind is None:
-            raise TypeError(f"cannot wrap {type(base).__name__}: only Linear, Conv1D and Embedding")
+            raise TypeError(f"cannot wrap {type(base).__name__}: only Linear, Linear4bit, Conv1D and Embedding")
         self.kind = kind
-        self.weight = base.weight
-        self.register_parameter("bias", getattr(base, "bias", None))
         self.adapters = nn.ModuleDict()
         self.active: list[str] = []
         self.merged: list[str] = []
-        object.__setattr__(self, "base_module", base)  # set last: not a child, its parameters live here
+        object.__setattr__(self, "base_module", base)  # not a child: its parameters are re-registered here
+        self.share_base_parameters()
 
-    @property
-    def fan_in_fan_out(self) -> bool:
-        return BASE_KINDS[self.kind][1]
-
-    @property
-    def in_out(self) -> tuple[int, int]:
-        return in_out(self)
+    def share_base_parameters(self) -> None:
+        """Register the base's own parameter objects here, under their own names."""
+        self._parameters["weight"] = self.base_module.weight
+        self._parameters["bias"] = getattr(self.base_module, "bias", None)
 
     def __getattr__(self, name: str):
         try:
@@ -94,6 +78,25 @@ class LoraLayer(nn.Module):
                 raise
             return getattr(base, name)
 
+    # The base module decides how its parameters move, save and load (a 4-bit weight is never cast,
+    # and writes its quantization state beside itself); this layer then shares the results.
+    def _apply(self, fn, recurse: bool = True):
+        self.base_module._apply(fn)
+        self.share_base_parameters()
+        self.adapters._apply(fn)
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        self.base_module._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
+        self.base_module._load_from_state_dict(state_dict, prefix, *args)
+        self.share_base_parameters()
+
+    @property
+    def in_out(self) -> tuple[int, int]:
+        return in_out(self.base_module)
+
     def add(self, name: str, adapter: nn.Module, active: bool = True) -> None:
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} already exists on this layer")
@@ -102,7 +105,7 @@ class LoraLayer(nn.Module):
             self.active.append(name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = BASE_KINDS[self.kind][0](self, x)
+        y = self.base_module(x)
         for name in self.active:
             if name not in self.merged:
                 y = y + self.adapters[name](x).to(y.dtype)
@@ -110,14 +113,17 @@ class LoraLayer(nn.Module):
 
     def delta_in_base_layout(self, name: str) -> torch.Tensor:
         delta = self.adapters[name].delta_weight()  # [out, in]
-        return (delta.T if self.fan_in_fan_out else delta).to(self.weight.dtype)
+        return delta.T if self.kind in TRANSPOSED else delta
 
     @torch.no_grad()
     def merge(self, name: str, safe: bool = False) -> None:
         """Add adapter `name` into the base weight; `safe` refuses a non-finite result."""
         if name in self.merged:
             return
-        merged = self.weight + self.delta_in_base_layout(name)
+        if self.kind == "linear4bit":
+            raise ValueError("merging in place into a 4-bit weight would re-quantize it (lossy); "
+                             "use merge_and_unload, which writes a full-precision layer")
+        merged = self.weight + self.delta_in_base_layout(name).to(self.weight.dtype)
         if safe and not torch.isfinite(merged).all():
             raise ValueError(f"merging adapter {name!r} gives non-finite weights")
         self.weight.copy_(merged)
@@ -128,15 +134,31 @@ class LoraLayer(nn.Module):
         """Subtract merged adapters, last merged first."""
         while self.merged:
             name = self.merged.pop()
-            self.weight.sub_(self.delta_in_base_layout(name))
+            self.weight.sub_(self.delta_in_base_layout(name).to(self.weight.dtype))
 
-    def unwrap(self) -> nn.Module:
-        """The base module, holding this layer's (possibly merged) parameters."""
+    @torch.no_grad()
+    def unwrap(self, names: list[str], safe: bool = False) -> nn.Module:
+        """The base module with adapters `names` merged in. A 4-bit base becomes a full-precision
+        nn.Linear holding dequantize(W) + deltas: nothing is re-quantized."""
+        if self.kind != "linear4bit":
+            for name in names:
+                if name in self.adapters:
+                    self.merge(name, safe=safe)
+            return self.base_module
         base = self.base_module
-        base.weight = self.weight
-        if self.bias is not None:
-            base.bias = self.bias
-        return base
+        weight = dequantize_weight(base, torch.float32)  # [out, in]
+        for name in names:
+            if name in self.adapters:
+                weight += self.adapters[name].delta_weight().float()
+                if safe and not torch.isfinite(weight).all():
+                    raise ValueError(f"merging adapter {name!r} gives non-finite weights")
+        dtype = base.compute_dtype
+        linear = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
+                           device=weight.device, dtype=dtype)
+        linear.weight.copy_(weight)
+        if base.bias is not None:
+            linear.bias.copy_(base.bias)
+        return linear.requires_grad_(False)
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:

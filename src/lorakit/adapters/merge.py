@@ -40,7 +40,6 @@ def merge_and_unload(model: nn.Module, names: list[str] | None = None, safe: boo
     """Merge, then replace every wrapper by its plain base module (a copy of an active adapter's
     module replaces the original). Returns the same, now adapter-free, model."""
     names = active_adapters(model) if names is None else names
-    merge(model, names, safe=safe)
     for path, copies in list(module_copies(model)):
         chosen = [n for n in names if n in copies.copies]
         original = model.get_submodule(path)
@@ -49,7 +48,10 @@ def merge_and_unload(model: nn.Module, names: list[str] | None = None, safe: boo
         else:
             remove_copies(original)
     for path, layer in list(lora_layers(model)):
-        replace(model, path, layer.unwrap())
+        try:
+            replace(model, path, layer.unwrap(names, safe=safe))
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
     model.lorakit_specs = {}
     return model
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import datetime
 import random
-from dataclasses import dataclass
+
+from lorakit.data.examples import Example
 
 MONTHS = (
     "January", "February", "March", "April", "May", "June",
@@ -19,38 +20,13 @@ MONTHS = (
 _FIRST = datetime.date(1950, 1, 1)
 _N_DAYS = (datetime.date(2050, 1, 1) - _FIRST).days  # dates are drawn from 1950-01-01 .. 2049-12-31
 
-# Defaults of `lorakit train` with no arguments, validated on SmolLM2-135M-Instruct, fp32, 2 CPU cores:
-# held-out exact match 0% before, 100% after; the adapter already reaches 100% by about step 20.
-DEMO_DEFAULTS: dict = {
-    "r": 8,
-    "alpha": 16,
-    "lr": 2e-3,
-    "warmup_steps": 5,
-    "max_steps": 40,
-    "batch_size": 8,
-    "grad_accum": 1,
-    "n_train": 1000,
-    "n_eval": 100,
-    "max_new_tokens": 12,  # longest answer, "September 30, 2049", is 10 tokens plus <|im_end|>
-    "targets": "all-linear",
-}
-
-
-@dataclass
-class DemoExample:
-    """One demo example; the loss is taken on `completion` only."""
-
-    prompt: str
-    completion: str
-
-
-def date_example(date: datetime.date) -> DemoExample:
+def date_example(date: datetime.date) -> Example:
     """The prompt asking to rewrite `date` in long form, and its exact answer."""
     prompt = f"Convert the date {date.isoformat()} to the format 'Month D, YYYY'."
-    return DemoExample(prompt, f"{MONTHS[date.month - 1]} {date.day}, {date.year}")
+    return Example(prompt, f"{MONTHS[date.month - 1]} {date.day}, {date.year}")
 
 
-def make_demo(seed: int = 0, n_train: int = 1000, n_eval: int = 100) -> tuple[list[DemoExample], list[DemoExample]]:
+def make_demo(seed: int = 0, n_train: int = 1000, n_eval: int = 100) -> tuple[list[Example], list[Example]]:
     """(train, held-out) splits of distinct dates; the same seed always gives the same splits.
 
     The dates are drawn without replacement, so no held-out date appears in train.
@@ -61,14 +37,3 @@ def make_demo(seed: int = 0, n_train: int = 1000, n_eval: int = 100) -> tuple[li
     days = rng.sample(range(_N_DAYS), n_train + n_eval)
     examples = [date_example(_FIRST + datetime.timedelta(days=d)) for d in days]
     return examples[:n_train], examples[n_train:]
-
-
-def exact_match(predictions: list[str], references: list[str]) -> float:
-    """Fraction of predictions equal to their reference after stripping surrounding whitespace.
-
-    Raises ValueError when the two lists differ in length.
-    """
-    if not references:
-        return 0.0
-    hits = sum(p.strip() == r.strip() for p, r in zip(predictions, references, strict=True))
-    return hits / len(references)

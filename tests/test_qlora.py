@@ -1,0 +1,100 @@
+"""LoRA over a 4-bit base: the formula, the base's state-dict layout, merging without re-quantizing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import PeftModel
+from torch import nn
+
+import lorakit
+from conftest import randomize_adapters, tiny_llama
+from lorakit.adapters.layer import LoraLayer
+from lorakit.quant.linear4bit import Linear4bit, dequantize_weight, quantize_model
+from lorakit.quant.nf4 import dequantize_4bit, quantize_4bit
+
+
+def quantized_llama() -> nn.Module:
+    return quantize_model(tiny_llama(), quant_type="nf4", blocksize=32, double_quant=True)
+
+
+def test_lora_over_4bit_is_the_formula():
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 24)
+    base = Linear4bit.from_linear(linear, quant_type="nf4", blocksize=64, double_quant=True)
+    packed, state = quantize_4bit(linear.weight.detach(), "nf4", 64, True)
+    w = dequantize_4bit(packed, state, torch.float32)  # independent dequantization of the same bytes
+    model = lorakit.inject(nn.Sequential(base), lorakit.LoraSpec(r=4, alpha=8, targets=["0"]))
+    randomize_adapters(model)
+    a, b = model[0].adapters["default"].lora_A, model[0].adapters["default"].lora_B
+    x = torch.randn(3, 64, requires_grad=True)
+    y = model(x)
+    expected = x @ w.T + linear.bias + 2.0 * (x @ a.T @ b.T)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    y.sum().backward()
+    assert x.grad is not None and a.grad is not None and base.weight.grad is None
+
+
+def test_state_dict_keeps_bitsandbytes_layout_and_reloads(tokens):
+    model = lorakit.inject(quantized_llama(), lorakit.LoraSpec(r=2))
+    randomize_adapters(model)
+    sd = model.state_dict()
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert sd[key].dtype == torch.uint8
+    for suffix in ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4"):
+        assert f"{key}.{suffix}" in sd
+    assert "model.layers.0.self_attn.q_proj.adapters.default.lora_A" in sd
+    other = lorakit.inject(quantize_model(tiny_llama(seed=7), blocksize=32), lorakit.LoraSpec(r=2))
+    other.load_state_dict(sd)
+    torch.testing.assert_close(other(tokens).logits, model(tokens).logits, rtol=0, atol=0)
+
+
+def test_moving_dtype_keeps_packed_bytes_and_shared_parameters():
+    model = lorakit.inject(quantized_llama(), lorakit.LoraSpec(r=2))
+    layer = model.model.layers[0].self_attn.q_proj
+    before = layer.weight.detach().clone()
+    model.to(torch.float64)
+    assert torch.equal(layer.weight, before) and layer.weight is layer.base_module.weight
+    assert layer.adapters["default"].lora_A.dtype == torch.float64
+
+
+def test_merge_and_unload_dequantizes_without_requantizing(tokens):
+    model = lorakit.inject(quantized_llama(), lorakit.LoraSpec(r=4, alpha=8))
+    randomize_adapters(model)
+    expected = model(tokens).logits
+    with pytest.raises(ValueError, match="would re-quantize"):
+        lorakit.merge(model)
+    q_proj = model.model.layers[0].self_attn.q_proj
+    w = dequantize_weight(q_proj.base_module, torch.float32) + q_proj.adapters["default"].delta_weight()
+    plain = lorakit.merge_and_unload(model)
+    merged = plain.model.layers[0].self_attn.q_proj
+    assert type(merged) is nn.Linear and not any(isinstance(m, (LoraLayer, Linear4bit)) for m in plain.modules()
+                                                 if m is merged)
+    torch.testing.assert_close(merged.weight, w, rtol=0, atol=1e-6)
+    torch.testing.assert_close(plain(tokens).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_adapter_trained_on_4bit_loads_on_the_full_precision_base_and_in_peft(tmp_path, tokens):
+    model = lorakit.inject(quantized_llama(), lorakit.LoraSpec(r=2, targets=["q_proj", "down_proj"]))
+    randomize_adapters(model)
+    lorakit.save_adapter(model, tmp_path)
+    fp32 = tiny_llama()
+    lorakit.load_adapter(fp32, tmp_path)  # the recorded base shapes are logical [out, in]
+    peft_model = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    torch.testing.assert_close(fp32(tokens).logits, peft_model(tokens).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_trainable_report_counts_4bit_weights_as_peft_does():
+    model = lorakit.inject(quantized_llama(), lorakit.LoraSpec(r=2))
+    trainable, total = lorakit.adapters.inject.count_parameters(model)
+    fp32 = lorakit.inject(tiny_llama(), lorakit.LoraSpec(r=2))
+    # PEFT counts a packed Params4bit as numel * 2: the same total as the unquantized model
+    assert (trainable, total) == lorakit.adapters.inject.count_parameters(fp32)
+
+
+def test_gradient_reaches_input_through_4bit_base_only():
+    base = Linear4bit.from_linear(nn.Linear(32, 16))
+    x = torch.randn(2, 32, requires_grad=True)
+    F.mse_loss(base(x), torch.zeros(2, 16)).backward()
+    assert x.grad is not None and base.weight.grad is None and not base.weight.requires_grad
