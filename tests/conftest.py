@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
@@ -56,6 +58,15 @@ def tiny_model_dir(tmp_path):
     model.save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     return folder
+
+
+@pytest.fixture
+def jsonl(tmp_path):
+    """Copy-the-word task in a few rows: the tiny model learns it within a few dozen steps."""
+    words = ["cat", "dog", "sun", "sky", "red", "map", "cup", "pen"]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"say {w}", "completion": w}) + "\n" for w in words))
+    return path
 
 
 def randomize_adapters(model: torch.nn.Module, seed: int = 1) -> None:

@@ -4,22 +4,12 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 import lorakit
 from lorakit.cli import main
 from lorakit.models import load
-
-
-@pytest.fixture
-def jsonl(tmp_path):
-    """Copy-the-word task in a few rows: the tiny model learns it within a few dozen steps."""
-    words = ["cat", "dog", "sun", "sky", "red", "map", "cup", "pen"]
-    path = tmp_path / "train.jsonl"
-    path.write_text("".join(json.dumps({"prompt": f"say {w}", "completion": w}) + "\n" for w in words))
-    return path
 
 
 def train_args(tiny_model_dir, jsonl, out):

@@ -98,3 +98,29 @@ def test_gradient_reaches_input_through_4bit_base_only():
     x = torch.randn(2, 32, requires_grad=True)
     F.mse_loss(base(x), torch.zeros(2, 16)).backward()
     assert x.grad is not None and base.weight.grad is None and not base.weight.requires_grad
+
+
+def test_qlora_train_then_merge_reproduces_the_trained_model(tiny_model_dir, jsonl, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.cli import load_with_adapter, main
+    from lorakit.config import load_train_config
+    from lorakit.train.run import run
+
+    cfg = load_train_config(None, [f"base={tiny_model_dir}", f"dataset={jsonl}", f"output_dir={tmp_path / 'run'}",
+                                   "max_steps=30", "lr=0.02", "lora.r=8", "quant.blocksize=32",
+                                   "optim=adamw8bit", "eval=false"])
+    trained, results = run(cfg, log=lambda *_: None)
+    assert results["last_loss"] < 0.5 * results["first_loss"]
+    assert trained.is_gradient_checkpointing  # on by default over a 4-bit base
+    assert trained.model.layers[0].mlp.up_proj.kind == "linear4bit"
+    ids = torch.tensor([[2, 117, 115, 101, 114, 10, 115, 97, 121, 32, 99, 97, 116, 1]])
+    expected = trained(ids).logits
+    # eval/generate rebuild the same 4-bit base from the adapter's metadata
+    reloaded, _ = load_with_adapter(None, str(tmp_path / "run" / "adapter"))
+    torch.testing.assert_close(reloaded(ids).logits, expected, rtol=0, atol=1e-6)
+    # merge writes full precision: dequantized base + delta, the trained model's function
+    assert main(["merge", str(tmp_path / "run" / "adapter"), str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert merged.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32
+    torch.testing.assert_close(merged(ids).logits, expected, rtol=1e-5, atol=1e-5)

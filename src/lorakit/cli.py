@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
+import torch
 import yaml
 
 from lorakit.config import load_train_config, to_dict
@@ -26,21 +26,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def adapter_base(adapter_dir: str) -> str:
-    """The base an adapter was saved for, from its adapter_config.json."""
-    from lorakit.adapters.io import read_adapter
-
-    return read_adapter(adapter_dir).metadata.get("lorakit.base") or json.loads(
-        (Path(adapter_dir) / "adapter_config.json").read_text()).get("base_model_name_or_path") or "default"
-
-
 def load_with_adapter(base: str | None, adapter: str | None):
-    from lorakit.adapters.io import load_adapter
+    """The base (the adapter's own unless given), 4-bit again if the adapter was trained so, + adapter."""
+    from lorakit.adapters.io import load_adapter, read_adapter
     from lorakit.models import load
+    from lorakit.quant.linear4bit import quantize_model
 
-    model, tokenizer = load(base or (adapter_base(adapter) if adapter else "default"))
-    if adapter:
-        load_adapter(model, adapter)
+    found = read_adapter(adapter) if adapter else None
+    model, tokenizer = load(base or (found.base if found and found.base else "default"))
+    if found is not None:
+        if found.quant:
+            q = found.quant
+            quantize_model(model, q["type"], q["blocksize"], q["double_quant"], getattr(torch, q["compute_dtype"]))
+        load_adapter(model, found)
     return model, tokenizer
 
 

@@ -64,6 +64,30 @@ def check_positive_int(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
+QUANT_TYPES = ("nf4", "fp4")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
+
+
+@dataclass
+class QuantConfig:
+    """A 4-bit base (QLoRA): every linear layer but the output head is stored NF4/FP4 and frozen."""
+
+    type: str = "nf4"
+    double_quant: bool = True
+    blocksize: int = 64
+    compute_dtype: str = "float32"  # fp32 on CPU (bf16 matmul is much slower there); bf16 on CUDA
+
+    def __post_init__(self) -> None:
+        if self.type not in QUANT_TYPES:
+            raise ValueError(f"type must be one of {QUANT_TYPES}, got {self.type!r}")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}")
+        check_positive_int("blocksize", self.blocksize)
+        if not 32 <= self.blocksize <= 4096 or self.blocksize & (self.blocksize - 1):
+            raise ValueError(f"blocksize must be a power of two in 32..4096, got {self.blocksize}")
+
+
 @dataclass
 class TrainConfig:
     """One fine-tuning run: base model, adapter spec, data, optimisation, output.
@@ -82,6 +106,9 @@ class TrainConfig:
     demo_eval: int = 100
     output_dir: str = "runs/demo"
     lora: LoraSpec = field(default_factory=LoraSpec)
+    quant: QuantConfig | None = None
+    optim: str = "adamw"
+    gradient_checkpointing: bool | None = None  # None: on with a 4-bit base, off otherwise
     lr: float = 2e-3
     weight_decay: float = 0.0
     warmup_steps: int = 5
@@ -96,6 +123,10 @@ class TrainConfig:
     max_new_tokens: int = 12
     log_every: int = 1
 
+    def __post_init__(self) -> None:
+        if self.optim not in OPTIMIZERS:
+            raise ValueError(f"optim must be one of {OPTIMIZERS}, got {self.optim!r}")
+
 
 def from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
     """Build dataclass `cls` from a nested dict, rejecting unknown keys with the nearest name."""
@@ -107,15 +138,22 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
     for key, value in data.items():
         if key not in fields:
             raise ValueError(f"{where}: unknown key {key!r}{nearest_hint(key, fields)}")
-        if dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
-            unknown = set(value) - {f.name for f in dataclasses.fields(hints[key])}
+        section = section_class(hints[key])
+        if section is not None and isinstance(value, dict):
+            unknown = set(value) - {f.name for f in dataclasses.fields(section)}
             defaults = {} if unknown else nested_defaults(fields[key])
-            value = from_dict(hints[key], {**defaults, **value}, f"{where}, section {key!r}")
+            value = from_dict(section, {**defaults, **value}, f"{where}, section {key!r}")
         kwargs[key] = value
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{where}: {e}") from None
+
+
+def section_class(hint: Any) -> type | None:
+    """The dataclass a field holds (`LoraSpec`, or `QuantConfig` of `QuantConfig | None`), if any."""
+    candidates = typing.get_args(hint) or (hint,)
+    return next((c for c in candidates if dataclasses.is_dataclass(c)), None)
 
 
 def nested_defaults(f: dataclasses.Field) -> dict[str, Any]:

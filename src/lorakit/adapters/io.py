@@ -34,6 +34,7 @@ from lorakit.adapters.layer import LoraLayer, base_kind, in_out, lora_layers
 from lorakit.adapters.lora import LoraAdapter
 from lorakit.atomic import atomic_write_bytes, atomic_write_text
 from lorakit.config import LoraSpec
+from lorakit.quant.linear4bit import quantization_of
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -93,6 +94,8 @@ def save_adapter(model: nn.Module, path: str | Path, name: str = "default") -> P
         "lorakit.base_shapes": json.dumps(base_shapes, sort_keys=True),
         "lorakit.fingerprint": fingerprint(base_shapes),
     }
+    if quantization_of(model) is not None:  # trained over a 4-bit base: say how, to rebuild it
+        metadata["lorakit.quant"] = json.dumps(quantization_of(model), sort_keys=True)
     config = peft_config(model, spec, sorted(base_shapes), saved_modules)
     folder = Path(path)
     atomic_write_bytes(folder / WEIGHTS_FILE, safetensors_bytes(tensors, metadata=metadata))
@@ -176,6 +179,12 @@ class AdapterFile:
     copies: dict[str, dict[str, torch.Tensor]]  # module -> its state dict
     base_weights: dict[str, torch.Tensor]  # module -> base weight PEFT saved beside (embeddings)
     metadata: dict[str, str] = field(default_factory=dict)
+    base: str | None = None  # the base it was saved for: lorakit's metadata, else PEFT's config
+
+    @property
+    def quant(self) -> dict | None:
+        """How the 4-bit base it was trained on was made (QuantConfig fields), if it was."""
+        return json.loads(self.metadata["lorakit.quant"]) if "lorakit.quant" in self.metadata else None
 
 
 def read_adapter(path: str | Path) -> AdapterFile:
@@ -203,7 +212,9 @@ def read_adapter(path: str | Path) -> AdapterFile:
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
     except (SafetensorError, OSError, ValueError) as e:
         raise AdapterFileError(f"{weights_file} is not a readable safetensors file: {e}") from None
-    return split_tensors(folder, spec, tensors, metadata, weights_file)
+    adapter = split_tensors(folder, spec, tensors, metadata, weights_file)
+    adapter.base = metadata.get("lorakit.base") or config.get("base_model_name_or_path")
+    return adapter
 
 
 def spec_from_peft(config: dict, where: Path) -> LoraSpec:
@@ -335,13 +346,13 @@ def check_fits(model: nn.Module, adapter: AdapterFile, force: bool = False) -> N
 
 
 def load_adapter(
-    model: nn.Module, path: str | Path, name: str | None = None, trainable: bool = False, force: bool = False
+    model: nn.Module, path: str | Path | AdapterFile, name: str | None = None, trainable: bool = False,
+    force: bool = False,
 ) -> str:
-    """Load a PEFT-format adapter onto `model`, wrapping layers where needed; returns its name.
-
-    Everything is checked before the model is touched. The loaded adapter becomes active.
-    """
-    adapter = read_adapter(path)
+    """Load a PEFT-format adapter (a folder, or one already read) onto `model`, wrapping layers
+    where needed; returns its name. Everything is checked before the model is touched. The loaded
+    adapter becomes active."""
+    adapter = path if isinstance(path, AdapterFile) else read_adapter(path)
     check_fits(model, adapter, force=force)
     existing = adapter_names(model)
     if name is None:

@@ -195,5 +195,19 @@ def quantize_model(
     return model
 
 
+def quantization_of(model: nn.Module) -> dict | None:
+    """How the model's 4-bit layers were made (`QuantConfig` fields), or None if it has none.
+
+    A layer wrapped by an adapter keeps its base outside the module tree, as `base_module`.
+    """
+    bases = (getattr(m, "base_module", m) for m in model.modules())
+    layer = next((m for m in bases if isinstance(m, Linear4bit)), None)
+    if layer is None:
+        return None
+    s = layer.quant_state
+    return {"type": s.quant_type, "double_quant": s.nested, "blocksize": s.blocksize,
+            "compute_dtype": str(layer.compute_dtype).removeprefix("torch.")}
+
+
 def _skipped(name: str, skip: tuple[str, ...]) -> bool:
     return any(f".{s}." in f".{name}." for s in skip)

@@ -18,7 +18,6 @@ The state-dict layout is bitsandbytes' / transformers': `weight` (packed), `weig
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 from collections.abc import Mapping
@@ -59,23 +58,24 @@ def code_book(quant_type: str, device: torch.device | str | None = None) -> Tens
     return torch.cat([magnitudes, 0.0 - magnitudes]) / 12.0  # 0 - 0 is +0.0: bnb stores +0.0 at index 8 too
 
 
-@functools.cache
-def _dynamic_map_cpu() -> Tensor:
-    values = [0.0, 1.0]
-    for i in range(7):  # decade 10^(i-6): midpoints of an even split of [0.1, 1] into 2^i parts
-        edges = torch.linspace(0.1, 1.0, 2**i + 1, dtype=torch.float32)
-        midpoints = (edges[:-1] + edges[1:]) / 2.0
-        values += (10.0 ** (i - 6) * midpoints).tolist() + (-(10.0 ** (i - 6)) * midpoints).tolist()
-    return torch.tensor(sorted(values), dtype=torch.float32)  # [256]
+def dynamic_map(signed: bool = True, device: torch.device | str | None = None) -> Tensor:
+    """The 256 sorted values of bitsandbytes' 8-bit dynamic data type (`create_dynamic_map(signed)`).
 
-
-def dynamic_map(device: torch.device | str | None = None) -> Tensor:
-    """bitsandbytes' signed 8-bit dynamic code (`create_dynamic_map(signed=True)`): 256 sorted fp32 values.
-
-    Used for the nested absmax of double quantization. Built in fp32 with the same ops as
-    bitsandbytes (always on CPU, so every device gets the same bits).
+    Decade i (scale 10^(i-6), i = 0..6) holds the midpoints of an even split of [0.1, 1] into 2^i
+    parts (signed, mirrored to negatives) or 2^(i+1) parts (unsigned); 0 and 1 complete the 256.
+    Small magnitudes get fine steps: used for the nested absmax of double quantization (signed)
+    and for 8-bit Adam moments. Built on the CPU in fp32 with bitsandbytes' ops, so every device
+    gets the same bits.
     """
-    return _dynamic_map_cpu().to(device, copy=True)
+    values = [0.0, 1.0]
+    for i in range(7):
+        parts = 2**i if signed else 2 ** (i + 1)
+        edges = torch.linspace(0.1, 1.0, parts + 1, dtype=torch.float32)
+        midpoints = (edges[:-1] + edges[1:]) / 2.0
+        values += (10.0 ** (i - 6) * midpoints).tolist()
+        if signed:
+            values += (-(10.0 ** (i - 6)) * midpoints).tolist()
+    return torch.tensor(sorted(values), dtype=torch.float32).to(device)  # [256]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,7 +196,7 @@ def bits_per_parameter(state: QuantState) -> float:
 def _double_quantize(state: QuantState) -> QuantState:
     """Replace the fp32 absmax by 8-bit dynamic codes of (absmax - mean), blocks of 256."""
     offset = state.absmax.mean()  # scalar fp32
-    nested_code = dynamic_map(state.absmax.device)
+    nested_code = dynamic_map(device=state.absmax.device)
     nested_absmax, scaled = _scale_blocks(state.absmax - offset, NESTED_BLOCKSIZE)
     codes = _nearest_code(scaled, nested_code).to(torch.uint8)  # [blocks]
     return dataclasses.replace(

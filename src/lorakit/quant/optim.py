@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lorakit.quant.nf4 import dynamic_map
+
 BLOCKSIZE = 256
 CHUNK = 256 * 4096  # elements updated at once; bounds the fp32 temporaries of the 8-bit path
 FP32_KEYS = ("exp_avg", "exp_avg_sq")
@@ -34,25 +36,6 @@ OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
 # ---------------------------------------------------------------------------------------------
 # The dynamic 8-bit code and blockwise (de)quantization
 # ---------------------------------------------------------------------------------------------
-
-
-def dynamic_map(signed: bool) -> Tensor:
-    """The 256 sorted values of bitsandbytes' 8-bit dynamic data type (`create_dynamic_map`).
-
-    Decade i (scale 10^(i-6), i = 0..6) holds the midpoints of an even split of [0.1, 1] into 2^i
-    parts (signed, mirrored to negatives) or 2^(i+1) parts (unsigned); 0 and 1 complete the 256.
-    Small magnitudes get fine steps, which suits Adam moments spanning many orders of magnitude.
-    Computed in fp32 exactly as bitsandbytes does, so the values agree bit for bit.
-    """
-    values = [0.0, 1.0]
-    for i in range(7):
-        parts = 2**i if signed else 2 ** (i + 1)
-        edges = torch.linspace(0.1, 1.0, parts + 1, dtype=torch.float32)
-        midpoints = (edges[:-1] + edges[1:]) / 2.0
-        values += (10.0 ** (i - 6) * midpoints).tolist()
-        if signed:
-            values += (-(10.0 ** (i - 6)) * midpoints).tolist()
-    return torch.tensor(sorted(values), dtype=torch.float32)
 
 
 def _blocks(flat: Tensor, blocksize: int) -> Tensor:

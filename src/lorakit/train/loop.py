@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from lorakit.config import TrainConfig
 from lorakit.data.encode import IGNORE, collate
+from lorakit.quant.optim import make_optimizer
 
 # model types whose logits are exactly lm_head(last hidden state): the head runs only where loss is taken
 PLAIN_HEAD_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gpt2", "phi3", "smollm3", "olmo2"}
@@ -88,7 +89,7 @@ def fit(model: nn.Module, rows: list[tuple[list[int], list[int]]], cfg: TrainCon
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters (inject an adapter first)")
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(cfg.optim, params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = total_steps(cfg, len(rows))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, steps))
     stream = batches(rows, cfg, pad_id)

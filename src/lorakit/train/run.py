@@ -6,6 +6,7 @@ import json
 import time
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from lorakit.adapters.inject import inject, set_active, trainable_report
@@ -16,6 +17,7 @@ from lorakit.data.encode import encode
 from lorakit.data.examples import Example, read_jsonl
 from lorakit.generate import exact_match, generate
 from lorakit.models import load
+from lorakit.quant.linear4bit import quantize_model
 from lorakit.train.loop import fit
 
 
@@ -36,12 +38,26 @@ def score(model, tokenizer, examples: list[Example], max_new_tokens: int) -> flo
     return exact_match(predictions, [e.completion for e in examples])
 
 
+def prepare_base(model: nn.Module, cfg: TrainConfig) -> None:
+    """QLoRA's k-bit preparation: 4-bit linears, norms in fp32, gradient checkpointing (default on)."""
+    if cfg.quant is not None:
+        q = cfg.quant
+        quantize_model(model, q.type, q.blocksize, q.double_quant, getattr(torch, q.compute_dtype))
+        for module in model.modules():
+            if "norm" in type(module).__name__.lower():
+                module.float()
+    checkpointing = cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else cfg.quant is not None
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def run(cfg: TrainConfig, log=print) -> tuple[nn.Module, dict]:
     """Train one adapter as `cfg` says. Returns the trained model and a summary, which is also
     written to output_dir/results.json; the adapter is saved to output_dir/adapter."""
     out = Path(cfg.output_dir)
     train, held_out = datasets(cfg)
     model, tokenizer = load(cfg.base)
+    prepare_base(model, cfg)
     rows = [encode(tokenizer, e, cfg.max_length) for e in train]
     inject(model, cfg.lora)
     log(trainable_report(model))
