@@ -124,3 +124,55 @@ def test_qlora_train_then_merge_reproduces_the_trained_model(tiny_model_dir, jso
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert merged.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32
     torch.testing.assert_close(merged(ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def llama64(seed: int = 0) -> nn.Module:
+    """Rows of 64+ weights: bitsandbytes' CPU 4-bit kernel mis-dequantizes blocks that span rows."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                                        initializer_range=0.2)).eval()
+
+
+def test_4bit_folder_is_read_by_transformers_with_bitsandbytes_and_back(tmp_path, tokens):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from lorakit.models import load
+    from lorakit.quant.checkpoint import save_4bit
+
+    ours = quantize_model(llama64())
+    expected = ours(tokens).logits
+    save_4bit(ours, tmp_path / "ours")
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "ours", device_map="cpu")
+    assert type(theirs.model.layers[0].mlp.up_proj).__module__.startswith("bitsandbytes")
+    torch.testing.assert_close(theirs(tokens).logits, expected, rtol=1e-5, atol=1e-5)
+    # and a folder that transformers + bitsandbytes quantized and wrote loads into our layers
+    llama64().save_pretrained(tmp_path / "fp32")
+    bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=False,
+                                    bnb_4bit_compute_dtype=torch.float32)
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "fp32", quantization_config=bnb_config, device_map="cpu")
+    theirs.save_pretrained(tmp_path / "bnb")
+    from conftest import tiny_tokenizer
+
+    tiny_tokenizer().save_pretrained(tmp_path / "bnb")
+    mine, _ = load(str(tmp_path / "bnb"))
+    assert isinstance(mine.model.layers[1].self_attn.o_proj, Linear4bit)
+    torch.testing.assert_close(mine(tokens).logits, theirs(tokens).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_requantize_writes_4bit_and_reports_error(tiny_model_dir, tmp_path, capsys):
+    from lorakit.cli import main
+    from lorakit.models import load
+
+    model, _ = load(str(tiny_model_dir))
+    lorakit.inject(model, lorakit.LoraSpec(r=2, targets=["q_proj"]))
+    randomize_adapters(model)
+    lorakit.save_adapter(model, tmp_path / "a")
+    assert main(["merge", str(tmp_path / "a"), str(tmp_path / "q"), "--requantize", "nf4"]) == 0
+    printed = capsys.readouterr().out
+    error = float(printed.split("relative weight error of ")[1].split()[0])
+    assert 0.01 < error < 0.2  # NF4 at blocksize 64 on Gaussian weights: about 0.09
+    reloaded, _ = load(str(tmp_path / "q"))
+    assert isinstance(reloaded.model.layers[0].self_attn.q_proj, Linear4bit)

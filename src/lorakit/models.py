@@ -95,10 +95,16 @@ def resolve(base: str) -> Path:
 
 def load(base: str = "default", dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object]:
     """(model, tokenizer) for `base`; the model is in eval mode on the CPU."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from lorakit.quant.checkpoint import is_4bit_folder, load_4bit
 
     folder = resolve(base)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    config = AutoConfig.from_pretrained(folder)
+    if is_4bit_folder(config):  # bitsandbytes layout: read into our own 4-bit layers
+        model = load_4bit(folder, config)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
