@@ -79,3 +79,13 @@ def test_schedule_warmup_then_cosine_to_zero():
 def test_fit_refuses_a_model_with_nothing_to_train():
     with pytest.raises(ValueError, match="no trainable parameters"):
         fit(tiny_llama().requires_grad_(False), toy_rows(), TrainConfig(max_steps=1), pad_id=1)
+
+
+def test_epochs_bound_the_run_when_max_steps_is_unset():
+    from lorakit.train.loop import total_steps
+
+    assert total_steps(TrainConfig(max_steps=None, epochs=2, batch_size=4, grad_accum=2), n_rows=20) == 5
+    assert total_steps(TrainConfig(max_steps=None, epochs=0.5, batch_size=4), n_rows=20) == 3
+    assert total_steps(TrainConfig(max_steps=7, epochs=2), n_rows=20) == 7
+    with pytest.raises(ValueError, match="set max_steps or epochs"):
+        total_steps(TrainConfig(max_steps=None, epochs=None), n_rows=20)
