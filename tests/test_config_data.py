@@ -1,13 +1,11 @@
-"""Config loading (YAML + overrides, unknown keys) and JSONL datasets (errors name the line)."""
+"""Config loading (YAML + overrides, unknown keys) and batch collation."""
 
 from __future__ import annotations
 
 import pytest
 
-from conftest import tiny_tokenizer
 from lorakit.config import TrainConfig, load_train_config
-from lorakit.data.encode import IGNORE, collate, encode, prompt_text
-from lorakit.data.examples import Example, read_jsonl
+from lorakit.data.encode import IGNORE, collate
 
 
 def test_yaml_and_overrides(tmp_path):
@@ -38,37 +36,6 @@ def test_bad_values_and_yaml(tmp_path):
     path.write_text("lr: [1, 2\n")
     with pytest.raises(ValueError, match=r"bad\.yaml: invalid YAML"):
         load_train_config(path)
-
-
-def test_jsonl_reads_rows_and_errors_name_the_line(tmp_path):
-    path = tmp_path / "d.jsonl"
-    path.write_text('{"prompt": "a", "completion": "b"}\n\n{"prompt": "c", "completion": "d"}\n')
-    assert read_jsonl(path) == [Example("a", "b"), Example("c", "d")]
-    path.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "c", "completion": \n')
-    with pytest.raises(ValueError, match=r"d\.jsonl:2: invalid JSON at column"):
-        read_jsonl(path)
-    path.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "c"}\n')
-    with pytest.raises(ValueError, match=r"d\.jsonl:2: field 'completion' is missing"):
-        read_jsonl(path)
-    path.write_text('{"prompt": "a", "completion": 3}\n')
-    with pytest.raises(ValueError, match=r"d\.jsonl:1: field 'completion' is not a string \(int\)"):
-        read_jsonl(path)
-    path.write_text("[1, 2]\n")
-    with pytest.raises(ValueError, match=r"d\.jsonl:1: expected a JSON object"):
-        read_jsonl(path)
-
-
-def test_encode_masks_prompt_and_keeps_eos_in_loss():
-    tok = tiny_tokenizer()
-    ids, labels = encode(tok, Example("hi", "yo"), max_length=64)
-    prompt = tok(prompt_text(tok, "hi"), add_special_tokens=False)["input_ids"]
-    assert prompt_text(tok, "hi") == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
-    assert ids == prompt + [ord("y"), ord("o"), tok.eos_token_id]
-    # token by token: no loss on the prompt, loss on the answer and on the end-of-turn token
-    assert labels == [IGNORE] * len(prompt) + [ord("y"), ord("o"), tok.eos_token_id]
-    assert tok.pad_token_id == tok.eos_token_id  # pad == eos, yet eos stays supervised
-    short_ids, short_labels = encode(tok, Example("hi", "yo"), max_length=len(prompt) + 1)
-    assert short_ids == prompt + [ord("y")] and short_labels[-1] == ord("y")
 
 
 def test_collate_pads_right_and_ignores_padding():

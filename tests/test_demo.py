@@ -15,15 +15,17 @@ def test_deterministic_and_disjoint():
     assert (train, held_out) == make_demo(seed=3, n_train=500, n_eval=50)
     assert make_demo(seed=4, n_train=500, n_eval=50) != (train, held_out)
     assert len(train) == 500 and len(held_out) == 50
-    assert not {e.prompt for e in train} & {e.prompt for e in held_out}
+    assert not {e.messages[0]["content"] for e in train} & {e.messages[0]["content"] for e in held_out}
 
 
 def test_answers_are_long_form_dates():
     train, held_out = make_demo(seed=0, n_train=300, n_eval=30)
     for example in train + held_out:
-        iso = re.search(r"\d{4}-\d{2}-\d{2}", example.prompt).group()
+        user, assistant = example.messages
+        assert (user["role"], assistant["role"]) == ("user", "assistant")
+        iso = re.search(r"\d{4}-\d{2}-\d{2}", user["content"]).group()
         date = datetime.date.fromisoformat(iso)
-        assert example.completion == f"{date.strftime('%B')} {date.day}, {date.year}"
+        assert assistant["content"] == f"{date.strftime('%B')} {date.day}, {date.year}"
 
 
 def test_bad_sizes_are_refused():

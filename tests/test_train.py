@@ -50,7 +50,7 @@ def test_fit_lowers_loss_and_writes_metrics(tmp_path):
 def test_gradient_accumulation_equals_one_large_batch(monkeypatch):
     # SGD in place of AdamW: the update is linear in the gradient, so equal updates mean equal gradients
     # (Adam's first step is about lr * sign(g), which amplifies rounding noise in near-zero entries)
-    monkeypatch.setattr(torch.optim, "AdamW", torch.optim.SGD)
+    monkeypatch.setattr(torch.optim, "AdamW", lambda params, lr, weight_decay, **_: torch.optim.SGD(params, lr=lr))
     rows = toy_rows(8)
     base = lorakit.inject(tiny_llama(), lorakit.LoraSpec(r=4))
     with torch.no_grad():  # non-zero B so A receives gradient too

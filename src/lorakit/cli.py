@@ -43,13 +43,14 @@ def load_with_adapter(base: str | None, adapter: str | None):
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from lorakit.data.examples import read_jsonl
-    from lorakit.train.run import datasets, score
+    from lorakit.data.files import read_rows
+    from lorakit.generate import score_rows
+    from lorakit.train.run import datasets
 
     model, tokenizer = load_with_adapter(args.base, args.adapter)
     cfg = load_train_config(None, [f"seed={args.seed}"])
-    held_out = read_jsonl(args.dataset) if args.dataset else datasets(cfg)[1]
-    em = score(model, tokenizer, held_out, args.max_new_tokens)
+    held_out = read_rows(args.dataset) if args.dataset else datasets(cfg)[1]
+    em = score_rows(model, tokenizer, held_out, args.max_new_tokens)
     print(f"exact match: {em:.1%} ({len(held_out)} examples)")
     return 0
 
@@ -98,6 +99,18 @@ def requantize(model, quant_type: str) -> dict:
     return {"mean": sum(errors.values()) / len(errors), "max": errors[worst], "worst": worst, "layers": len(errors)}
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from lorakit.bench.run import run_bench
+
+    try:
+        run_bench(args.scenarios, reps=args.reps, warmup=args.warmup, threads=args.threads, json_out=args.json,
+                  quick=args.quick, memory=not args.no_memory, lora_kernel=args.lora_kernel)
+    except ImportError as e:
+        print(f"lorakit: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lorakit", description="LoRA fine-tuning with PEFT-format adapters")
     sub = p.add_subparsers(dest="command", required=True)
@@ -110,7 +123,7 @@ def parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="held-out exact match of an adapter (default: the demo task)")
     e.add_argument("adapter", help="adapter folder")
-    e.add_argument("--dataset", help="JSONL of prompt/completion rows (default: demo held-out split)")
+    e.add_argument("--dataset", help="dataset file or folder, any supported format (default: demo held-out split)")
     e.add_argument("--base", help="base model (default: the one the adapter was saved for)")
     e.add_argument("--seed", type=int, default=0, help="demo task seed")
     e.add_argument("--max-new-tokens", type=int, default=24)
@@ -130,6 +143,19 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--requantize", choices=["nf4", "fp4"],
                    help="write a 4-bit model (bitsandbytes layout) instead of full precision; reports the error")
     m.set_defaults(func=cmd_merge)
+
+    b = sub.add_parser("bench", help="lorakit vs PEFT (+ bitsandbytes) side by side: times, memory, ratios")
+    b.add_argument("scenarios", nargs="*", metavar="SCENARIO",
+                   help="forward, floor, train-lora, train-qlora, merge, quant (default: all)")
+    b.add_argument("--json", metavar="OUT", help="write one JSON record per scenario per line")
+    b.add_argument("--reps", type=int, default=3, help="timed repetitions per side (median reported)")
+    b.add_argument("--warmup", type=int, default=1, help="untimed repetitions per side first")
+    b.add_argument("--threads", type=int, help="torch threads (default: torch's current setting)")
+    b.add_argument("--quick", action="store_true", help="a tiny random model and batch: seconds, for tests")
+    b.add_argument("--no-memory", action="store_true", help="skip the per-side peak-RSS subprocesses")
+    b.add_argument("--lora-kernel", action="store_true",
+                   help="route lorakit's LoRA layers through lorakit.kernels.lora_linear (preview)")
+    b.set_defaults(func=cmd_bench)
     return p
 
 

@@ -17,7 +17,11 @@ from typing import Any
 
 import yaml
 
-INIT_CHOICES = ("kaiming", "gaussian")
+from lorakit.data.formats import FORMATS
+from lorakit.quant.optim import OPTIMIZERS
+
+INIT_CHOICES = ("kaiming", "gaussian", "pissa")
+KIND_CHOICES = ("lora", "dora")
 BIAS_CHOICES = ("none", "all", "lora_only")
 
 
@@ -28,6 +32,8 @@ class LoraSpec:
     `targets`: "all-linear", a full-match regex string, a list of exact names or dotted
     suffixes, or None for the architecture's default. `rank_pattern`/`alpha_pattern` map a
     regex (matched against a module name's dotted suffix, as PEFT does) to a rank/alpha.
+    `kind`: "lora", or "dora" (weight-decomposed LoRA; PEFT's `use_dora`). `init`: "kaiming" or
+    "gaussian" (B = 0), or "pissa" (A, B from the top-r SVD of W; the base keeps the residual).
     """
 
     r: int = 8
@@ -42,6 +48,7 @@ class LoraSpec:
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     layers: list[int] | None = None
     modules_to_save: list[str] | None = None
+    kind: str = "lora"
 
     def __post_init__(self) -> None:
         check_positive_int("r", self.r)
@@ -55,6 +62,8 @@ class LoraSpec:
             raise ValueError(f"bias must be one of {BIAS_CHOICES}, got {self.bias!r}")
         if self.init not in INIT_CHOICES:
             raise ValueError(f"init must be one of {INIT_CHOICES}, got {self.init!r}")
+        if self.kind not in KIND_CHOICES:
+            raise ValueError(f"kind must be one of {KIND_CHOICES}, got {self.kind!r}")
         if isinstance(self.targets, list) and not self.targets:
             raise ValueError("targets is an empty list; use None for the architecture default")
 
@@ -66,7 +75,6 @@ def check_positive_int(name: str, value: Any) -> None:
 
 QUANT_TYPES = ("nf4", "fp4")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
-OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
 
 
 @dataclass
@@ -95,13 +103,19 @@ class TrainConfig:
     The defaults are the built-in demo's, validated on SmolLM2-135M-Instruct on 2 CPU cores
     (held-out exact match 0% before, 100% after 30 steps; 20 steps already suffice).
 
-    `dataset`: "demo" (the built-in task) or a JSONL file of {"prompt", "completion"} rows.
+    `dataset`: "demo" (the built-in task), a file or folder (JSONL/JSON/CSV/Parquet), a list of
+    them, or a list of {path, weight}; the row format is detected unless `format` names it.
     Exactly one of `max_steps` / `epochs` bounds the run (`max_steps` wins when both are set).
     """
 
     base: str = "default"
-    dataset: str = "demo"
-    eval_dataset: str | None = None
+    dataset: str | list = "demo"
+    eval_dataset: str | list | None = None
+    val_size: float | None = None
+    format: str | None = None
+    chat_template: str | None = None  # "chatml" or a Jinja template; default: the tokenizer's
+    train_on_prompt: bool = False
+    truncation: str = "truncate"  # or "drop": rows longer than max_length
     demo_train: int = 1000
     demo_eval: int = 100
     output_dir: str = "runs/demo"
@@ -124,6 +138,10 @@ class TrainConfig:
     log_every: int = 1
 
     def __post_init__(self) -> None:
+        if self.truncation not in ("truncate", "drop"):
+            raise ValueError(f"truncation must be 'truncate' or 'drop', got {self.truncation!r}")
+        if self.format is not None and self.format not in FORMATS:
+            raise ValueError(f"format must be one of {FORMATS} (or null to detect), got {self.format!r}")
         if self.optim not in OPTIMIZERS:
             raise ValueError(f"optim must be one of {OPTIMIZERS}, got {self.optim!r}")
 

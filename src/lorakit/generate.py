@@ -6,13 +6,15 @@ import torch
 from torch import nn
 
 from lorakit.data.encode import prompt_text
+from lorakit.data.formats import Row
 
 
 @torch.no_grad()
 def generate(
-    model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int = 64, batch_size: int = 32
+    model: nn.Module, tokenizer, prompts: list[str | list[dict]], max_new_tokens: int = 64, batch_size: int = 32
 ) -> list[str]:
-    """Greedy completions (chat template applied), decoded without special tokens."""
+    """Greedy completions of user strings or message lists (chat template applied), decoded
+    without special tokens."""
     was_training = model.training
     model.eval()
     side = tokenizer.padding_side
@@ -33,6 +35,15 @@ def generate(
         tokenizer.padding_side = side
         model.train(was_training)
     return out
+
+
+def score_rows(model: nn.Module, tokenizer, rows: list[Row], max_new_tokens: int) -> float:
+    """Exact match of the model's answer to each row's last (assistant) message, given the rest."""
+    usable = [r for r in rows if r.messages and r.messages[-1]["role"] == "assistant"]
+    if not usable:
+        raise ValueError("no evaluation row ends with an assistant message to compare against")
+    predictions = generate(model, tokenizer, [r.messages[:-1] for r in usable], max_new_tokens)
+    return exact_match(predictions, [r.messages[-1]["content"] for r in usable])
 
 
 def exact_match(predictions: list[str], references: list[str]) -> float:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime
 import random
 
-from lorakit.data.examples import Example
+from lorakit.data.formats import Row
 
 MONTHS = (
     "January", "February", "March", "April", "May", "June",
@@ -20,13 +20,15 @@ MONTHS = (
 _FIRST = datetime.date(1950, 1, 1)
 _N_DAYS = (datetime.date(2050, 1, 1) - _FIRST).days  # dates are drawn from 1950-01-01 .. 2049-12-31
 
-def date_example(date: datetime.date) -> Example:
-    """The prompt asking to rewrite `date` in long form, and its exact answer."""
+def date_example(date: datetime.date) -> Row:
+    """The prompt asking to rewrite `date` in long form, and its exact answer, as a chat row."""
     prompt = f"Convert the date {date.isoformat()} to the format 'Month D, YYYY'."
-    return Example(prompt, f"{MONTHS[date.month - 1]} {date.day}, {date.year}")
+    answer = f"{MONTHS[date.month - 1]} {date.day}, {date.year}"
+    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+    return Row(messages, None, f"demo:{date.isoformat()}")
 
 
-def make_demo(seed: int = 0, n_train: int = 1000, n_eval: int = 100) -> tuple[list[Example], list[Example]]:
+def make_demo(seed: int = 0, n_train: int = 1000, n_eval: int = 100) -> tuple[list[Row], list[Row]]:
     """(train, held-out) splits of distinct dates; the same seed always gives the same splits.
 
     The dates are drawn without replacement, so no held-out date appears in train.

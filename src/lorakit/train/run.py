@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import time
 from pathlib import Path
 
@@ -13,29 +14,34 @@ from lorakit.adapters.inject import inject, set_active, trainable_report
 from lorakit.adapters.io import save_adapter
 from lorakit.atomic import atomic_write_text
 from lorakit.config import TrainConfig, to_dict
-from lorakit.data.encode import encode
-from lorakit.data.examples import Example, read_jsonl
-from lorakit.generate import exact_match, generate
+from lorakit.data.encode import CHAT_TEMPLATES, encode_all
+from lorakit.data.files import read_rows
+from lorakit.data.formats import Row
+from lorakit.generate import score_rows
 from lorakit.models import load
 from lorakit.quant.linear4bit import quantize_model
 from lorakit.train.loop import fit
 
 
-def datasets(cfg: TrainConfig) -> tuple[list[Example], list[Example]]:
-    """(train, held-out) examples: the demo task's splits, or JSONL files."""
+def datasets(cfg: TrainConfig) -> tuple[list[Row], list[Row]]:
+    """(train, held-out) rows: the demo's splits or the dataset files, held-out from `eval_dataset`
+    or split off by `val_size` (a fraction or a count, chosen with the seed)."""
     if cfg.dataset == "demo":
         from lorakit.data.demo import make_demo
 
         train, held_out = make_demo(cfg.seed, n_train=cfg.demo_train, n_eval=cfg.demo_eval)
-        if cfg.eval_dataset is not None:
-            held_out = read_jsonl(cfg.eval_dataset)
-        return train, held_out
-    return read_jsonl(cfg.dataset), read_jsonl(cfg.eval_dataset) if cfg.eval_dataset else []
-
-
-def score(model, tokenizer, examples: list[Example], max_new_tokens: int) -> float:
-    predictions = generate(model, tokenizer, [e.prompt for e in examples], max_new_tokens)
-    return exact_match(predictions, [e.completion for e in examples])
+    else:
+        train, held_out = read_rows(cfg.dataset, cfg.format, cfg.seed), []
+    if cfg.eval_dataset is not None:
+        held_out = read_rows(cfg.eval_dataset, cfg.format, cfg.seed)
+    elif cfg.val_size:
+        n = int(cfg.val_size * len(train)) if cfg.val_size < 1 else int(cfg.val_size)
+        if not 0 < n < len(train):
+            raise ValueError(f"val_size={cfg.val_size} leaves no training or no validation rows of {len(train)}")
+        order = list(range(len(train)))
+        random.Random(cfg.seed).shuffle(order)
+        held_out, train = [train[i] for i in order[:n]], [train[i] for i in order[n:]]
+    return train, held_out
 
 
 def prepare_base(model: nn.Module, cfg: TrainConfig) -> None:
@@ -58,14 +64,16 @@ def run(cfg: TrainConfig, log=print) -> tuple[nn.Module, dict]:
     train, held_out = datasets(cfg)
     model, tokenizer = load(cfg.base)
     prepare_base(model, cfg)
-    rows = [encode(tokenizer, e, cfg.max_length) for e in train]
+    if cfg.chat_template is not None:
+        tokenizer.chat_template = CHAT_TEMPLATES.get(cfg.chat_template, cfg.chat_template)
+    rows = encode_all(tokenizer, train, cfg.max_length, cfg.train_on_prompt, cfg.truncation, warn=log)
     inject(model, cfg.lora)
     log(trainable_report(model))
     results: dict = {"config": to_dict(cfg), "train_examples": len(train), "eval_examples": len(held_out)}
     if cfg.eval and held_out:
         t = time.perf_counter()
         set_active(model, [])
-        results["exact_match_before"] = score(model, tokenizer, held_out, cfg.max_new_tokens)
+        results["exact_match_before"] = score_rows(model, tokenizer, held_out, cfg.max_new_tokens)
         set_active(model, ["default"])
         results["eval_seconds_before"] = round(time.perf_counter() - t, 1)
         log(f"held-out exact match before training: {results['exact_match_before']:.1%} ({len(held_out)} examples)")
@@ -80,7 +88,7 @@ def run(cfg: TrainConfig, log=print) -> tuple[nn.Module, dict]:
         f"loss {fitted.first_loss:.3f} -> {fitted.last_loss:.3f})")
     if cfg.eval and held_out:
         t = time.perf_counter()
-        results["exact_match_after"] = score(model, tokenizer, held_out, cfg.max_new_tokens)
+        results["exact_match_after"] = score_rows(model, tokenizer, held_out, cfg.max_new_tokens)
         results["eval_seconds_after"] = round(time.perf_counter() - t, 1)
         log(f"held-out exact match after training: {results['exact_match_after']:.1%} "
             f"(before: {results['exact_match_before']:.1%})")
