@@ -14,7 +14,8 @@ import lorakit
 from conftest import tiny_llama
 from lorakit.config import TrainConfig
 from lorakit.data.encode import IGNORE, collate
-from lorakit.train.loop import fit, loss_sum, lr_lambda
+from lorakit.train.fit import fit, lr_lambda
+from lorakit.train.loop import loss_sum
 
 
 def toy_rows(n: int = 16, seed: int = 0) -> list[tuple[list[int], list[int]]]:
@@ -40,9 +41,10 @@ def test_loss_sum_equals_full_logits_cross_entropy():
 def test_fit_lowers_loss_and_writes_metrics(tmp_path):
     model = lorakit.inject(tiny_llama(), lorakit.LoraSpec(r=8, alpha=16))
     cfg = TrainConfig(max_steps=40, lr=1e-2, warmup_steps=2, batch_size=8, seed=0)
-    result = fit(model, toy_rows(), cfg, pad_id=1, metrics_path=tmp_path / "m.jsonl")
+    result = fit(model, toy_rows(), cfg, pad_id=1, out=tmp_path)
     assert result.steps == 40 and result.last_loss < 0.6 * result.first_loss
-    records = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss", "lr", "grad_norm", "tokens", "tokens_per_s", "peak_rss_mb", "seconds"} <= set(records[0])
     assert [r["step"] for r in records] == list(range(1, 41))
     assert records[0]["loss"] == pytest.approx(result.first_loss)
 
@@ -82,7 +84,7 @@ def test_fit_refuses_a_model_with_nothing_to_train():
 
 
 def test_epochs_bound_the_run_when_max_steps_is_unset():
-    from lorakit.train.loop import total_steps
+    from lorakit.train.fit import total_steps
 
     assert total_steps(TrainConfig(max_steps=None, epochs=2, batch_size=4, grad_accum=2), n_rows=20) == 5
     assert total_steps(TrainConfig(max_steps=None, epochs=0.5, batch_size=4), n_rows=20) == 3

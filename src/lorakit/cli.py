@@ -111,6 +111,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    from lorakit.train.plot import plot_run
+
+    path = plot_run(args.run_dir)
+    if path is None:
+        return 2
+    print(f"wrote {path}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lorakit", description="LoRA fine-tuning with PEFT-format adapters")
     sub = p.add_subparsers(dest="command", required=True)
@@ -135,6 +145,10 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--base", help="base model (default: the adapter's, else the built-in default)")
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.set_defaults(func=cmd_generate)
+
+    pl = sub.add_parser("plot", help="draw RUN_DIR/loss.png again from RUN_DIR/metrics.jsonl")
+    pl.add_argument("run_dir")
+    pl.set_defaults(func=cmd_plot)
 
     m = sub.add_parser("merge", help="write base + adapter as one plain transformers model folder")
     m.add_argument("adapter", help="adapter folder")

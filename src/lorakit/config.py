@@ -132,12 +132,26 @@ class TrainConfig:
     grad_accum: int = 1
     max_length: int = 256
     max_grad_norm: float = 1.0
+    schedule: str = "cosine"  # after warmup: cosine or linear decay to 0, or constant
+    precision: str = "fp32"  # or "bf16" (autocast; fp32 is faster on CPUs without bf16 matmul)
+    checkpoint_every: int | None = None  # steps; checkpoints go to output_dir/checkpoint-STEP
+    keep_checkpoints: int = 2
+    resume: str | None = None  # "auto" (latest checkpoint in output_dir) or a checkpoint folder
+    eval_every: int | None = None  # steps between validation loss/perplexity measurements
+    early_stopping_patience: int | None = None  # evaluations without a better val_loss; keeps the best
+    max_bad_steps: int = 5  # non-finite steps in a row before the run stops
     seed: int = 0
     eval: bool = True
     max_new_tokens: int = 12
     log_every: int = 1
 
     def __post_init__(self) -> None:
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise ValueError(f"schedule must be cosine, linear or constant, got {self.schedule!r}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
+        if self.early_stopping_patience and not self.eval_every:
+            raise ValueError("early_stopping_patience needs eval_every (and a validation set)")
         if self.truncation not in ("truncate", "drop"):
             raise ValueError(f"truncation must be 'truncate' or 'drop', got {self.truncation!r}")
         if self.format is not None and self.format not in FORMATS:

@@ -20,7 +20,8 @@ from lorakit.data.formats import Row
 from lorakit.generate import score_rows
 from lorakit.models import load
 from lorakit.quant.linear4bit import quantize_model
-from lorakit.train.loop import fit
+from lorakit.train.fit import fit, validation_loss
+from lorakit.train.plot import plot_run
 
 
 def datasets(cfg: TrainConfig) -> tuple[list[Row], list[Row]]:
@@ -67,6 +68,7 @@ def run(cfg: TrainConfig, log=print) -> tuple[nn.Module, dict]:
     if cfg.chat_template is not None:
         tokenizer.chat_template = CHAT_TEMPLATES.get(cfg.chat_template, cfg.chat_template)
     rows = encode_all(tokenizer, train, cfg.max_length, cfg.train_on_prompt, cfg.truncation, warn=log)
+    torch.manual_seed(cfg.seed)  # the adapter's initial A comes from the seed too
     inject(model, cfg.lora)
     log(trainable_report(model))
     results: dict = {"config": to_dict(cfg), "train_examples": len(train), "eval_examples": len(held_out)}
@@ -78,11 +80,15 @@ def run(cfg: TrainConfig, log=print) -> tuple[nn.Module, dict]:
         results["eval_seconds_before"] = round(time.perf_counter() - t, 1)
         log(f"held-out exact match before training: {results['exact_match_before']:.1%} ({len(held_out)} examples)")
     out.mkdir(parents=True, exist_ok=True)
-    metrics = out / "metrics.jsonl"
-    metrics.unlink(missing_ok=True)
-    fitted = fit(model, rows, cfg, tokenizer.pad_token_id, metrics_path=metrics)
+    val_rows = encode_all(tokenizer, held_out, cfg.max_length, cfg.train_on_prompt, cfg.truncation,
+                          warn=log) if held_out and cfg.eval_every else []
+    evaluate = (lambda m: validation_loss(m, val_rows, cfg.batch_size, tokenizer.pad_token_id)) if val_rows else None
+    fitted = fit(model, rows, cfg, tokenizer.pad_token_id, out=out, evaluate=evaluate,
+                 save_adapter=lambda path: save_adapter(model, path), log=log)
     results.update(steps=fitted.steps, first_loss=fitted.first_loss, last_loss=fitted.last_loss,
-                   train_seconds=round(fitted.seconds, 1))
+                   train_seconds=round(fitted.seconds, 1), skipped_steps=fitted.skipped_steps,
+                   best_val_loss=fitted.best_val_loss, stopped_early=fitted.stopped_early)
+    plot_run(out, log=log)
     save_adapter(model, out / "adapter")
     log(f"adapter saved to {out / 'adapter'} ({fitted.steps} steps in {fitted.seconds:.0f}s, "
         f"loss {fitted.first_loss:.3f} -> {fitted.last_loss:.3f})")

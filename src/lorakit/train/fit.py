@@ -1,0 +1,283 @@
+"""The training loop: optimizer, schedule, accumulation, checkpoints and exact resume, metrics.
+
+One optimizer step sees `batch_size * grad_accum` rows. The loss is the mean over every
+supervised token of the whole step (not a mean of micro-batch means), so accumulating gives
+the same update as one large batch. Micro-batch k of the run is a pure function of (rows, seed,
+k), so a resumed run reads exactly the batches an uninterrupted one would have.
+
+A checkpoint (`output_dir/checkpoint-STEP/`, written atomically, the last `keep_checkpoints`
+kept) holds the trainable parameters, optimizer, schedule, RNG states and step: resuming from it
+ends with the same adapter, bit for bit on the CPU, as a run never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lorakit.atomic import atomic_dir
+from lorakit.config import TrainConfig
+from lorakit.data.encode import IGNORE, collate
+from lorakit.quant.optim import make_optimizer
+from lorakit.train.loop import loss_sum
+
+STATE_FILE = "trainer_state.pt"
+
+
+@dataclass
+class FitResult:
+    steps: int
+    first_loss: float
+    last_loss: float
+    seconds: float
+    skipped_steps: int = 0
+    best_val_loss: float | None = None
+    stopped_early: bool = False
+    history: list[dict] = field(default_factory=list)
+
+
+def lr_lambda(warmup: int, total: int, schedule: str = "cosine"):
+    """Multiplier of the peak lr: linear from 1/warmup up to 1, then cosine or linear down to 0 at
+    `total`, or constant."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if schedule == "constant":
+            return 1.0
+        if schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+def total_steps(cfg: TrainConfig, n_rows: int) -> int:
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    if cfg.epochs is None:
+        raise ValueError("set max_steps or epochs")
+    return max(1, math.ceil(cfg.epochs * n_rows / (cfg.batch_size * cfg.grad_accum)))
+
+
+def micro_batch(rows: list, cfg: TrainConfig, pad_id: int, k: int) -> dict[str, torch.Tensor]:
+    """Micro-batch k of the run: epochs of seeded shuffles, the last partial batch of each dropped."""
+    size = min(cfg.batch_size, len(rows))
+    per_epoch = len(rows) // size
+    epoch, i = divmod(k, per_epoch)
+    order = list(range(len(rows)))
+    random.Random(cfg.seed * 1000 + epoch).shuffle(order)
+    return collate([rows[j] for j in order[i * size : (i + 1) * size]], pad_id)
+
+
+def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(out: Path, step: int, model: nn.Module, optimizer, schedule, cfg: TrainConfig,
+                    save_adapter: Callable[[Path], None] | None) -> Path:
+    """output_dir/checkpoint-STEP: trainer state (+ the adapter in PEFT format), atomically."""
+    state = {
+        "step": step,
+        "params": {n: p.detach().clone() for n, p in trainable(model).items()},
+        "optimizer": optimizer.state_dict(),
+        "schedule": schedule.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "python_rng": random.getstate(),
+    }
+
+    def fill(tmp: Path) -> None:
+        torch.save(state, tmp / STATE_FILE)
+        if save_adapter is not None:
+            save_adapter(tmp / "adapter")
+
+    path = out / f"checkpoint-{step}"
+    atomic_dir(path, fill)
+    prune_checkpoints(out, cfg.keep_checkpoints)
+    return path
+
+
+def prune_checkpoints(out: Path, keep: int) -> None:
+    """Delete all but the newest `keep` complete checkpoints, and the remains of a deletion that a
+    kill interrupted; each is renamed away first, so a half-deleted one is never taken for whole."""
+    kept = set(checkpoints(out)[-keep:])
+    for path in out.glob("checkpoint-*"):
+        if path.name[11:].isdigit() and path not in kept:
+            trash = path.with_name(f".{path.name}.deleting")
+            os.replace(path, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+
+
+def checkpoints(out: Path) -> list[Path]:
+    """Complete checkpoints in `out`, oldest first."""
+    found = [p for p in out.glob("checkpoint-*") if (p / STATE_FILE).is_file() and p.name[11:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[11:]))
+
+
+def resume_path(cfg: TrainConfig, out: Path) -> Path | None:
+    if cfg.resume is None:
+        return None
+    if cfg.resume == "auto":
+        found = checkpoints(out)
+        return found[-1] if found else None
+    path = Path(cfg.resume)
+    if not (path / STATE_FILE).is_file():
+        raise ValueError(f"resume={cfg.resume!r}: {path / STATE_FILE} does not exist")
+    return path
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer, schedule) -> int:
+    """Restore the state saved by `save_checkpoint`; returns the step to continue from."""
+    state = torch.load(path / STATE_FILE, weights_only=True)
+    params = trainable(model)
+    if set(state["params"]) != set(params):
+        missing = sorted(set(params) ^ set(state["params"]))[0]
+        raise ValueError(f"{path}: the checkpoint's trainable parameters differ from the model's (first: {missing})")
+    with torch.no_grad():
+        for name, value in state["params"].items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    torch.set_rng_state(state["torch_rng"])
+    random.setstate(state["python_rng"])
+    return state["step"]
+
+
+@torch.no_grad()
+def validation_loss(model: nn.Module, rows: list, batch_size: int, pad_id: int) -> dict[str, float]:
+    """Mean loss per supervised token over `rows`, and its perplexity."""
+    model.eval()
+    total, n = 0.0, 0
+    for i in range(0, len(rows), batch_size):
+        batch = collate(rows[i : i + batch_size], pad_id)
+        total += float(loss_sum(model, batch))
+        n += int((batch["labels"][:, 1:] != IGNORE).sum())
+    loss = total / max(1, n)
+    return {"val_loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def fit(
+    model: nn.Module,
+    rows: list[tuple[list[int], list[int]]],
+    cfg: TrainConfig,
+    pad_id: int,
+    out: Path | None = None,
+    evaluate: Callable[[nn.Module], dict] | None = None,
+    save_adapter: Callable[[Path], None] | None = None,
+    param_groups: list[dict] | None = None,
+    log: Callable[[str], None] = print,
+) -> FitResult:
+    """Train the model's trainable parameters on encoded rows.
+
+    `out`: where metrics.jsonl and checkpoints go (None: nowhere). `evaluate(model)` returns
+    validation metrics ({"val_loss": ...}) every `eval_every` steps. `param_groups` replaces the
+    default single group (LoRA+). Ctrl-C writes a checkpoint before it stops the run.
+    """
+    torch.manual_seed(cfg.seed)
+    params = list(trainable(model).values())
+    if not params:
+        raise ValueError("the model has no trainable parameters (inject an adapter first)")
+    optimizer = make_optimizer(cfg.optim, param_groups or params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps = total_steps(cfg, len(rows))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, steps, cfg.schedule))
+    start_step = 0
+    if out is not None and (path := resume_path(cfg, out)) is not None:
+        start_step = load_checkpoint(path, model, optimizer, schedule)
+        log(f"resumed from {path} at step {start_step}")
+    metrics = open(out / "metrics.jsonl", "a" if start_step else "w") if out else None  # noqa: SIM115
+    result = FitResult(steps, float("nan"), float("nan"), 0.0)
+    bad_in_a_row, since_best, best_params = 0, 0, None
+    start = time.perf_counter()
+    model.train()
+    bar = tqdm(range(start_step, steps), desc="train", dynamic_ncols=True, initial=start_step, total=steps)
+    step = start_step
+    try:
+        for step in bar:
+            record = train_step(model, rows, cfg, pad_id, step, params, optimizer, schedule)
+            if not math.isfinite(record["loss"]) or not math.isfinite(record["grad_norm"]):
+                result.skipped_steps += 1
+                bad_in_a_row += 1
+                log(f"step {step + 1}: non-finite loss or gradient, update skipped ({bad_in_a_row} in a row)")
+                if bad_in_a_row >= cfg.max_bad_steps:
+                    raise FloatingPointError(f"{bad_in_a_row} steps in a row had a non-finite loss or gradient "
+                                             f"(last at step {step + 1}); lower lr or check the data")
+            else:
+                bad_in_a_row = 0
+                result.first_loss = record["loss"] if math.isnan(result.first_loss) else result.first_loss
+                result.last_loss = record["loss"]
+            record["seconds"] = round(time.perf_counter() - start, 3)
+            record["tokens_per_s"] = round(record["tokens_seen"] / max(1e-9, record.pop("step_seconds")), 1)
+            if evaluate is not None and cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == steps):
+                record.update(evaluate(model))
+                model.train()
+                if result.best_val_loss is None or record["val_loss"] < result.best_val_loss:
+                    result.best_val_loss, since_best = record["val_loss"], 0
+                    if cfg.early_stopping_patience:
+                        best_params = {n: p.detach().clone() for n, p in trainable(model).items()}
+                else:
+                    since_best += 1
+            result.history.append(record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=record["tokens_per_s"])
+            if metrics and (step % cfg.log_every == 0 or step == steps - 1 or "val_loss" in record):
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+            if out is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+                save_checkpoint(out, step + 1, model, optimizer, schedule, cfg, save_adapter)
+            if cfg.early_stopping_patience and since_best >= cfg.early_stopping_patience:
+                log(f"early stop at step {step + 1}: no better val_loss in {since_best} evaluations")
+                result.stopped_early = True
+                break
+    except KeyboardInterrupt:
+        if out is not None:
+            path = save_checkpoint(out, step, model, optimizer, schedule, cfg, save_adapter)
+            log(f"interrupted: checkpoint written to {path}; resume with resume=auto")
+        raise
+    finally:
+        if metrics:
+            metrics.close()
+        model.eval()
+    if best_params is not None:
+        with torch.no_grad():
+            for name, p in trainable(model).items():
+                p.copy_(best_params[name])
+        log(f"kept the best adapter (val_loss {result.best_val_loss:.4f})")
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def train_step(model, rows, cfg: TrainConfig, pad_id: int, step: int, params, optimizer, schedule) -> dict:
+    """One optimizer step over `grad_accum` micro-batches; a non-finite step changes nothing."""
+    t = time.perf_counter()
+    micro = [micro_batch(rows, cfg, pad_id, step * cfg.grad_accum + i) for i in range(cfg.grad_accum)]
+    n_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
+    total = 0.0
+    for b in micro:
+        with torch.autocast(params[0].device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            loss = loss_sum(model, b) / max(1, n_tokens)
+        loss.backward()
+        total += loss.item()
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+    if math.isfinite(total) and math.isfinite(grad_norm):
+        optimizer.step()
+    schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"step": step + 1, "loss": total, "lr": schedule.get_last_lr()[0], "grad_norm": round(grad_norm, 6),
+            "tokens": n_tokens, "tokens_seen": sum(int(b["attention_mask"].sum()) for b in micro),
+            "step_seconds": time.perf_counter() - t, "peak_rss_mb": round(peak_rss_mb(), 1)}

@@ -1,0 +1,50 @@
+"""loss.png of a run: training loss per step and validation loss, from its metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist (is {run_dir} a training output_dir?)")
+    records = []
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise ValueError(f"{path}:{lineno}: not a JSON record") from None
+    return records
+
+
+def plot_run(run_dir: str | Path, log=print) -> Path | None:
+    """Draw output_dir/loss.png; without matplotlib, say so and draw nothing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib is not installed: no loss.png (pip install matplotlib)")
+        return None
+    records = read_metrics(Path(run_dir))
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    ax.plot([r["step"] for r in records], [r["loss"] for r in records], label="train loss", lw=1.2)
+    val = [r for r in records if "val_loss" in r]
+    if val:
+        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation loss", lw=1.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss per supervised token")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(Path(run_dir).resolve().name)
+    fig.tight_layout()
+    path = Path(run_dir) / "loss.png"
+    tmp = path.with_suffix(".png.tmp")
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    tmp.replace(path)
+    return path

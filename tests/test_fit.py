@@ -1,0 +1,110 @@
+"""The loop's promises: exact resume after kill -9, skipped non-finite steps, early stopping, schedules."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import tiny_llama
+from safetensors.torch import load_file
+from test_train import toy_rows
+
+import lorakit
+from lorakit.config import TrainConfig
+from lorakit.train import fit as fit_module
+from lorakit.train.fit import fit, lr_lambda
+
+
+def cli(*args: str, **popen) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "lorakit", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def test_kill_9_then_resume_gives_the_same_adapter_bitwise(tiny_model_dir, jsonl, tmp_path):
+    common = [f"base={tiny_model_dir}", f"dataset={jsonl}", "max_steps=30", "batch_size=4", "checkpoint_every=3",
+              "lora.dropout=0.1", "eval=false", "lr=0.01"]  # dropout: the RNG state must resume too
+    whole = cli("train", *common, f"output_dir={tmp_path / 'whole'}")
+    assert whole.wait(timeout=300) == 0, whole.stdout.read()
+
+    killed = cli("train", *common, f"output_dir={tmp_path / 'killed'}")
+    deadline = time.time() + 300
+    while not (tmp_path / "killed" / "checkpoint-9").is_dir():
+        assert killed.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.005)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert not (tmp_path / "killed" / "adapter").exists()  # it really died mid-run
+    resumed = cli("train", *common, f"output_dir={tmp_path / 'killed'}", "resume=auto")
+    output = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, output
+    assert "resumed from" in output
+    a = load_file(tmp_path / "whole" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "killed" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    kept = sorted(p.name for p in (tmp_path / "killed").glob("checkpoint-*"))
+    assert kept == ["checkpoint-27", "checkpoint-30"]  # keep_checkpoints=2
+
+
+def test_non_finite_steps_are_skipped_then_stop(monkeypatch):
+    model = lorakit.inject(tiny_llama(), lorakit.LoraSpec(r=2))
+    real = fit_module.loss_sum
+    calls = {"n": 0}
+
+    def sometimes_nan(m, batch):
+        calls["n"] += 1
+        loss = real(m, batch)
+        return loss * float("nan") if calls["n"] == 2 else loss
+
+    monkeypatch.setattr(fit_module, "loss_sum", sometimes_nan)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    result = fit(model, toy_rows(), TrainConfig(max_steps=3, batch_size=8), pad_id=1, log=lambda *_: None)
+    assert result.skipped_steps == 1 and result.history[1]["loss"] != result.history[1]["loss"]
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
+
+    monkeypatch.setattr(fit_module, "loss_sum", lambda m, b: real(m, b) * float("inf"))
+    model = lorakit.inject(tiny_llama(), lorakit.LoraSpec(r=2))
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    with pytest.raises(FloatingPointError, match="3 steps in a row had a non-finite loss"):
+        fit(model, toy_rows(), TrainConfig(max_steps=10, max_bad_steps=3), pad_id=1, log=lambda *_: None)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_early_stopping_keeps_the_best_adapter():
+    model = lorakit.inject(tiny_llama(), lorakit.LoraSpec(r=2))
+    seen = []
+
+    def evaluate(m):  # validation gets worse after the second evaluation
+        seen.append({n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad})
+        return {"val_loss": [3.0, 2.0, 2.5, 2.6, 2.7, 2.8][len(seen) - 1]}
+
+    cfg = TrainConfig(max_steps=20, eval_every=2, early_stopping_patience=2, lr=1e-2)
+    result = fit(model, toy_rows(), cfg, pad_id=1, evaluate=evaluate, log=lambda *_: None)
+    assert result.stopped_early and len(seen) == 4 and result.best_val_loss == 2.0
+    assert all(torch.equal(p, seen[1][n]) for n, p in model.named_parameters() if p.requires_grad)
+    assert not all(torch.equal(p, seen[3][n]) for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_schedules():
+    assert [lr_lambda(2, 10, "linear")(s) for s in (0, 1, 2, 6, 10)] == [0.5, 1.0, 1.0, 0.5, 0.0]
+    assert [lr_lambda(2, 10, "constant")(s) for s in (0, 5, 10)] == [0.5, 1.0, 1.0]
+
+
+def test_config_file_and_overrides_give_identical_adapters(tiny_model_dir, jsonl, tmp_path):
+    from lorakit.cli import main
+
+    settings = {"base": str(tiny_model_dir), "dataset": str(jsonl), "max_steps": 4, "eval": False,
+                "lora": {"r": 4, "alpha": 8}}
+    (tmp_path / "c.yaml").write_text(json.dumps({**settings, "output_dir": str(tmp_path / "a")}))
+    assert main(["train", str(tmp_path / "c.yaml")]) == 0
+    assert main(["train", f"base={tiny_model_dir}", f"dataset={jsonl}", "max_steps=4", "eval=false", "lora.r=4",
+                 "lora.alpha=8", f"output_dir={tmp_path / 'b'}"]) == 0
+    a = (tmp_path / "a" / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert a == (tmp_path / "b" / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert (tmp_path / "a" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
