@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import tiny_tokenizer
 
+from conftest import tiny_tokenizer
 from lorakit.data.encode import IGNORE, encode_all, encode_row, prompt_text
 from lorakit.data.files import read_rows
 from lorakit.data.formats import Row, to_row

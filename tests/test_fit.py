@@ -11,14 +11,14 @@ import time
 
 import pytest
 import torch
-from conftest import tiny_llama
 from safetensors.torch import load_file
-from test_train import toy_rows
 
 import lorakit
+from conftest import tiny_llama
 from lorakit.config import TrainConfig
 from lorakit.train import fit as fit_module
 from lorakit.train.fit import fit, lr_lambda
+from test_train import toy_rows
 
 
 def cli(*args: str, **popen) -> subprocess.Popen:
