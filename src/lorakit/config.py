@@ -116,6 +116,7 @@ class TrainConfig:
     chat_template: str | None = None  # "chatml" or a Jinja template; default: the tokenizer's
     train_on_prompt: bool = False
     truncation: str = "truncate"  # or "drop": rows longer than max_length
+    packing: bool = False  # several examples per row of max_length, each attending only to itself
     demo_train: int = 1000
     demo_eval: int = 100
     output_dir: str = "runs/demo"

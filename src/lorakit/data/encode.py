@@ -115,7 +115,7 @@ def encode_all(tokenizer, rows: list[Row], max_length: int, train_on_prompt: boo
 
 
 def collate(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch: input_ids, attention_mask, labels, each [batch, longest]."""
+    """Right-pad a batch: input_ids, attention_mask, labels, each [batch, longest]; lengths [batch]."""
     width = max(len(ids) for ids, _ in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
@@ -124,4 +124,5 @@ def collate(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, t
         input_ids[i, : len(ids)] = torch.tensor(ids)
         labels[i, : len(lab)] = torch.tensor(lab)
         mask[i, : len(ids)] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels,
+            "lengths": torch.tensor([len(ids) for ids, _ in rows])}

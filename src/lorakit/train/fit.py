@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from lorakit.atomic import atomic_dir
 from lorakit.config import TrainConfig
 from lorakit.data.encode import IGNORE, collate
+from lorakit.data.packing import collate_packed
 from lorakit.quant.optim import make_optimizer
 from lorakit.train.loop import loss_sum
 
@@ -80,7 +81,8 @@ def micro_batch(rows: list, cfg: TrainConfig, pad_id: int, k: int) -> dict[str, 
     epoch, i = divmod(k, per_epoch)
     order = list(range(len(rows)))
     random.Random(cfg.seed * 1000 + epoch).shuffle(order)
-    return collate([rows[j] for j in order[i * size : (i + 1) * size]], pad_id)
+    chosen = [rows[j] for j in order[i * size : (i + 1) * size]]
+    return collate_packed(chosen, pad_id) if cfg.packing else collate(chosen, pad_id)
 
 
 def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -279,5 +281,5 @@ def train_step(model, rows, cfg: TrainConfig, pad_id: int, step: int, params, op
     schedule.step()
     optimizer.zero_grad(set_to_none=True)
     return {"step": step + 1, "loss": total, "lr": schedule.get_last_lr()[0], "grad_norm": round(grad_norm, 6),
-            "tokens": n_tokens, "tokens_seen": sum(int(b["attention_mask"].sum()) for b in micro),
+            "tokens": n_tokens, "tokens_seen": sum(int(b["lengths"].sum()) for b in micro),
             "step_seconds": time.perf_counter() - t, "peak_rss_mb": round(peak_rss_mb(), 1)}

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from lorakit.config import TrainConfig
 from lorakit.data.encode import IGNORE, collate
+from lorakit.kernels.linear_ce import linear_cross_entropy
 from lorakit.quant.optim import make_optimizer
 
 # model types whose logits are exactly lm_head(last hidden state): the head runs only where loss is taken
@@ -48,18 +49,44 @@ def lr_lambda(warmup: int, total: int):
 
 
 def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed next-token cross entropy over supervised positions."""
+    """Summed next-token cross entropy over supervised positions.
+
+    For plain-head model types the head runs only at supervised positions, chunk by chunk, so the
+    [tokens, vocab] logits never exist (see `lorakit.kernels.linear_ce`).
+    """
     labels = batch["labels"][:, 1:]  # [b, t-1]: position i predicts token i+1
     keep = labels != IGNORE
+    head = plain_head(model)
+    if head is not None:
+        hidden = model.base_model(**model_inputs(batch))[0]
+        return head_loss_sum(hidden[:, :-1][keep], labels[keep], head)
+    out = model(**model_inputs(batch))
+    return F.cross_entropy(out.logits[:, :-1][keep].float(), labels[keep], reduction="sum")
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What the model takes from a batch: ids, mask (2-D, or 4-D for packed rows), position ids."""
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+
+
+def plain_head(model: nn.Module) -> nn.Module | None:
+    """The output head when logits are exactly head(last hidden state), else None."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if model_type in PLAIN_HEAD_TYPES and head is not None:
-        hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
-        logits = head(hidden[:, :-1][keep])  # [supervised tokens, vocab]
-    else:
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        logits = out.logits[:, :-1][keep]
-    return F.cross_entropy(logits.float(), labels[keep], reduction="sum")
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return head if model_type in PLAIN_HEAD_TYPES and head is not None else None
+
+
+def head_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module) -> torch.Tensor:
+    """Summed cross entropy of head(hidden) [tokens, vocab] against labels [tokens], in fp32.
+
+    A bare nn.Linear head takes the chunked path; a wrapped or routed one (LoRA on the head, a
+    modules_to_save copy, hooks) is called as a module.
+    """
+    if type(head) is nn.Linear and "forward" not in vars(head) and not head._forward_hooks \
+            and not head._forward_pre_hooks:
+        return linear_cross_entropy(hidden, head.weight, labels, head.bias)
+    return F.cross_entropy(head(hidden).float(), labels, reduction="sum")
 
 
 def total_steps(cfg: TrainConfig, n_rows: int) -> int:

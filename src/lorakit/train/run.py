@@ -17,6 +17,7 @@ from lorakit.config import TrainConfig, to_dict
 from lorakit.data.encode import CHAT_TEMPLATES, encode_all
 from lorakit.data.files import read_rows
 from lorakit.data.formats import Row
+from lorakit.data.packing import pack
 from lorakit.generate import score_rows
 from lorakit.models import load
 from lorakit.quant.linear4bit import quantize_model
@@ -68,6 +69,9 @@ def run(cfg: TrainConfig, log=print) -> tuple[nn.Module, dict]:
     if cfg.chat_template is not None:
         tokenizer.chat_template = CHAT_TEMPLATES.get(cfg.chat_template, cfg.chat_template)
     rows = encode_all(tokenizer, train, cfg.max_length, cfg.train_on_prompt, cfg.truncation, warn=log)
+    if cfg.packing:
+        rows = pack(rows, cfg.max_length)
+        log(f"packed {len(train)} examples into {len(rows)} rows of at most {cfg.max_length} tokens")
     torch.manual_seed(cfg.seed)  # the adapter's initial A comes from the seed too
     inject(model, cfg.lora)
     log(trainable_report(model))
