@@ -58,9 +58,13 @@ def test_bad_config_field_is_named(saved):
     (saved / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(AdapterFileError, match=r"adapter_config\.json: r must be a positive integer"):
         lorakit.load_adapter(tiny_llama(), saved)
-    config["r"], config["use_dora"] = 4, True
+    config["r"], config["lora_bias"] = 4, True
     (saved / "adapter_config.json").write_text(json.dumps(config))
-    with pytest.raises(AdapterFileError, match="use_dora=True is not supported"):
+    with pytest.raises(AdapterFileError, match="lora_bias=True is not supported"):
+        lorakit.load_adapter(tiny_llama(), saved)
+    config["lora_bias"], config["use_dora"] = False, True  # DoRA is supported, but needs its magnitudes
+    (saved / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(AdapterFileError, match="has no lora_magnitude_vector but the config says use_dora=True"):
         lorakit.load_adapter(tiny_llama(), saved)
 
 
@@ -128,3 +132,16 @@ def test_save_refuses_merged_or_unknown_adapter(tmp_path):
     with pytest.raises(ValueError, match="is merged into"):
         lorakit.save_adapter(model, tmp_path)
     assert not any(tmp_path.iterdir())
+
+
+def test_saving_is_deterministic_and_stays_readable(tmp_path):
+    model = lorakit.inject(tiny_llama(), lorakit.LoraSpec(r=2))
+    randomize_adapters(model)
+    lorakit.save_adapter(model, tmp_path / "one")
+    lorakit.save_adapter(model, tmp_path / "two")  # safetensors itself writes metadata in hash order
+    one = (tmp_path / "one" / "adapter_model.safetensors").read_bytes()
+    assert one == (tmp_path / "two" / "adapter_model.safetensors").read_bytes()
+    assert int.from_bytes(one[:8], "little") % 8 == 0
+    loaded = load_file(tmp_path / "one" / "adapter_model.safetensors")
+    assert torch.equal(loaded["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"],
+                       model.model.layers[0].self_attn.q_proj.adapters["default"].lora_A)

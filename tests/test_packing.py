@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_llama
-from test_train import toy_rows
 
 import lorakit
+from conftest import tiny_llama
 from lorakit.data.encode import IGNORE, collate
 from lorakit.data.packing import collate_packed, pack
 from lorakit.train.loop import loss_sum
+from test_train import toy_rows
 
 
 def test_pack_layout():
@@ -31,7 +31,7 @@ def test_packed_and_unpacked_losses_agree(attention):
     lorakit.inject(model, lorakit.LoraSpec(r=2))
     g = torch.Generator().manual_seed(0)
     rows = [(ids[: 4 + i], labels[: 4 + i]) for i, (ids, labels) in enumerate(toy_rows(6))]  # ragged lengths
-    for ids, labels in rows:
+    for _, labels in rows:
         labels[0] = int(torch.randint(3, 128, (1,), generator=g))  # a label on the first token must not count
     unpacked = sum(float(loss_sum(model, collate([r], pad_id=1))) for r in rows)
     packed = pack(rows, max_length=24)

@@ -1,8 +1,10 @@
 """lorakit: LoRA-family fine-tuning on PyTorch with PEFT-format adapters."""
 
+from lorakit.adapters.combine import combine
 from lorakit.adapters.inject import active_adapters, inject, match_targets, set_active, trainable_report
 from lorakit.adapters.io import AdapterFileError, load_adapter, read_adapter, save_adapter
 from lorakit.adapters.layer import LoraLayer
+from lorakit.adapters.loraplus import loraplus_param_groups
 from lorakit.adapters.merge import merge, merge_and_unload, merge_weights, unmerge
 from lorakit.config import LoraSpec, TrainConfig
 
@@ -14,8 +16,10 @@ __all__ = [
     "LoraSpec",
     "TrainConfig",
     "active_adapters",
+    "combine",
     "inject",
     "load_adapter",
+    "loraplus_param_groups",
     "match_targets",
     "merge",
     "merge_and_unload",

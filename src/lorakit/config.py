@@ -125,6 +125,8 @@ class TrainConfig:
     optim: str = "adamw"
     gradient_checkpointing: bool | None = None  # None: on with a 4-bit base, off otherwise
     lr: float = 2e-3
+    loraplus_ratio: float | None = None  # LoRA+: B's lr = ratio x A's lr
+    loraplus_embedding_lr: float | None = None  # LoRA+: embedding adapters' lr (default 1e-6, as PEFT)
     weight_decay: float = 0.0
     warmup_steps: int = 5
     max_steps: int | None = 30

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from lorakit.adapters.copies import ModuleCopies, add_copy, module_copies
+from lorakit.adapters.dora import DoraAdapter
 from lorakit.adapters.layer import LoraLayer, base_kind, lora_layers
 from lorakit.adapters.lora import LoraAdapter
 from lorakit.config import LoraSpec
@@ -157,14 +158,10 @@ def inject(model: nn.Module, spec: LoraSpec, name: str = "default", trainable: b
         raise ValueError(f"modules {sorted(clash)} are both LoRA targets and modules_to_save")
     for target in targets:
         layer = wrap(model, target)
-        in_features, out_features = layer.in_out
         r = pattern_value(target, spec.rank_pattern, spec.r)
         alpha = pattern_value(target, spec.alpha_pattern, spec.alpha)
-        adapter = LoraAdapter(
-            in_features, out_features, r, alpha, dropout=spec.dropout, rslora=spec.rslora,
-            init=spec.init, embedding=layer.kind == "embedding", device=layer.weight.device,
-            dtype=adapter_dtype(layer),
-        )
+        adapter = new_adapter(layer, spec, r, alpha, adapter_dtype(layer))
+        adapter.init_from_base(layer)
         adapter.requires_grad_(trainable)
         layer.add(name, adapter)
     for path in saved:
@@ -174,6 +171,18 @@ def inject(model: nn.Module, spec: LoraSpec, name: str = "default", trainable: b
     if trainable:
         train_biases(model, spec.bias)
     return model
+
+
+ADAPTER_KINDS: dict[str, type[LoraAdapter]] = {"lora": LoraAdapter, "dora": DoraAdapter}
+
+
+def new_adapter(layer: LoraLayer, spec: LoraSpec, r: int, alpha: float, dtype: torch.dtype) -> LoraAdapter:
+    """A fresh adapter of kind `spec.kind` for `layer` (initialised on its own; `init_from_base` is separate)."""
+    in_features, out_features = layer.in_out
+    return ADAPTER_KINDS[spec.kind](
+        in_features, out_features, r, alpha, dropout=spec.dropout, rslora=spec.rslora, init=spec.init,
+        embedding=layer.kind == "embedding", device=layer.weight.device, dtype=dtype,
+    )
 
 
 def adapter_dtype(layer: LoraLayer) -> torch.dtype:

@@ -9,8 +9,10 @@ is refused unless forced (PEFT ignores these metadata keys).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +28,7 @@ from lorakit.adapters.inject import (
     candidate_names,
     freeze_base,
     name_matches,
+    new_adapter,
     pattern_value,
     train_biases,
     wrap,
@@ -44,9 +47,9 @@ LORA_SUFFIXES = {  # PEFT key suffix -> (our parameter, is embedding)
     "lora_B.weight": ("lora_B", False),
     "lora_embedding_A": ("lora_A", True),
     "lora_embedding_B": ("lora_B", True),
+    "lora_magnitude_vector": ("magnitude", False),  # DoRA, [out]
 }
 UNSUPPORTED = {  # PEFT config field -> its default; anything else we cannot honour yet
-    "use_dora": False,
     "lora_bias": False,
     "layer_replication": None,
     "target_parameters": None,
@@ -63,12 +66,19 @@ class AdapterFileError(ValueError):
 # ----------------------------------------------------------------------------- save
 
 
-def save_adapter(model: nn.Module, path: str | Path, name: str = "default") -> Path:
-    """Write adapter `name` to folder `path` in PEFT's format (atomically, file by file)."""
+def save_adapter(model: nn.Module, path: str | Path, name: str = "default", convert_pissa: bool = True) -> Path:
+    """Write adapter `name` to folder `path` in PEFT's format (atomically, file by file).
+
+    A PiSSA adapter is written, by default, as the plain LoRA adapter of rank 2r that gives the same
+    model on the untouched base (PEFT's `path_initial_model_for_weight_conversion`); with
+    `convert_pissa=False` it is written as is, for its residual base (`init_lora_weights: "pissa"`,
+    which PEFT and lorakit rebuild by redoing the SVD when loading).
+    """
     specs = getattr(model, "lorakit_specs", {})
     if name not in specs:
         raise ValueError(f"model has no adapter {name!r}; it has {list(specs)}")
     spec = specs[name]
+    convert = spec.init == "pissa" and convert_pissa
     tensors: dict[str, torch.Tensor] = {}
     base_shapes: dict[str, list[int]] = {}
     for path_, layer in lora_layers(model):
@@ -77,8 +87,9 @@ def save_adapter(model: nn.Module, path: str | Path, name: str = "default") -> P
         if name in layer.merged:
             raise ValueError(f"adapter {name!r} is merged into {path_}; unmerge before saving")
         adapter = layer.adapters[name]
+        own = pissa_as_lora(adapter) if convert else {}
         for ours, theirs in adapter.peft_names().items():
-            tensors[f"{PREFIX}{path_}.{theirs}"] = getattr(adapter, ours)
+            tensors[f"{PREFIX}{path_}.{theirs}"] = own.get(ours, getattr(adapter, ours))
         base_shapes[path_] = list(reversed(layer.in_out))  # [out, in], whatever the storage
     tensors.update(bias_tensors(model, spec.bias))
     saved_modules = []
@@ -96,11 +107,21 @@ def save_adapter(model: nn.Module, path: str | Path, name: str = "default") -> P
     }
     if quantization_of(model) is not None:  # trained over a 4-bit base: say how, to rebuild it
         metadata["lorakit.quant"] = json.dumps(quantization_of(model), sort_keys=True)
-    config = peft_config(model, spec, sorted(base_shapes), saved_modules)
+    config = peft_config(model, pissa_converted_spec(spec) if convert else spec, sorted(base_shapes), saved_modules)
     folder = Path(path)
-    atomic_write_bytes(folder / WEIGHTS_FILE, safetensors_bytes(tensors, metadata=metadata))
+    atomic_write_bytes(folder / WEIGHTS_FILE, sorted_header(safetensors_bytes(tensors, metadata=metadata)))
     atomic_write_text(folder / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True) + "\n")
     return folder
+
+
+def sorted_header(data: bytes) -> bytes:
+    """The same safetensors file with its JSON header's keys sorted: safetensors writes the metadata in
+    hash order, so equal adapters would not give equal bytes. Data offsets are relative to the end of
+    the header, so only the header changes (re-padded to 8 bytes, as safetensors does)."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8 : 8 + n]), separators=(",", ":"), sort_keys=True).encode()
+    header += b" " * (-len(header) % 8)
+    return len(header).to_bytes(8, "little") + header + data[8 + n :]
 
 
 def bias_tensors(model: nn.Module, mode: str) -> dict[str, torch.Tensor]:
@@ -145,15 +166,33 @@ def peft_config(model: nn.Module, spec: LoraSpec, targets: list[str], saved: lis
         "bias": spec.bias,
         "use_rslora": spec.rslora,
         "modules_to_save": saved or None,
-        "init_lora_weights": "gaussian" if spec.init == "gaussian" else True,
+        "init_lora_weights": spec.init if spec.init in ("gaussian", "pissa") else True,
         "layers_to_transform": None,
         "layers_pattern": None,
         "rank_pattern": dict(spec.rank_pattern),
         "alpha_pattern": dict(spec.alpha_pattern),
         "fan_in_fan_out": any(model.get_submodule(t).kind == "conv1d" for t in targets),
-        "use_dora": False,
+        "use_dora": spec.kind == "dora",
         "lora_bias": False,
     }
+
+
+def pissa_as_lora(adapter: LoraAdapter) -> dict[str, torch.Tensor]:
+    """A PiSSA adapter as plain LoRA factors for the untouched base W = W_res + s B0 A0:
+    W_res + s B A = W + s [B, -B0] [A; A0], so A' = [A; A0] ([2r, in]) and B' = [B, -B0] ([out, 2r]),
+    with alpha chosen so that the scale stays s (see `pissa_converted_spec`)."""
+    return {"lora_A": torch.cat([adapter.lora_A, adapter.lora_A0.to(adapter.lora_A.dtype)], dim=0),
+            "lora_B": torch.cat([adapter.lora_B, -adapter.lora_B0.to(adapter.lora_B.dtype)], dim=1)}
+
+
+def pissa_converted_spec(spec: LoraSpec) -> LoraSpec:
+    """The spec of `pissa_as_lora`'s adapter: ranks doubled, alphas scaled to keep every scale."""
+    factor = math.sqrt(2) if spec.rslora else 2  # alpha / r or alpha / sqrt(r) stays the same
+    return dataclasses.replace(
+        spec, r=2 * spec.r, alpha=factor * spec.alpha, init="kaiming",
+        rank_pattern={k: 2 * v for k, v in spec.rank_pattern.items()},
+        alpha_pattern={k: factor * v for k, v in spec.alpha_pattern.items()},
+    )
 
 
 def exact_targets(model: nn.Module, targets: list[str]) -> list[str] | str:
@@ -227,6 +266,9 @@ def spec_from_peft(config: dict, where: Path) -> LoraSpec:
         if key not in config:
             raise AdapterFileError(f"{where}: missing field {key!r}")
     init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init not in ("gaussian", "pissa", "eva", "orthogonal"):
+        raise AdapterFileError(f"{where}: init_lora_weights={init!r} changes the base weights in a way lorakit "
+                               "cannot redo; save the adapter converted for the original base instead")
     try:
         return LoraSpec(
             r=config["r"],
@@ -235,10 +277,11 @@ def spec_from_peft(config: dict, where: Path) -> LoraSpec:
             targets=config.get("target_modules"),
             bias=config.get("bias") or "none",
             rslora=bool(config.get("use_rslora", False)),
-            init="gaussian" if init == "gaussian" else "kaiming",
+            init=init if init in ("gaussian", "pissa") else "kaiming",
             rank_pattern=config.get("rank_pattern") or {},
             alpha_pattern=config.get("alpha_pattern") or {},
             modules_to_save=config.get("modules_to_save"),
+            kind="dora" if config.get("use_dora") else "lora",
         )
     except (TypeError, ValueError) as e:
         raise AdapterFileError(f"{where}: {e}") from None
@@ -274,6 +317,10 @@ def split_tensors(folder: Path, spec: LoraSpec, tensors: dict, metadata: dict, w
         missing = {"lora_A", "lora_B"} - set(pair)
         if missing:
             raise AdapterFileError(f"{where}: module {module!r} has no {sorted(missing)[0]} tensor")
+        if ("magnitude" in pair) != (spec.kind == "dora"):
+            has = "has no" if spec.kind == "dora" else "has a"
+            raise AdapterFileError(f"{where}: module {module!r} {has} lora_magnitude_vector but the config "
+                                   f"says use_dora={spec.kind == 'dora'}")
     if not lora and not copies:
         raise AdapterFileError(f"{where}: holds no adapter tensors")
     return AdapterFile(folder, spec, lora, embedding, biases, copies, base_weights, metadata)
@@ -321,6 +368,12 @@ def check_fits(model: nn.Module, adapter: AdapterFile, force: bool = False) -> N
                 f"{where}: module {path!r} takes [out={n_out}, in={n_in}] but lora_A is {list(a)} "
                 f"and lora_B is {list(b)} (expected [r, {n_in}] and [{n_out}, r])"
             )
+        if "magnitude" in pair and tuple(pair["magnitude"].shape) != (n_out,):
+            got = list(pair["magnitude"].shape)
+            raise AdapterFileError(f"{where}: module {path!r} has lora_magnitude_vector {got}, expected [{n_out}]")
+        if adapter.spec.init == "pissa" and kind == "linear4bit":
+            raise AdapterFileError(f"{where}: a PiSSA adapter saved for its residual base cannot go onto the "
+                                   f"4-bit module {path!r}")
         expected_r = pattern_value(path, adapter.spec.rank_pattern, adapter.spec.r)
         if r != expected_r:
             raise AdapterFileError(f"{where}: module {path!r} has rank {r} but the config says {expected_r}")
@@ -362,15 +415,13 @@ def load_adapter(
     spec = adapter.spec
     for path_, pair in adapter.lora.items():
         layer = wrap(model, path_)
-        r, n_in = pair["lora_A"].shape
         alpha = pattern_value(path_, spec.alpha_pattern, spec.alpha)
-        lora = LoraAdapter(
-            n_in, pair["lora_B"].shape[0], r, alpha, dropout=spec.dropout, rslora=spec.rslora,
-            embedding=layer.kind == "embedding", device=layer.weight.device, dtype=pair["lora_A"].dtype,
-        )
+        lora = new_adapter(layer, spec, pair["lora_A"].shape[0], alpha, pair["lora_A"].dtype)
+        if spec.init == "pissa":  # saved for the residual base: redo the SVD that made it (as PEFT does)
+            lora.init_from_base(layer)
         with torch.no_grad():
-            lora.lora_A.copy_(pair["lora_A"])
-            lora.lora_B.copy_(pair["lora_B"])
+            for ours, t in pair.items():
+                getattr(lora, ours).copy_(t)
         lora.requires_grad_(trainable)
         layer.add(name, lora)
     with torch.no_grad():

@@ -2,6 +2,8 @@
 
     y = base(x) + sum over active, unmerged adapters a of  scale_a * B_a A_a dropout_a(x)
 
+(that is plain LoRA's contribution; an adapter kind computes its own from x and base(x), e.g. DoRA).
+
 The wrapper re-registers the base layer's own parameter objects under their own names
 (`weight`, `bias`), so `...q_proj.weight` keeps its key: a base checkpoint loads unchanged and
 only adapter keys (`...q_proj.adapters.<name>.lora_A`) are added. The base module itself is kept
@@ -105,53 +107,83 @@ class LoraLayer(nn.Module):
             self.active.append(name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_module(x)
+        base_out = self.base_module(x)
+        y = base_out
         for name in self.active:
             if name not in self.merged:
-                y = y + self.adapters[name](x).to(y.dtype)
+                y = y + self.adapters[name].contribution(x, base_out, self).to(y.dtype)
         return y
 
-    def delta_in_base_layout(self, name: str) -> torch.Tensor:
-        delta = self.adapters[name].delta_weight()  # [out, in]
-        return delta.T if self.kind in TRANSPOSED else delta
+    def weight_oi(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The base weight as [out, in] (a view of a stored [in, out] weight; a 4-bit one dequantized)."""
+        if self.kind == "linear4bit":
+            return dequantize_weight(self.base_module, dtype)
+        weight = self.weight.T if self.kind in TRANSPOSED else self.weight
+        return weight if dtype is None else weight.to(dtype)
+
+    @torch.no_grad()
+    def set_weight_oi(self, weight: torch.Tensor) -> None:
+        """Overwrite the (full-precision) base weight in place from an [out, in] matrix."""
+        if self.kind == "linear4bit":
+            raise ValueError("cannot overwrite a 4-bit weight in place without re-quantizing it (lossy)")
+        self.weight.copy_(weight.T if self.kind in TRANSPOSED else weight)
+
+    def without_bias(self, base_out: torch.Tensor) -> torch.Tensor:
+        """W x from the base output W x + b."""
+        bias = self._parameters.get("bias")
+        return base_out if bias is None else base_out - bias.to(base_out.dtype)
+
+    def check_merge_keeps_others(self, name: str, merged: list[str] | None = None) -> None:
+        """Merging changes the base weight, and so the function of any other active, unmerged adapter
+        that reads it (DoRA): refuse rather than merge inexactly."""
+        merged = self.merged if merged is None else merged
+        readers = [n for n in self.active if n != name and n not in merged and self.adapters[n].reads_base_weight]
+        if readers:
+            raise ValueError(f"merging adapter {name!r} would change active adapter {readers[0]!r}, whose output "
+                             "depends on the base weight (DoRA); merge that one first, or deactivate it")
 
     @torch.no_grad()
     def merge(self, name: str, safe: bool = False) -> None:
-        """Add adapter `name` into the base weight; `safe` refuses a non-finite result."""
+        """Fold adapter `name` into the base weight; `safe` refuses a non-finite result."""
         if name in self.merged:
             return
         if self.kind == "linear4bit":
             raise ValueError("merging in place into a 4-bit weight would re-quantize it (lossy); "
                              "use merge_and_unload, which writes a full-precision layer")
-        merged = self.weight + self.delta_in_base_layout(name).to(self.weight.dtype)
+        self.check_merge_keeps_others(name)
+        dtype = torch.promote_types(self.weight.dtype, torch.float32)
+        merged = self.adapters[name].merged_weight(self.weight_oi(dtype))  # [out, in]
         if safe and not torch.isfinite(merged).all():
             raise ValueError(f"merging adapter {name!r} gives non-finite weights")
-        self.weight.copy_(merged)
+        self.set_weight_oi(merged)
         self.merged.append(name)
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Subtract merged adapters, last merged first."""
+        """Take merged adapters out again, last merged first."""
+        dtype = torch.promote_types(self.weight.dtype, torch.float32)
         while self.merged:
             name = self.merged.pop()
-            self.weight.sub_(self.delta_in_base_layout(name).to(self.weight.dtype))
+            self.set_weight_oi(self.adapters[name].unmerged_weight(self.weight_oi(dtype)))
 
     @torch.no_grad()
     def unwrap(self, names: list[str], safe: bool = False) -> nn.Module:
-        """The base module with adapters `names` merged in. A 4-bit base becomes a full-precision
-        nn.Linear holding dequantize(W) + deltas: nothing is re-quantized."""
+        """The base module with adapters `names` merged in (those that read the base weight first). A
+        4-bit base becomes a full-precision nn.Linear holding the merged dequantize(W): nothing is
+        re-quantized."""
+        names = merge_order([n for n in names if n in self.adapters], self.adapters)
+        self.active = [n for n in self.active if n in names]  # the others are dropped with the wrapper
         if self.kind != "linear4bit":
             for name in names:
-                if name in self.adapters:
-                    self.merge(name, safe=safe)
+                self.merge(name, safe=safe)
             return self.base_module
         base = self.base_module
         weight = dequantize_weight(base, torch.float32)  # [out, in]
-        for name in names:
-            if name in self.adapters:
-                weight += self.adapters[name].delta_weight().float()
-                if safe and not torch.isfinite(weight).all():
-                    raise ValueError(f"merging adapter {name!r} gives non-finite weights")
+        for i, name in enumerate(names):
+            self.check_merge_keeps_others(name, merged=names[:i])
+            weight = self.adapters[name].merged_weight(weight)
+            if safe and not torch.isfinite(weight).all():
+                raise ValueError(f"merging adapter {name!r} gives non-finite weights")
         dtype = base.compute_dtype
         linear = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
                            device=weight.device, dtype=dtype)
@@ -159,6 +191,12 @@ class LoraLayer(nn.Module):
         if base.bias is not None:
             linear.bias.copy_(base.bias)
         return linear.requires_grad_(False)
+
+
+def merge_order(names: list[str], adapters: nn.ModuleDict) -> list[str]:
+    """Adapters whose output depends on the base weight (DoRA) merge before the others, so that
+    merging the others cannot change them."""
+    return sorted(names, key=lambda n: not adapters[n].reads_base_weight)
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:

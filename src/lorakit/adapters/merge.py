@@ -11,7 +11,7 @@ from torch import nn
 
 from lorakit.adapters.copies import module_copies, remove_copies
 from lorakit.adapters.inject import active_adapters
-from lorakit.adapters.layer import lora_layers
+from lorakit.adapters.layer import lora_layers, merge_order
 
 
 def merge(model: nn.Module, names: list[str] | None = None, safe: bool = False) -> None:
@@ -22,12 +22,11 @@ def merge(model: nn.Module, names: list[str] | None = None, safe: bool = False) 
     """
     names = active_adapters(model) if names is None else names
     for path, layer in lora_layers(model):
-        for name in names:
-            if name in layer.adapters:
-                try:
-                    layer.merge(name, safe=safe)
-                except ValueError as e:
-                    raise ValueError(f"{path}: {e}") from None
+        for name in merge_order([n for n in names if n in layer.adapters], layer.adapters):
+            try:
+                layer.merge(name, safe=safe)
+            except ValueError as e:
+                raise ValueError(f"{path}: {e}") from None
 
 
 def unmerge(model: nn.Module) -> None:
@@ -70,18 +69,25 @@ def merge_weights(
 ) -> dict[str, torch.Tensor]:
     """Pure merge: {module}.weight += scale * B @ A for each module in `scales`.
 
-    `adapter` holds `{module}.lora_A` [r, in] and `{module}.lora_B` [out, r]; modules named in
-    `fan_in_fan_out` store the weight as [in, out] (Conv1D, Embedding). Returns a new dict.
+    `adapter` holds `{module}.lora_A` [r, in] and `{module}.lora_B` [out, r], and for a DoRA adapter
+    `{module}.magnitude` [out], which makes the merged weight m * (W + scale B A) / ||W + scale B A||
+    (norm per output row). Modules named in `fan_in_fan_out` store the weight as [in, out]
+    (Conv1D, Embedding). Returns a new dict.
     """
     merged = dict(base)
     for module, scale in scales.items():
         key = f"{module}.weight"
         if key not in base:
             raise KeyError(f"base has no weight {key!r} for the adapter's module {module!r}")
+        transposed = module in fan_in_fan_out
+        weight = base[key].double().T if transposed else base[key].double()  # [out, in]
         delta = (adapter[f"{module}.lora_B"].double() @ adapter[f"{module}.lora_A"].double()) * scale
-        if module in fan_in_fan_out:
-            delta = delta.T
-        if delta.shape != base[key].shape:
-            raise ValueError(f"{module}: adapter delta {tuple(delta.shape)} != base weight {tuple(base[key].shape)}")
-        merged[key] = (base[key].double() + delta).to(base[key].dtype)
+        if delta.shape != weight.shape:
+            raise ValueError(f"{module}: adapter delta {tuple(delta.shape)} != base weight {tuple(weight.shape)}"
+                             f"{' (transposed)' if transposed else ''}")
+        weight = weight + delta
+        magnitude = adapter.get(f"{module}.magnitude")
+        if magnitude is not None:
+            weight = (magnitude.double() / torch.linalg.vector_norm(weight, dim=1))[:, None] * weight
+        merged[key] = (weight.T if transposed else weight).to(base[key].dtype)
     return merged

@@ -10,8 +10,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorakit.adapters.inject import inject, set_active, trainable_report
+from lorakit.adapters.inject import inject, trainable_report
 from lorakit.adapters.io import save_adapter
+from lorakit.adapters.loraplus import loraplus_param_groups
 from lorakit.atomic import atomic_write_text
 from lorakit.config import TrainConfig, to_dict
 from lorakit.data.encode import CHAT_TEMPLATES, encode_all
@@ -72,23 +73,23 @@ def run(cfg: TrainConfig, log=print) -> tuple[nn.Module, dict]:
     if cfg.packing:
         rows = pack(rows, cfg.max_length)
         log(f"packed {len(train)} examples into {len(rows)} rows of at most {cfg.max_length} tokens")
+    results: dict = {"config": to_dict(cfg), "train_examples": len(train), "eval_examples": len(held_out)}
+    if cfg.eval and held_out:  # the base alone, before an adapter (PiSSA's init changes the base)
+        t = time.perf_counter()
+        results["exact_match_before"] = score_rows(model, tokenizer, held_out, cfg.max_new_tokens)
+        results["eval_seconds_before"] = round(time.perf_counter() - t, 1)
+        log(f"held-out exact match before training: {results['exact_match_before']:.1%} ({len(held_out)} examples)")
     torch.manual_seed(cfg.seed)  # the adapter's initial A comes from the seed too
     inject(model, cfg.lora)
     log(trainable_report(model))
-    results: dict = {"config": to_dict(cfg), "train_examples": len(train), "eval_examples": len(held_out)}
-    if cfg.eval and held_out:
-        t = time.perf_counter()
-        set_active(model, [])
-        results["exact_match_before"] = score_rows(model, tokenizer, held_out, cfg.max_new_tokens)
-        set_active(model, ["default"])
-        results["eval_seconds_before"] = round(time.perf_counter() - t, 1)
-        log(f"held-out exact match before training: {results['exact_match_before']:.1%} ({len(held_out)} examples)")
     out.mkdir(parents=True, exist_ok=True)
     val_rows = encode_all(tokenizer, held_out, cfg.max_length, cfg.train_on_prompt, cfg.truncation,
                           warn=log) if held_out and cfg.eval_every else []
     evaluate = (lambda m: validation_loss(m, val_rows, cfg.batch_size, tokenizer.pad_token_id)) if val_rows else None
+    groups = loraplus_param_groups(model, cfg.lr, cfg.loraplus_ratio, cfg.loraplus_embedding_lr,
+                                   cfg.weight_decay) if cfg.loraplus_ratio else None
     fitted = fit(model, rows, cfg, tokenizer.pad_token_id, out=out, evaluate=evaluate,
-                 save_adapter=lambda path: save_adapter(model, path), log=log)
+                 save_adapter=lambda path: save_adapter(model, path), param_groups=groups, log=log)
     results.update(steps=fitted.steps, first_loss=fitted.first_loss, last_loss=fitted.last_loss,
                    train_seconds=round(fitted.seconds, 1), skipped_steps=fitted.skipped_steps,
                    best_val_loss=fitted.best_val_loss, stopped_early=fitted.stopped_early)
