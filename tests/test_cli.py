@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -57,3 +59,18 @@ def test_print_config_and_errors(capsys, tmp_path):
     assert "bad.jsonl:2: invalid JSON" in capsys.readouterr().err
     assert main(["eval", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_validation_metrics_every_n_steps(tiny_model_dir, jsonl, tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", f"base={tiny_model_dir}", f"dataset={jsonl}", "val_size=2", "eval_every=3", "max_steps=6",
+                 f"output_dir={out}", "max_new_tokens=4"]) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in evals] == [3, 6]
+    for r in evals:
+        assert r["perplexity"] == pytest.approx(math.exp(r["val_loss"]), rel=1e-6)
+        assert 0.0 <= r["exact_match"] <= 1.0
+    results = json.loads((out / "results.json").read_text())
+    assert results["eval_examples"] == 2 and results["train_examples"] == 6
+    assert results["best_val_loss"] == min(r["val_loss"] for r in evals)

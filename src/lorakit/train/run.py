@@ -85,10 +85,16 @@ def run(cfg: TrainConfig, log=print) -> tuple[nn.Module, dict]:
     out.mkdir(parents=True, exist_ok=True)
     val_rows = encode_all(tokenizer, held_out, cfg.max_length, cfg.train_on_prompt, cfg.truncation,
                           warn=log) if held_out and cfg.eval_every else []
-    evaluate = (lambda m: validation_loss(m, val_rows, cfg.batch_size, tokenizer.pad_token_id)) if val_rows else None
+
+    def evaluate(m: nn.Module) -> dict:
+        """Validation loss and perplexity, and the task's own metric (exact match) when `eval` is on."""
+        metrics = validation_loss(m, val_rows, cfg.batch_size, tokenizer.pad_token_id)
+        if cfg.eval:
+            metrics["exact_match"] = score_rows(m, tokenizer, held_out, cfg.max_new_tokens)
+        return metrics
     groups = loraplus_param_groups(model, cfg.lr, cfg.loraplus_ratio, cfg.loraplus_embedding_lr,
                                    cfg.weight_decay) if cfg.loraplus_ratio else None
-    fitted = fit(model, rows, cfg, tokenizer.pad_token_id, out=out, evaluate=evaluate,
+    fitted = fit(model, rows, cfg, tokenizer.pad_token_id, out=out, evaluate=evaluate if val_rows else None,
                  save_adapter=lambda path: save_adapter(model, path), param_groups=groups, log=log)
     results.update(steps=fitted.steps, first_loss=fitted.first_loss, last_loss=fitted.last_loss,
                    train_seconds=round(fitted.seconds, 1), skipped_steps=fitted.skipped_steps,
