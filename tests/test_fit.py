@@ -110,3 +110,23 @@ def test_config_file_and_overrides_give_identical_adapters(tiny_model_dir, jsonl
     a = (tmp_path / "a" / "adapter" / "adapter_model.safetensors").read_bytes()
     assert a == (tmp_path / "b" / "adapter" / "adapter_model.safetensors").read_bytes()
     assert (tmp_path / "a" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ctrl_c_writes_a_checkpoint_that_resumes(tiny_model_dir, jsonl, tmp_path):
+    common = [f"base={tiny_model_dir}", f"dataset={jsonl}", "max_steps=400", "batch_size=4", "eval=false",
+              f"output_dir={tmp_path / 'run'}"]
+    run = cli("train", *common)
+    metrics, deadline = tmp_path / "run" / "metrics.jsonl", time.time() + 300
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 3):
+        assert run.poll() is None and time.time() < deadline, run.stdout.read()
+        time.sleep(0.01)
+    run.send_signal(signal.SIGINT)
+    output = run.communicate(timeout=120)[0]
+    assert run.returncode == 130, output
+    saved = [p.name for p in (tmp_path / "run").glob("checkpoint-*")]
+    assert len(saved) == 1 and "interrupted: checkpoint written" in output
+    step = int(saved[0].split("-")[1])
+    assert 3 <= step < 400
+    resumed = cli("train", *common, "resume=auto", "max_steps=" + str(step + 2))
+    output = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0 and f"resumed from {tmp_path / 'run' / saved[0]} at step {step}" in output

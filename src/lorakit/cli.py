@@ -104,7 +104,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     try:
         run_bench(args.scenarios, reps=args.reps, warmup=args.warmup, threads=args.threads, json_out=args.json,
-                  quick=args.quick, memory=not args.no_memory, lora_kernel=args.lora_kernel)
+                  quick=args.quick, memory=not args.no_memory, profile=args.profile,
+                  kernels=args.kernels)
     except ImportError as e:
         print(f"lorakit: error: {e}", file=sys.stderr)
         return 2
@@ -167,8 +168,10 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, help="torch threads (default: torch's current setting)")
     b.add_argument("--quick", action="store_true", help="a tiny random model and batch: seconds, for tests")
     b.add_argument("--no-memory", action="store_true", help="skip the per-side peak-RSS subprocesses")
-    b.add_argument("--lora-kernel", action="store_true",
-                   help="route lorakit's LoRA layers through lorakit.kernels.lora_linear (preview)")
+    b.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="also profile one run of each side and list its N most expensive operators")
+    b.add_argument("--kernels", action="store_true",
+                   help="preview: lorakit's LoRA layers and 4-bit weights through lorakit.kernels")
     b.set_defaults(func=cmd_bench)
     return p
 
@@ -180,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"lorakit: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("lorakit: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
