@@ -6,7 +6,7 @@ import dataclasses
 import re
 from pathlib import Path
 
-from lorakit.config import LoraSpec, QuantConfig, TrainConfig
+from lorakit.config import LongLoraConfig, LoraSpec, QuantConfig, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_every_config_key_is_documented():
     text = (ROOT / "docs" / "CONFIG.md").read_text()
     documented = set(re.findall(r"^\| `(\w+)` \|", text, flags=re.M))
-    keys = {f.name for c in (TrainConfig, LoraSpec, QuantConfig) for f in dataclasses.fields(c)}
+    keys = {f.name for c in (TrainConfig, LoraSpec, QuantConfig, LongLoraConfig) for f in dataclasses.fields(c)}
     assert keys - documented == set()
     assert documented - keys == set()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -29,6 +30,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def load_with_adapter(base: str | None, adapter: str | None):
     """The base (the adapter's own unless given), 4-bit again if the adapter was trained so, + adapter."""
     from lorakit.adapters.io import load_adapter, read_adapter
+    from lorakit.longlora import apply_context
     from lorakit.models import load
     from lorakit.quant.linear4bit import quantize_model
 
@@ -38,6 +40,8 @@ def load_with_adapter(base: str | None, adapter: str | None):
         if found.quant:
             q = found.quant
             quantize_model(model, q["type"], q["blocksize"], q["double_quant"], getattr(torch, q["compute_dtype"]))
+        if "lorakit.context" in found.metadata:
+            apply_context(model, json.loads(found.metadata["lorakit.context"]))
         load_adapter(model, found)
     return model, tokenizer
 
@@ -99,6 +103,53 @@ def requantize(model, quant_type: str) -> dict:
     return {"mean": sum(errors.values()) / len(errors), "max": errors[worst], "worst": worst, "layers": len(errors)}
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """`lorakit export merged|gguf`: the merge path of `lorakit merge`, written in a chosen format."""
+    from lorakit import export
+    from lorakit.adapters.merge import merge_and_unload
+
+    if args.format == "gguf" and args.adapter_only:
+        from transformers import AutoConfig
+
+        from lorakit.adapters.io import read_adapter
+        from lorakit.models import resolve
+
+        found = read_adapter(args.adapter_only)
+        config = AutoConfig.from_pretrained(resolve(args.base or found.base or "default"))
+        export.write_adapter_gguf(found, config, args.out, args.dtype or "f32")
+        print(f"llama.cpp LoRA adapter written to {args.out}")
+        return 0
+    model, tokenizer = load_with_adapter(args.base, args.adapter)
+    merged = merge_and_unload(model, safe=True)
+    if args.format == "gguf":
+        export.write_model_gguf(merged, tokenizer, args.out, args.dtype or "f16")
+    else:
+        export.write_merged_folder(merged, tokenizer, args.out, args.dtype or "f32")
+    print(f"merged model written to {args.out}")
+    return 0
+
+
+def add_export_parser(sub) -> None:
+    x = sub.add_parser("export", help="merged model (HF folder or GGUF) or adapter (llama.cpp GGUF) for serving")
+    formats = x.add_subparsers(dest="format", required=True)
+    m = formats.add_parser("merged", help="base + adapter as one transformers folder (safetensors, tokenizer)")
+    m.add_argument("adapter", help="adapter folder")
+    m.add_argument("out", help="output folder")
+    m.add_argument("--dtype", choices=["f32", "bf16", "f16"], help="weight dtype (default f32)")
+    m.add_argument("--base", help="base model (default: the one the adapter was saved for)")
+    m.set_defaults(func=cmd_export, adapter_only=None)
+    g = formats.add_parser("gguf", help="llama.cpp GGUF: a merged llama model, or the adapter alone")
+    which = g.add_mutually_exclusive_group(required=True)
+    which.add_argument("--merged", dest="adapter", metavar="ADAPTER", help="merge this adapter, write the model")
+    which.add_argument("--adapter", dest="adapter_only", metavar="ADAPTER",
+                       help="write this adapter as a llama.cpp LoRA adapter (llama-cli --lora)")
+    g.add_argument("out", help="output .gguf file")
+    g.add_argument("--dtype", choices=["f32", "f16", "bf16", "q8_0"],
+                   help="2-D tensor type (default: f16 for a model, f32 for an adapter; 1-D tensors stay f32)")
+    g.add_argument("--base", help="base model (default: the one the adapter was saved for)")
+    g.set_defaults(func=cmd_export)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from lorakit.bench.run import run_bench
 
@@ -158,6 +209,8 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--requantize", choices=["nf4", "fp4"],
                    help="write a 4-bit model (bitsandbytes layout) instead of full precision; reports the error")
     m.set_defaults(func=cmd_merge)
+
+    add_export_parser(sub)
 
     b = sub.add_parser("bench", help="lorakit vs PEFT (+ bitsandbytes) side by side: times, memory, ratios")
     b.add_argument("scenarios", nargs="*", metavar="SCENARIO",

@@ -97,6 +97,19 @@ class QuantConfig:
 
 
 @dataclass
+class LongLoraConfig:
+    """LongLoRA: S2-Attn while training, RoPE position interpolation, embeddings and norms trained."""
+
+    group_size_ratio: float = 0.25
+    target_context: int | None = None  # interpolate RoPE linearly from the native context to this
+    trainable: list[str] = field(default_factory=lambda: ["embed", "norm"])
+
+    def __post_init__(self) -> None:
+        if not 0 < self.group_size_ratio <= 1:
+            raise ValueError(f"group_size_ratio must be in (0, 1], got {self.group_size_ratio}")
+
+
+@dataclass
 class TrainConfig:
     """One fine-tuning run: base model, adapter spec, data, optimisation, output.
 
@@ -122,6 +135,7 @@ class TrainConfig:
     output_dir: str = "runs/demo"
     lora: LoraSpec = field(default_factory=LoraSpec)
     quant: QuantConfig | None = None
+    longlora: LongLoraConfig | None = None
     optim: str = "adamw"
     gradient_checkpointing: bool | None = None  # None: on with a 4-bit base, off otherwise
     lr: float = 2e-3
@@ -147,6 +161,7 @@ class TrainConfig:
     eval: bool = True
     max_new_tokens: int = 12
     log_every: int = 1
+    distributed: str = "none"  # "ddp" under torchrun (see docs/DISTRIBUTED.md); "fsdp2" is planned
 
     def __post_init__(self) -> None:
         if self.schedule not in ("cosine", "linear", "constant"):
@@ -159,6 +174,8 @@ class TrainConfig:
             raise ValueError(f"truncation must be 'truncate' or 'drop', got {self.truncation!r}")
         if self.format is not None and self.format not in FORMATS:
             raise ValueError(f"format must be one of {FORMATS} (or null to detect), got {self.format!r}")
+        if self.distributed not in ("none", "ddp", "fsdp2"):
+            raise ValueError(f"distributed must be none, ddp or fsdp2, got {self.distributed!r}")
         if self.optim not in OPTIMIZERS:
             raise ValueError(f"optim must be one of {OPTIMIZERS}, got {self.optim!r}")
 

@@ -37,6 +37,7 @@ from lorakit.adapters.layer import LoraLayer, base_kind, in_out, lora_layers
 from lorakit.adapters.lora import LoraAdapter
 from lorakit.atomic import atomic_write_bytes, atomic_write_text
 from lorakit.config import LoraSpec
+from lorakit.longlora import context_of
 from lorakit.quant.linear4bit import quantization_of
 
 CONFIG_FILE = "adapter_config.json"
@@ -105,6 +106,8 @@ def save_adapter(model: nn.Module, path: str | Path, name: str = "default", conv
         "lorakit.base_shapes": json.dumps(base_shapes, sort_keys=True),
         "lorakit.fingerprint": fingerprint(base_shapes),
     }
+    if context_of(model) is not None:  # RoPE and context length, restored on load (LongLoRA's interpolation)
+        metadata["lorakit.context"] = json.dumps(context_of(model), sort_keys=True)
     if quantization_of(model) is not None:  # trained over a 4-bit base: say how, to rebuild it
         metadata["lorakit.quant"] = json.dumps(quantization_of(model), sort_keys=True)
     config = peft_config(model, pissa_converted_spec(spec) if convert else spec, sorted(base_shapes), saved_modules)

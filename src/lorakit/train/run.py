@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import time
@@ -20,6 +21,7 @@ from lorakit.data.files import read_rows
 from lorakit.data.formats import Row
 from lorakit.data.packing import pack
 from lorakit.generate import score_rows
+from lorakit.longlora import enable_s2_attention, interpolate_positions, trainable_module_names
 from lorakit.models import load
 from lorakit.quant.linear4bit import quantize_model
 from lorakit.train.fit import fit, validation_loss
@@ -55,6 +57,10 @@ def prepare_base(model: nn.Module, cfg: TrainConfig) -> None:
         for module in model.modules():
             if "norm" in type(module).__name__.lower():
                 module.float()
+    if cfg.longlora is not None:
+        enable_s2_attention(model, cfg.longlora.group_size_ratio)
+        if cfg.longlora.target_context:
+            interpolate_positions(model, cfg.longlora.target_context)
     checkpointing = cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else cfg.quant is not None
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -80,7 +86,11 @@ def run(cfg: TrainConfig, log=print) -> tuple[nn.Module, dict]:
         results["eval_seconds_before"] = round(time.perf_counter() - t, 1)
         log(f"held-out exact match before training: {results['exact_match_before']:.1%} ({len(held_out)} examples)")
     torch.manual_seed(cfg.seed)  # the adapter's initial A comes from the seed too
-    inject(model, cfg.lora)
+    spec = cfg.lora
+    if cfg.longlora is not None and cfg.longlora.trainable:  # trained and saved whole, as PEFT's modules_to_save
+        extra = trainable_module_names(model, cfg.longlora.trainable)
+        spec = dataclasses.replace(spec, modules_to_save=[*(spec.modules_to_save or []), *extra])
+    inject(model, spec)
     log(trainable_report(model))
     out.mkdir(parents=True, exist_ok=True)
     val_rows = encode_all(tokenizer, held_out, cfg.max_length, cfg.train_on_prompt, cfg.truncation,
