@@ -208,3 +208,10 @@ def test_merge_weights_pure_function_equals_model_merge():
     lorakit.merge(model)
     for key, value in merged_sd.items():
         torch.testing.assert_close(model.state_dict()[key], value, rtol=1e-6, atol=1e-6)
+
+
+def test_merge_weights_refuses_adalora_tensors():
+    base = {"m.weight": torch.zeros(3, 4)}
+    adapter = {"m.lora_A": torch.ones(2, 4), "m.lora_B": torch.ones(3, 2), "m.lora_E": torch.ones(2, 1)}
+    with pytest.raises(ValueError, match="AdaLoRA adapter"):
+        lorakit.merge_weights(base, adapter, {"m": 1.0})

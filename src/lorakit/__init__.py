@@ -7,11 +7,14 @@ from lorakit.adapters.layer import LoraLayer
 from lorakit.adapters.loraplus import loraplus_param_groups
 from lorakit.adapters.merge import merge, merge_and_unload, merge_weights, unmerge
 from lorakit.config import LoraSpec, TrainConfig
+from lorakit.multi.routing import route
+from lorakit.multi.store import AdapterStore
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdapterFileError",
+    "AdapterStore",
     "LoraLayer",
     "LoraSpec",
     "TrainConfig",
@@ -25,6 +28,7 @@ __all__ = [
     "merge_and_unload",
     "merge_weights",
     "read_adapter",
+    "route",
     "save_adapter",
     "set_active",
     "trainable_report",

@@ -13,8 +13,25 @@ import yaml
 from lorakit.config import load_train_config, to_dict
 
 
+def exec_torchrun(nproc: int, config: str | None, overrides: list[str]) -> None:
+    """`lorakit train --nproc N ...` = `torchrun --standalone --nproc-per-node N -m lorakit train ... distributed=ddp`
+    (one machine; across machines, call torchrun with rendezvous flags: docs/DISTRIBUTED.md)."""
+    import os
+
+    if not any(o.startswith("distributed=") for o in overrides):
+        overrides = [*overrides, "distributed=ddp"]
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+            "-m", "lorakit", "train", *([config] if config else []), *overrides]
+    sys.stdout.flush()
+    os.execv(sys.executable, argv)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     config, overrides = args.config, list(args.overrides)
+    if args.nproc is not None and args.nproc < 1:
+        raise ValueError(f"--nproc must be at least 1, got {args.nproc}")
+    if args.nproc is not None and args.nproc > 1:
+        exec_torchrun(args.nproc, config, overrides)
     if config is not None and "=" in config:  # `lorakit train key=value ...` without a file
         config, overrides = None, [config, *overrides]
     cfg = load_train_config(config, overrides)
@@ -173,6 +190,41 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from lorakit.adapters.adalora import rank_report
+    from lorakit.adapters.io import read_adapter
+
+    adapter = read_adapter(args.adapter)
+    print(rank_report(adapter.spec, adapter.lora, adapter.masks))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from lorakit.models import load
+    from lorakit.multi.store import AdapterStore
+    from lorakit.serve import Engine, make_server
+
+    adapters = {}
+    for entry in args.adapter:
+        name, sep, folder = entry.partition("=")
+        if not sep or not name or not folder:
+            raise ValueError(f"--adapter takes NAME=DIR, got {entry!r}")
+        adapters[name] = folder
+    model, tokenizer = load(args.base)
+    store = AdapterStore(args.store, max_ram=args.max_ram, max_device=args.max_device) if args.store else None
+    engine = Engine(model, tokenizer, base_id=args.base_name or args.base, adapters=adapters, store=store,
+                    max_tokens_limit=args.max_tokens_limit)
+    server = make_server(engine, args.host, args.port)
+    print(f"serving on http://{server.server_address[0]}:{server.server_address[1]}/v1", flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+        if store is not None:
+            store.close()
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lorakit", description="LoRA fine-tuning with PEFT-format adapters")
     sub = p.add_subparsers(dest="command", required=True)
@@ -181,6 +233,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("config", nargs="?", help="YAML config file")
     t.add_argument("overrides", nargs="*", help="key=value overrides, dotted for sections (lora.r=16)")
     t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    t.add_argument("--nproc", type=int, metavar="N",
+                   help="train on N processes: re-runs itself under torchrun with distributed=ddp (default)")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="held-out exact match of an adapter (default: the demo task)")
@@ -212,6 +266,10 @@ def parser() -> argparse.ArgumentParser:
 
     add_export_parser(sub)
 
+    i = sub.add_parser("inspect", help="an adapter folder's rank per module (AdaLoRA: kept of the initial rank)")
+    i.add_argument("adapter", help="adapter folder")
+    i.set_defaults(func=cmd_inspect)
+
     b = sub.add_parser("bench", help="lorakit vs PEFT (+ bitsandbytes) side by side: times, memory, ratios")
     b.add_argument("scenarios", nargs="*", metavar="SCENARIO",
                    help="forward, floor, train-lora, train-qlora, merge, quant (default: all)")
@@ -226,6 +284,18 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--kernels", action="store_true",
                    help="preview: lorakit's LoRA layers and 4-bit weights through lorakit.kernels")
     b.set_defaults(func=cmd_bench)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible server: /v1/models, /v1/completions, /v1/chat/completions")
+    s.add_argument("--base", default="default", help="base model: 'default', an HF folder or a .gguf file")
+    s.add_argument("--base-name", help="the base model's id in requests (default: --base as given)")
+    s.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR", help="attach at start (repeatable)")
+    s.add_argument("--store", metavar="ROOT", help="folder of adapter folders, attached on demand by name")
+    s.add_argument("--max-ram", type=int, default=256, help="store: adapters kept in RAM")
+    s.add_argument("--max-device", type=int, default=8, help="store: adapters kept on the model")
+    s.add_argument("--max-tokens-limit", type=int, default=512, help="largest max_tokens a request may ask for")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed)")
+    s.set_defaults(func=cmd_serve)
     return p
 
 

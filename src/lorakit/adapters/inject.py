@@ -13,6 +13,7 @@ from collections import Counter
 import torch
 from torch import nn
 
+from lorakit.adapters.adalora import AdaLoraAdapter
 from lorakit.adapters.copies import ModuleCopies, add_copy, module_copies
 from lorakit.adapters.dora import DoraAdapter
 from lorakit.adapters.layer import LoraLayer, base_kind, lora_layers
@@ -173,7 +174,7 @@ def inject(model: nn.Module, spec: LoraSpec, name: str = "default", trainable: b
     return model
 
 
-ADAPTER_KINDS: dict[str, type[LoraAdapter]] = {"lora": LoraAdapter, "dora": DoraAdapter}
+ADAPTER_KINDS: dict[str, type[LoraAdapter]] = {"lora": LoraAdapter, "dora": DoraAdapter, "adalora": AdaLoraAdapter}
 
 
 def new_adapter(layer: LoraLayer, spec: LoraSpec, r: int, alpha: float, dtype: torch.dtype) -> LoraAdapter:
@@ -238,3 +239,20 @@ def trainable_report(model: nn.Module) -> str:
     trainable, total = count_parameters(model)
     return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
 
+
+def remove_adapter(model: nn.Module, name: str) -> None:
+    """Take adapter `name` off every layer (and its module copies); wrappers stay, possibly empty."""
+    if name not in adapter_names(model):
+        raise ValueError(f"unknown adapter {name!r}; the model has {adapter_names(model)}")
+    layers = [(path, layer) for path, layer in lora_layers(model) if name in layer.adapters]
+    merged = [path for path, layer in layers if name in layer.merged]
+    if merged:
+        raise ValueError(f"adapter {name!r} is merged into {merged[0]}; unmerge before removing it")
+    for _, layer in layers:
+        del layer.adapters[name]
+        layer.active = [n for n in layer.active if n != name]
+    for _, copies in module_copies(model):
+        if name in copies.copies:
+            del copies.copies[name]
+            copies.active = [n for n in copies.active if n != name]
+    model.lorakit_specs = {k: v for k, v in model.lorakit_specs.items() if k != name}

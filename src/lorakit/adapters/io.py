@@ -22,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
+from lorakit.adapters import adalora
 from lorakit.adapters.copies import add_copy, module_copies
 from lorakit.adapters.inject import (
     adapter_names,
@@ -49,6 +50,9 @@ LORA_SUFFIXES = {  # PEFT key suffix -> (our parameter, is embedding)
     "lora_embedding_A": ("lora_A", True),
     "lora_embedding_B": ("lora_B", True),
     "lora_magnitude_vector": ("magnitude", False),  # DoRA, [out]
+    "lora_A": ("lora_A", False),  # AdaLoRA, [r, in]
+    "lora_E": ("lora_E", False),  # AdaLoRA, [r, 1]
+    "lora_B": ("lora_B", False),  # AdaLoRA, [out, r]
 }
 UNSUPPORTED = {  # PEFT config field -> its default; anything else we cannot honour yet
     "lora_bias": False,
@@ -89,6 +93,8 @@ def save_adapter(model: nn.Module, path: str | Path, name: str = "default", conv
             raise ValueError(f"adapter {name!r} is merged into {path_}; unmerge before saving")
         adapter = layer.adapters[name]
         own = pissa_as_lora(adapter) if convert else {}
+        if isinstance(adapter, adalora.AdaLoraAdapter):  # AdaLoRA: saved at the pruned ranks
+            own = adalora.saved_factors(adapter)
         for ours, theirs in adapter.peft_names().items():
             tensors[f"{PREFIX}{path_}.{theirs}"] = own.get(ours, getattr(adapter, ours))
         base_shapes[path_] = list(reversed(layer.in_out))  # [out, in], whatever the storage
@@ -111,6 +117,8 @@ def save_adapter(model: nn.Module, path: str | Path, name: str = "default", conv
     if quantization_of(model) is not None:  # trained over a 4-bit base: say how, to rebuild it
         metadata["lorakit.quant"] = json.dumps(quantization_of(model), sort_keys=True)
     config = peft_config(model, pissa_converted_spec(spec) if convert else spec, sorted(base_shapes), saved_modules)
+    if spec.kind == "adalora":
+        config = adalora.peft_config(config, model, name, spec)
     folder = Path(path)
     atomic_write_bytes(folder / WEIGHTS_FILE, sorted_header(safetensors_bytes(tensors, metadata=metadata)))
     atomic_write_text(folder / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -222,6 +230,7 @@ class AdapterFile:
     base_weights: dict[str, torch.Tensor]  # module -> base weight PEFT saved beside (embeddings)
     metadata: dict[str, str] = field(default_factory=dict)
     base: str | None = None  # the base it was saved for: lorakit's metadata, else PEFT's config
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)  # AdaLoRA: module -> kept triplets [init_r]
 
     @property
     def quant(self) -> dict | None:
@@ -256,12 +265,14 @@ def read_adapter(path: str | Path) -> AdapterFile:
         raise AdapterFileError(f"{weights_file} is not a readable safetensors file: {e}") from None
     adapter = split_tensors(folder, spec, tensors, metadata, weights_file)
     adapter.base = metadata.get("lorakit.base") or config.get("base_model_name_or_path")
+    if spec.kind == "adalora":
+        adapter.masks = adalora.masks_from_peft(config)
     return adapter
 
 
 def spec_from_peft(config: dict, where: Path) -> LoraSpec:
-    if config.get("peft_type", "LORA") != "LORA":
-        raise AdapterFileError(f"{where}: peft_type {config.get('peft_type')!r} is not LORA")
+    if config.get("peft_type", "LORA") not in ("LORA", "ADALORA"):
+        raise AdapterFileError(f"{where}: peft_type {config.get('peft_type')!r} is not LORA or ADALORA")
     for key, default in UNSUPPORTED.items():
         if config.get(key, default) not in (default, None, False, [], {}):
             raise AdapterFileError(f"{where}: {key}={config[key]!r} is not supported by lorakit yet")
@@ -273,6 +284,8 @@ def spec_from_peft(config: dict, where: Path) -> LoraSpec:
         raise AdapterFileError(f"{where}: init_lora_weights={init!r} changes the base weights in a way lorakit "
                                "cannot redo; save the adapter converted for the original base instead")
     try:
+        if config.get("peft_type") == "ADALORA":
+            return adalora.spec_from_peft(config)
         return LoraSpec(
             r=config["r"],
             alpha=config["lora_alpha"],
@@ -324,6 +337,9 @@ def split_tensors(folder: Path, spec: LoraSpec, tensors: dict, metadata: dict, w
             has = "has no" if spec.kind == "dora" else "has a"
             raise AdapterFileError(f"{where}: module {module!r} {has} lora_magnitude_vector but the config "
                                    f"says use_dora={spec.kind == 'dora'}")
+        if ("lora_E" in pair) != (spec.kind == "adalora"):
+            raise AdapterFileError(f"{where}: module {module!r} {'has a' if 'lora_E' in pair else 'has no'} lora_E "
+                                   f"tensor but the config's peft_type is {'not ' * (spec.kind != 'adalora')}ADALORA")
     if not lora and not copies:
         raise AdapterFileError(f"{where}: holds no adapter tensors")
     return AdapterFile(folder, spec, lora, embedding, biases, copies, base_weights, metadata)
@@ -377,8 +393,11 @@ def check_fits(model: nn.Module, adapter: AdapterFile, force: bool = False) -> N
         if adapter.spec.init == "pissa" and kind == "linear4bit":
             raise AdapterFileError(f"{where}: a PiSSA adapter saved for its residual base cannot go onto the "
                                    f"4-bit module {path!r}")
-        expected_r = pattern_value(path, adapter.spec.rank_pattern, adapter.spec.r)
-        if r != expected_r:
+        if adapter.spec.kind == "adalora":  # ranks from the rank_pattern masks
+            problem = adalora.factor_problem(pair, adapter.masks.get(path), adapter.spec.r)
+            if problem:
+                raise AdapterFileError(f"{where}: module {path!r} {problem}")
+        elif r != (expected_r := pattern_value(path, adapter.spec.rank_pattern, adapter.spec.r)):
             raise AdapterFileError(f"{where}: module {path!r} has rank {r} but the config says {expected_r}")
     for path, bias in adapter.biases.items():
         module = modules.get(path)
@@ -425,6 +444,8 @@ def load_adapter(
         with torch.no_grad():
             for ours, t in pair.items():
                 getattr(lora, ours).copy_(t)
+        if spec.kind == "adalora":
+            adalora.restore_masks(lora, spec.r, adapter.masks.get(path_))
         lora.requires_grad_(trainable)
         layer.add(name, lora)
     with torch.no_grad():

@@ -63,6 +63,7 @@ class LoraLayer(nn.Module):
         self.adapters = nn.ModuleDict()
         self.active: list[str] = []
         self.merged: list[str] = []
+        self.routing = None  # per-row adapters while `lorakit.route` is on (then `active` is ignored)
         object.__setattr__(self, "base_module", base)  # not a child: its parameters are re-registered here
         self.share_base_parameters()
 
@@ -108,6 +109,8 @@ class LoraLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base_out = self.base_module(x)
+        if self.routing is not None:  # a mixed-adapter batch: each row its own adapter
+            return self.routing.apply(self, x, base_out)
         y = base_out
         for name in self.active:
             if name not in self.merged:

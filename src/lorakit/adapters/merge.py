@@ -79,6 +79,9 @@ def merge_weights(
         key = f"{module}.weight"
         if key not in base:
             raise KeyError(f"base has no weight {key!r} for the adapter's module {module!r}")
+        if f"{module}.lora_E" in adapter:
+            raise ValueError(f"{module}: an AdaLoRA adapter (lora_E) cannot be merged by merge_weights; "
+                             "load it onto the model and use merge_and_unload")
         transposed = module in fan_in_fan_out
         weight = base[key].double().T if transposed else base[key].double()  # [out, in]
         delta = (adapter[f"{module}.lora_B"].double() @ adapter[f"{module}.lora_A"].double()) * scale

@@ -27,11 +27,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lorakit.adapters.adalora import make_allocator
 from lorakit.atomic import atomic_dir
 from lorakit.config import TrainConfig
 from lorakit.data.encode import IGNORE, collate
 from lorakit.data.packing import collate_packed
 from lorakit.quant.optim import make_optimizer
+from lorakit.train import distributed
 from lorakit.train.loop import loss_sum
 
 STATE_FILE = "trainer_state.pt"
@@ -197,22 +199,27 @@ def fit(
     if not params:
         raise ValueError("the model has no trainable parameters (inject an adapter first)")
     optimizer = make_optimizer(cfg.optim, param_groups or params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps = total_steps(cfg, len(rows))
+    world = distributed.current(cfg.distributed)  # distributed: one step reads world.size x the rows
+    steps = total_steps(cfg, len(rows) // world.size)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, steps, cfg.schedule))
+    allocator = make_allocator(model, steps)  # AdaLoRA: rank allocation and orthogonal regularization; else None
     start_step = 0
     if out is not None and (path := resume_path(cfg, out)) is not None:
         start_step = load_checkpoint(path, model, optimizer, schedule)
         log(f"resumed from {path} at step {start_step}")
-    metrics = open(out / "metrics.jsonl", "a" if start_step else "w") if out else None  # noqa: SIM115
+    net = distributed.wrap(model, world)  # distributed: DDP all-reduces the adapter's gradients
+    out_main = out if world.main else None  # distributed: metrics and checkpoints from rank 0 only
+    metrics = open(out_main / "metrics.jsonl", "a" if start_step else "w") if out_main else None  # noqa: SIM115
     result = FitResult(steps, float("nan"), float("nan"), 0.0)
     bad_in_a_row, since_best, best_params = 0, 0, None
     start = time.perf_counter()
     model.train()
-    bar = tqdm(range(start_step, steps), desc="train", dynamic_ncols=True, initial=start_step, total=steps)
+    bar = tqdm(range(start_step, steps), desc="train", dynamic_ncols=True, initial=start_step, total=steps,
+               disable=not world.main)
     step = start_step
     try:
         for step in bar:
-            record = train_step(model, rows, cfg, pad_id, step, params, optimizer, schedule)
+            record = train_step(net, rows, cfg, pad_id, step, params, optimizer, schedule, world, allocator)
             if not math.isfinite(record["loss"]) or not math.isfinite(record["grad_norm"]):
                 result.skipped_steps += 1
                 bad_in_a_row += 1
@@ -240,14 +247,14 @@ def fit(
             if metrics and (step % cfg.log_every == 0 or step == steps - 1 or "val_loss" in record):
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
-            if out is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+            if out_main is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
                 save_checkpoint(out, step + 1, model, optimizer, schedule, cfg, save_adapter)
             if cfg.early_stopping_patience and since_best >= cfg.early_stopping_patience:
                 log(f"early stop at step {step + 1}: no better val_loss in {since_best} evaluations")
                 result.stopped_early = True
                 break
     except KeyboardInterrupt:
-        if out is not None:
+        if out_main is not None:
             path = save_checkpoint(out, step, model, optimizer, schedule, cfg, save_adapter)
             log(f"interrupted: checkpoint written to {path}; resume with resume=auto")
         raise
@@ -264,20 +271,32 @@ def fit(
     return result
 
 
-def train_step(model, rows, cfg: TrainConfig, pad_id: int, step: int, params, optimizer, schedule) -> dict:
-    """One optimizer step over `grad_accum` micro-batches; a non-finite step changes nothing."""
+def train_step(model, rows, cfg: TrainConfig, pad_id: int, step: int, params, optimizer, schedule,
+               world: distributed.World = distributed.SINGLE, allocator=None) -> dict:
+    """One optimizer step over `grad_accum` micro-batches (on each rank); a non-finite step changes nothing.
+
+    Distributed, the loss is normalised by the supervised tokens of all ranks and scaled by the
+    world size, which DDP's gradient averaging divides out again.
+    """
     t = time.perf_counter()
-    micro = [micro_batch(rows, cfg, pad_id, step * cfg.grad_accum + i) for i in range(cfg.grad_accum)]
-    n_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
+    indices = distributed.micro_indices(step, cfg.grad_accum, world)
+    micro = [micro_batch(rows, cfg, pad_id, k) for k in indices]
+    n_tokens = int(distributed.all_sum(sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro), world))
     total = 0.0
-    for b in micro:
-        with torch.autocast(params[0].device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-            loss = loss_sum(model, b) / max(1, n_tokens)
-        loss.backward()
+    for i, b in enumerate(micro):
+        with distributed.sync_gradients(model, last=i == len(micro) - 1):
+            with torch.autocast(params[0].device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+                loss = loss_sum(model, b) / max(1, n_tokens)
+            if allocator is not None:  # AdaLoRA: the orthogonal regularization, once per step over all micro-batches
+                loss = loss + allocator.orth_loss() / (len(micro) * world.size)
+            (loss * world.size).backward()
         total += loss.item()
+    total = distributed.all_sum(total, world)
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
     if math.isfinite(total) and math.isfinite(grad_norm):
         optimizer.step()
+        if allocator is not None:  # AdaLoRA: update importance, mask to the budget (PEFT: after the step)
+            allocator.step(step + 1)
     schedule.step()
     optimizer.zero_grad(set_to_none=True)
     return {"step": step + 1, "loss": total, "lr": schedule.get_last_lr()[0], "grad_norm": round(grad_norm, 6),

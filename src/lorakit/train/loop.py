@@ -26,9 +26,9 @@ def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     keep = labels != IGNORE
     head = plain_head(model)
     if head is not None:
-        hidden = model.base_model(**model_inputs(batch))[0]
+        hidden = model.base_model(**model_inputs(batch), use_cache=False)[0]  # no KV cache in training
         return head_loss_sum(hidden[:, :-1][keep], labels[keep], head)
-    out = model(**model_inputs(batch))
+    out = model(**model_inputs(batch), use_cache=False)
     return F.cross_entropy(out.logits[:, :-1][keep].float(), labels[keep], reduction="sum")
 
 

@@ -24,6 +24,7 @@ from lorakit.generate import score_rows
 from lorakit.longlora import enable_s2_attention, interpolate_positions, trainable_module_names
 from lorakit.models import load
 from lorakit.quant.linear4bit import quantize_model
+from lorakit.train import distributed
 from lorakit.train.fit import fit, validation_loss
 from lorakit.train.plot import plot_run
 
@@ -70,6 +71,8 @@ def run(cfg: TrainConfig, log=print) -> tuple[nn.Module, dict]:
     """Train one adapter as `cfg` says. Returns the trained model and a summary, which is also
     written to output_dir/results.json; the adapter is saved to output_dir/adapter."""
     out = Path(cfg.output_dir)
+    world = distributed.init(cfg.distributed)  # distributed: only rank 0 logs, scores and saves
+    log = log if world.main else (lambda _message: None)
     train, held_out = datasets(cfg)
     model, tokenizer = load(cfg.base)
     prepare_base(model, cfg)
@@ -80,7 +83,7 @@ def run(cfg: TrainConfig, log=print) -> tuple[nn.Module, dict]:
         rows = pack(rows, cfg.max_length)
         log(f"packed {len(train)} examples into {len(rows)} rows of at most {cfg.max_length} tokens")
     results: dict = {"config": to_dict(cfg), "train_examples": len(train), "eval_examples": len(held_out)}
-    if cfg.eval and held_out:  # the base alone, before an adapter (PiSSA's init changes the base)
+    if cfg.eval and held_out and world.main:  # the base alone, before an adapter (PiSSA's init changes the base)
         t = time.perf_counter()
         results["exact_match_before"] = score_rows(model, tokenizer, held_out, cfg.max_new_tokens)
         results["eval_seconds_before"] = round(time.perf_counter() - t, 1)
@@ -109,6 +112,9 @@ def run(cfg: TrainConfig, log=print) -> tuple[nn.Module, dict]:
     results.update(steps=fitted.steps, first_loss=fitted.first_loss, last_loss=fitted.last_loss,
                    train_seconds=round(fitted.seconds, 1), skipped_steps=fitted.skipped_steps,
                    best_val_loss=fitted.best_val_loss, stopped_early=fitted.stopped_early)
+    if not world.main:
+        distributed.finish(world)
+        return model, results
     plot_run(out, log=log)
     save_adapter(model, out / "adapter")
     log(f"adapter saved to {out / 'adapter'} ({fitted.steps} steps in {fitted.seconds:.0f}s, "
@@ -120,4 +126,5 @@ def run(cfg: TrainConfig, log=print) -> tuple[nn.Module, dict]:
         log(f"held-out exact match after training: {results['exact_match_after']:.1%} "
             f"(before: {results['exact_match_before']:.1%})")
     atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+    distributed.finish(world)
     return model, results

@@ -1,0 +1,29 @@
+"""`python -m lorakit.bench.memory REQUEST`: build one side of one scenario alone, run it, print its peak RSS.
+
+REQUEST is a JSON object {"scenario", "side", "workload", "runs"}; the answer is one JSON line
+{"setup_peak_rss", "peak_rss"} in bytes on stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def main(request: str) -> int:
+    import torch
+
+    from lorakit.bench.measure import measure_memory_here
+    from lorakit.bench.scenarios import SCENARIOS
+    from lorakit.bench.workload import Workload
+
+    spec = json.loads(request)
+    w = Workload(**spec["workload"])
+    torch.set_num_threads(w.threads)
+    task = SCENARIOS[spec["scenario"]].sides[spec["side"]](w)
+    print(json.dumps(measure_memory_here(task, spec["runs"])))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

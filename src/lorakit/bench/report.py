@@ -1,0 +1,105 @@
+"""One record per scenario (the JSON line `--json` writes) and its printed table."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+from lorakit.bench.peers import version
+from lorakit.bench.scenarios import Scenario
+from lorakit.bench.workload import Workload
+
+MIB = 1 << 20
+REFERENCE_NAMES = {"forward": "frozen base, no grad", "floor": "frozen fwd + bwd to inputs, supervised head"}
+
+
+def side_metrics(name: str, timing: dict[str, float], memory: dict, w: Workload, scenario: Scenario,
+                 references: dict[str, dict[str, float]]) -> dict:
+    """Medians of one side plus tokens/s, multiples of the references, and peak RSS."""
+    metrics: dict = {"name": name, **timing}
+    if scenario.per_token:
+        metrics["tokens_per_s"] = w.tokens / timing["seconds"]
+    for ref, ref_timing in references.items():
+        metrics[f"over_{ref}"] = timing["seconds"] / ref_timing["seconds"]
+    metrics.update({k: v for k, v in memory.items() if v is not None})
+    return metrics
+
+
+def ratios(ours: dict, peer: dict) -> dict[str, float]:
+    """ours / peer for every number both sides have."""
+    number = lambda v: isinstance(v, int | float) and not isinstance(v, bool)
+    return {k: ours[k] / peer[k] for k in ours if k in peer and number(ours[k]) and number(peer[k]) and peer[k]}
+
+
+def make_record(name: str, scenario: Scenario, timings: dict[str, dict[str, float]], memory: dict[str, dict],
+                w: Workload, config: dict, env: dict) -> dict:
+    references = {side: t for side, t in timings.items() if side in REFERENCE_NAMES}
+    metrics = lambda side, label: side_metrics(label, timings[side], memory.get(side, {}), w, scenario,
+                                               references if side not in REFERENCE_NAMES else {})
+    ours, peer = metrics("ours", "lorakit"), metrics("peer", scenario.peer_name())
+    return {
+        "scenario": name,
+        "ours": ours,
+        "peer": peer,
+        "ratios": ratios(ours, peer),
+        "reference": {side: metrics(side, REFERENCE_NAMES[side]) for side in references},
+        "config": {**w.to_dict(), **config, "summary": scenario.summary},
+        "env": env,
+    }
+
+
+def environment(threads: int) -> dict:
+    """What the figures depend on: versions, CPU, threads, date; the load is added by the caller."""
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "transformers": version("transformers"),
+        "peft": version("peft"),
+        "bitsandbytes": version("bitsandbytes"),
+        "python": platform.python_version(),
+        "cpu": cpu_model(),
+        "cpus": os.cpu_count(),
+        "threads": threads,
+        "device": "cpu",
+    }
+
+
+def cpu_model() -> str:
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        info = ""
+    names = [line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")]
+    return names[0] if names else platform.processor() or "unknown"
+
+
+COLUMNS = ("side", "median s", "tokens/s", "x forward", "x floor", "peak RSS MiB", "setup RSS MiB", "extras")
+
+
+def table(record: dict) -> str:
+    """The record as a Markdown table, references first, then lorakit and the peer, then the ratios."""
+    rows = [(f"{side} ({m['name']})", m) for side, m in record["reference"].items()]
+    rows += [("lorakit", record["ours"]), (record["peer"]["name"], record["peer"])]
+    lines = [f"### {record['scenario']}: {record['config']['summary']}", "",
+             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for label, m in rows:
+        lines.append("| " + " | ".join([label, *row_cells(m)]) + " |")
+    r = record["ratios"]
+    shown = ", ".join(f"{k} {r[k]:.2f}" for k in ("tokens_per_s", "seconds", "peak_rss", "setup_peak_rss",
+                                                   "quantize_s", "dequantize_s") if k in r)
+    lines += ["", f"lorakit / {record['peer']['name']}: {shown}"]
+    for side, ops in record.get("profile", {}).items():
+        listed = ", ".join(f"{o['op']} {o['self_s']:.3g}s x{o['calls']}" for o in ops)
+        lines += ["", f"profile {side}: {listed}"]
+    return "\n".join(lines)
+
+
+def row_cells(m: dict) -> list[str]:
+    fmt = lambda key, spec, scale=1: format(m[key] / scale, spec) if key in m else "-"
+    extras = ", ".join(f"{k} {m[k]:.4g}" for k in m if k.endswith(("loss", "_s")) and k != "tokens_per_s")
+    return [fmt("seconds", ".3f"), fmt("tokens_per_s", ".0f"), fmt("over_forward", ".2f"), fmt("over_floor", ".2f"),
+            fmt("peak_rss", ".0f", MIB), fmt("setup_peak_rss", ".0f", MIB), extras or "-"]

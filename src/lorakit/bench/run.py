@@ -1,0 +1,69 @@
+"""`lorakit bench`: run scenarios side by side, print a table each, write JSON records."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from lorakit.atomic import atomic_write_text
+from lorakit.bench.measure import measure_memory, medians, profile_sides, time_sides
+from lorakit.bench.report import environment, make_record, table
+from lorakit.bench.scenarios import SCENARIOS
+from lorakit.bench.workload import QUICK, Workload, resolve_model
+
+DEFAULT_SCENARIOS = ("forward", "floor", "train-lora", "train-qlora", "merge", "quant")
+
+
+def run_bench(
+    names: list[str] | None = None, reps: int = 3, warmup: int = 1, threads: int | None = None,
+    json_out: str | Path | None = None, quick: bool = False, memory: bool = True, profile: int = 0,
+    log: Callable[[str], None] = print, **workload,
+) -> list[dict]:  # fmt: skip
+    """Measure each named scenario (default: all) and return its records; `quick` uses a tiny random
+    model and batch (seconds, for tests); `profile` > 0 adds each side's top operators of one profiled
+    run; `workload` overrides Workload fields (batch=4, r=8, ...)."""
+    names = list(names or DEFAULT_SCENARIOS)
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown:
+        raise ValueError(f"unknown scenario(s) {unknown}; choose from {', '.join(SCENARIOS)}")
+    if reps < 1 or warmup < 0:
+        raise ValueError(f"reps must be >= 1 and warmup >= 0, got reps={reps}, warmup={warmup}")
+    threads = threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    w = resolve_model(Workload(**{**(QUICK if quick else {}), **workload, "threads": threads}))
+    records: list[dict] = []
+    try:
+        for name in names:
+            records.append(run_scenario(name, w, reps, warmup, memory, profile))
+            log(table(records[-1]) + "\n")
+            if json_out:
+                atomic_write_text(json_out, "".join(json.dumps(r) + "\n" for r in records))
+    finally:
+        if w.model == "tiny":
+            shutil.rmtree(Path(w.model_dir).parent, ignore_errors=True)
+    return records
+
+
+def run_scenario(name: str, w: Workload, reps: int, warmup: int, memory: bool, profile: int = 0) -> dict:
+    """Time every side in this process, alternating; then measure each side's memory alone."""
+    scenario = SCENARIOS[name]
+    load_before = os.getloadavg()
+    torch.manual_seed(w.seed)
+    tasks = {side: build(w) for side, build in scenario.sides.items()}
+    timings = {side: medians(samples) for side, samples in time_sides(tasks, reps, warmup).items()}
+    profiles = profile_sides(tasks, profile) if profile else None
+    del tasks
+    gc.collect()
+    mem = {side: measure_memory(name, side, w, scenario.memory_runs) for side in scenario.sides} if memory else {}
+    env = {**environment(w.threads), "loadavg_1m_before": load_before[0], "loadavg_1m_after": os.getloadavg()[0]}
+    config = {"reps": reps, "warmup": warmup, "memory_runs": scenario.memory_runs if memory else 0}
+    record = make_record(name, scenario, timings, mem, w, config, env)
+    if profiles:
+        record["profile"] = profiles
+    return record

@@ -1,0 +1,111 @@
+"""What every side of a benchmark shares: the model files, the batch, the adapter shape, the seed.
+
+Both libraries load the same model folder and train on the same batch: `batch` rows of `seq`
+random token ids, the first `prompt_fraction` of each row being prompt (no loss).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lorakit.data.encode import IGNORE
+
+
+@dataclass
+class Workload:
+    """The shared configuration of one benchmark run (recorded in every JSON record)."""
+
+    model: str = "default"  # "default", an HF model folder, or "tiny" (a random model built in code)
+    batch: int = 8
+    seq: int = 128
+    prompt_fraction: float = 0.5
+    r: int = 16
+    alpha: float = 32.0
+    targets: str = "all-linear"
+    lr: float = 1e-4
+    dtype: str = "float32"
+    seed: int = 0
+    threads: int = 2
+    kernels: bool = False  # preview of the proposed wiring of lorakit.kernels (see ours.use_kernels)
+    model_dir: str = ""  # the resolved folder both sides load (filled in by `resolve_model`)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+QUICK = {"model": "tiny", "batch": 2, "seq": 16, "r": 4, "alpha": 8.0}
+
+
+@dataclass
+class Task:
+    """One side of a scenario: `run` is the timed work (it may return extra metrics, e.g. the loss);
+    `reset`, when given, is untimed preparation before each run (a fresh model to merge)."""
+
+    run: Callable[[], dict[str, float] | None]
+    reset: Callable[[], None] | None = None
+    keep: list = field(default_factory=list)  # objects the closures need alive (models, optimizers)
+
+
+def resolve_model(w: Workload) -> Workload:
+    """`w` with `model_dir` set: the cached default model's folder, a given folder, or a fresh tiny one."""
+    if w.model_dir:
+        return w
+    if w.model == "tiny":
+        folder = Path(tempfile.mkdtemp(prefix="lorakit-bench-")) / "tiny-llama"
+        tiny_model(w.seed).save_pretrained(folder)
+    else:
+        from lorakit.models import resolve
+
+        folder = resolve(w.model)
+    return dataclasses.replace(w, model_dir=str(folder))
+
+
+def tiny_model(seed: int) -> nn.Module:
+    """A small random Llama with a tied head, like SmolLM2's layout, for quick runs and tests."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True,
+    )  # fmt: skip
+    return LlamaForCausalLM(config).eval()
+
+
+def load_base(w: Workload) -> nn.Module:
+    """A fresh, frozen copy of the base model in eval mode."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    model = AutoModelForCausalLM.from_pretrained(w.model_dir, dtype=w.torch_dtype)
+    return model.requires_grad_(False).eval()
+
+
+def make_batch(w: Workload, vocab: int) -> dict[str, torch.Tensor]:
+    """input_ids, attention_mask, labels [batch, seq]; labels are IGNORE on each row's prompt."""
+    g = torch.Generator().manual_seed(w.seed)
+    ids = torch.randint(0, vocab, (w.batch, w.seq), generator=g)
+    labels = ids.clone()
+    labels[:, : int(w.seq * w.prompt_fraction)] = IGNORE
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def supervised_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Positions that carry loss (position i predicts token i + 1)."""
+    return int((batch["labels"][:, 1:] != IGNORE).sum())

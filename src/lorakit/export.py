@@ -1,0 +1,311 @@
+"""Export for deployment: a merged model as an HF folder or a llama.cpp GGUF, an adapter as a
+llama.cpp LoRA-adapter GGUF.
+
+The GGUF layout follows llama.cpp's `convert_hf_to_gguf.py` / `convert_lora_to_gguf.py` for the
+llama architecture: tensor names from `gguf.TensorNameMap`, q/k rows permuted from HF's rotary
+layout (rotate-half) to llama.cpp's (interleaved pairs), 1-D tensors in f32, the tokenizer as
+`tokenizer.ggml.*` metadata. transformers' GGUF loader undoes the permutation, so a merged file
+loads back with the same logits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from lorakit.atomic import atomic_dir
+
+GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")
+TORCH_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+ARCHITECTURES = ("llama",)  # model_type values whose tensor layout this writer knows
+
+
+# ----------------------------------------------------------------------------- merged HF folder
+
+
+def write_merged_folder(model: nn.Module, tokenizer, out: str | Path, dtype: str = "f32") -> Path:
+    """A plain transformers folder (safetensors, config, generation config, tokenizer) in `dtype`."""
+    if dtype not in TORCH_DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {sorted(TORCH_DTYPES)}")
+    model = model.to(TORCH_DTYPES[dtype])
+
+    def fill(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    atomic_dir(out, fill)
+    return Path(out)
+
+
+# ----------------------------------------------------------------------------- shared GGUF pieces
+
+
+def check_architecture(config) -> None:
+    """Refuse what the llama writer cannot express faithfully."""
+    if config.model_type not in ARCHITECTURES:
+        raise ValueError(f"GGUF export supports model types {list(ARCHITECTURES)}, not {config.model_type!r}")
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if rope.get("rope_type", "default") != "default":
+        raise ValueError(f"GGUF export does not write rope scaling {rope.get('rope_type')!r} yet")
+    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+        raise ValueError("GGUF export of llama models with attention or MLP biases is not supported")
+
+
+def head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def permute_rows(weight: torch.Tensor, n_head: int) -> torch.Tensor:
+    """HF's rotary row order -> llama.cpp's, per head (llama.cpp's `LlamaModel.permute`).
+
+    Works on any tensor whose first dimension is the projection's output (a weight [out, in], or
+    a LoRA B [out, r]).
+    """
+    return weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:]) \
+        .swapaxes(1, 2).reshape(weight.shape)
+
+
+def permuted(hf_name: str, tensor: torch.Tensor, config) -> torch.Tensor:
+    """`tensor` as llama.cpp stores it: q and k projections permuted, everything else as is."""
+    if hf_name.endswith("q_proj.weight"):
+        return permute_rows(tensor, config.num_attention_heads)
+    if hf_name.endswith("k_proj.weight"):
+        return permute_rows(tensor, config.num_key_value_heads)
+    return tensor
+
+
+def gguf_name(hf_name: str, config) -> str:
+    """llama.cpp's name of an HF llama tensor, e.g. model.layers.0.self_attn.q_proj.weight ->
+    blk.0.attn_q.weight."""
+    import gguf
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+    if name is None:
+        raise ValueError(f"no GGUF name for tensor {hf_name!r}")
+    return name
+
+
+def add_tensor(writer, name: str, tensor: torch.Tensor, dtype: str) -> None:
+    """Add one tensor in `dtype`; 1-D tensors stay f32 and q8_0 falls back to f16 on rows that are
+    not a multiple of its block, as llama.cpp's converter does."""
+    import gguf
+
+    data = tensor.detach().to(torch.float32).cpu().numpy()
+    if data.ndim <= 1 or dtype == "f32":
+        writer.add_tensor(name, data.astype(np.float32))
+    elif dtype == "q8_0" and data.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0] == 0:
+        writer.add_tensor(name, gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0),
+                          raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    elif dtype == "bf16":
+        writer.add_tensor(name, gguf.quants.quantize(data, gguf.GGMLQuantizationType.BF16),
+                          raw_dtype=gguf.GGMLQuantizationType.BF16)
+    else:
+        writer.add_tensor(name, data.astype(np.float16))
+
+
+def file_type(dtype: str) -> int:
+    import gguf
+
+    return {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+            "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
+
+
+def write_atomically(writer_fill, path: str | Path, arch: str) -> Path:
+    """Build a GGUF with `writer_fill(writer)` in a temp file beside `path`, then rename it over."""
+    import gguf
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        writer = gguf.GGUFWriter(tmp, arch)
+        writer_fill(writer)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())  # as a plain open() would: readable by a serving user
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def check_dtype(dtype: str) -> None:
+    if dtype not in GGUF_DTYPES:
+        raise ValueError(f"GGUF dtype {dtype!r} is not one of {list(GGUF_DTYPES)}")
+
+
+# ----------------------------------------------------------------------------- merged model GGUF
+
+
+def write_model_gguf(model: nn.Module, tokenizer, path: str | Path, dtype: str = "f16") -> Path:
+    """A plain (merged) llama model + its tokenizer as one GGUF file that llama.cpp and
+    transformers' GGUF loader read."""
+    check_dtype(dtype)
+    config = model.config
+    check_architecture(config)
+    state = model.state_dict()
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # llama.cpp re-uses token_embd when `output` is absent
+
+    def fill(writer) -> None:
+        add_model_metadata(writer, config, dtype)
+        add_tokenizer_metadata(writer, tokenizer, config.vocab_size)
+        for hf_name, tensor in state.items():
+            if "rotary_emb" in hf_name:
+                continue
+            add_tensor(writer, gguf_name(hf_name, config), permuted(hf_name, tensor, config), dtype)
+
+    return write_atomically(fill, path, "llama")
+
+
+def add_model_metadata(writer, config, dtype: str) -> None:
+    """The `general.*` and `llama.*` keys llama.cpp's converter writes for a llama model."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    writer.add_type("model")
+    writer.add_name(Path(str(config._name_or_path or "model")).name)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_dimension_count(head_dim(config))
+    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    if head_dim(config) != config.hidden_size // config.num_attention_heads:
+        writer.add_key_length(head_dim(config))
+        writer.add_value_length(head_dim(config))
+    writer.add_file_type(file_type(dtype))
+
+
+def add_tokenizer_metadata(writer, tokenizer, vocab_size: int) -> None:
+    """A byte-level BPE tokenizer (GPT-2 / SmolLM / Llama-3 style) as `tokenizer.ggml.*` metadata,
+    padded to the model's vocabulary with unused tokens as llama.cpp's converter does."""
+    import gguf
+
+    backend = json.loads(tokenizer.backend_tokenizer.to_str())
+    model = backend["model"]
+    if model["type"] != "BPE" or "ByteLevel" not in json.dumps(backend.get("pre_tokenizer")):
+        raise ValueError(f"GGUF export writes byte-level BPE tokenizers only; this one is a {model['type']} "
+                         f"tokenizer, which llama.cpp's tokenizer models cannot express")
+    pre = llama_cpp_pre(backend.get("pre_tokenizer"))
+    vocab = tokenizer.get_vocab()
+    by_id = {i: t for t, i in vocab.items()}
+    if len(by_id) > vocab_size:
+        raise ValueError(f"the tokenizer has {len(by_id)} tokens, more than the model's vocab_size {vocab_size}")
+    added = {t["id"]: t for t in backend.get("added_tokens", [])}
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif i in added:
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.CONTROL if added[i]["special"] else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.NORMAL)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    for attr, add in (("bos_token_id", writer.add_bos_token_id), ("eos_token_id", writer.add_eos_token_id),
+                      ("unk_token_id", writer.add_unk_token_id), ("pad_token_id", writer.add_pad_token_id)):
+        token_id = getattr(tokenizer, attr, None)
+        if token_id is not None:
+            add(token_id)
+    bos = tokenizer.bos_token_id
+    writer.add_add_bos_token(bos is not None and tokenizer("a")["input_ids"][:1] == [bos])
+    if tokenizer.chat_template:
+        writer.add_chat_template(tokenizer.chat_template)
+
+
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def llama_cpp_pre(pre_tokenizer: dict | None) -> str:
+    """llama.cpp's name (`tokenizer.ggml.pre`) for how an HF byte-level tokenizer splits text
+    before BPE: GPT-2's regex ("gpt2"), digits one by one then GPT-2's ("smollm"), Llama 3's
+    ("llama-bpe"). Anything else is refused: llama.cpp would split it differently."""
+    steps = pre_tokenizer.get("pretokenizers", []) if pre_tokenizer and pre_tokenizer["type"] == "Sequence" \
+        else [pre_tokenizer or {}]
+    kinds = [p.get("type") for p in steps]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return "gpt2"
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
+        return "smollm"
+    if kinds == ["Split", "ByteLevel"] and steps[0].get("pattern", {}).get("Regex") == LLAMA3_SPLIT:
+        return "llama-bpe"
+    raise ValueError(f"GGUF export: no llama.cpp pre-tokenizer matches this tokenizer's {json.dumps(pre_tokenizer)}")
+
+
+# ----------------------------------------------------------------------------- LoRA adapter GGUF
+
+
+def write_adapter_gguf(adapter, config, path: str | Path, dtype: str = "f32") -> Path:
+    """A PEFT-format adapter (`lorakit.adapters.io.AdapterFile`) as llama.cpp's LoRA adapter GGUF
+    (`llama-cli -m base.gguf --lora this.gguf`), for the llama base described by `config`.
+
+    llama.cpp scales every pair by alpha / r with one file-wide alpha; a module whose own scale
+    differs (rank/alpha patterns, rsLoRA) has the difference folded into its B.
+    """
+    from lorakit.adapters.inject import pattern_value
+    from lorakit.adapters.lora import lora_scale
+
+    check_dtype(dtype)
+    if dtype == "q8_0":
+        raise ValueError("a LoRA adapter GGUF is written in f32, f16 or bf16 (llama.cpp keeps adapters unquantized)")
+    check_architecture(config)
+    spec = adapter.spec
+    if spec.kind != "lora":
+        raise ValueError(f"llama.cpp adapters hold plain LoRA only, not {spec.kind!r}; merge it and export the model")
+    if adapter.embedding or adapter.copies or adapter.biases:
+        raise ValueError("llama.cpp adapters hold Linear LoRA pairs only: this adapter also has embedding LoRA, "
+                         "modules_to_save or biases; merge it and export the model instead")
+    alpha = float(spec.alpha)
+
+    def fill(writer) -> None:
+        writer.add_type(gguf_type_adapter())
+        writer.add_string("adapter.type", "lora")
+        writer.add_float32("adapter.lora.alpha", alpha)
+        writer.add_name(f"{Path(adapter.folder).name} (LoRA adapter)")
+        writer.add_file_type(file_type(dtype))
+        for module in sorted(adapter.lora):
+            a, b = adapter.lora[module]["lora_A"], adapter.lora[module]["lora_B"]  # [r, in], [out, r]
+            r = a.shape[0]
+            scale = lora_scale(r, pattern_value(module, spec.alpha_pattern, spec.alpha), spec.rslora)
+            b = b.float() * (scale / (alpha / r))  # llama.cpp applies alpha / r
+            name = gguf_name(f"{module}.weight", config)
+            add_tensor(writer, f"{name}.lora_a", a, dtype)
+            add_tensor(writer, f"{name}.lora_b", permuted(f"{module}.weight", b, config), dtype)
+
+    return write_atomically(fill, path, "llama")
+
+
+def gguf_type_adapter() -> str:
+    import gguf
+
+    return gguf.GGUFType.ADAPTER

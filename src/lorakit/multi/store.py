@@ -1,0 +1,209 @@
+"""Adapter store: thousands of adapters on disk, the recent ones in RAM, a few on the model.
+
+    disk (PEFT folders root/<name>/) --read--> RAM (LRU by count and bytes) --load--> model (LRU slots)
+
+One base model serves many adapters: reading a folder costs disk I/O and parsing, attaching it
+costs a copy into the model's memory, so both levels keep the least recently used out. Reads can
+run ahead on a background thread (`prefetch`), so a request for an adapter that is coming does
+not wait for the disk. Every look-up is counted (`stats`) to size the two caches.
+
+Names are single folder names under `root` (letters, digits, `_`, `-`); a name that resolves
+outside `root` (a symlink) is refused, so a name taken from a request cannot reach other files.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import weakref
+from collections import Counter, OrderedDict
+from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+from torch import nn
+
+from lorakit.adapters.inject import active_adapters, remove_adapter, set_active
+from lorakit.adapters.io import CONFIG_FILE, AdapterFile, load_adapter, read_adapter
+
+NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+class UnknownAdapterError(LookupError):
+    """No adapter of that name under the store's root."""
+
+
+def adapter_bytes(adapter: AdapterFile) -> int:
+    """Bytes the adapter's tensors take in RAM."""
+    tensors = [t for pair in adapter.lora.values() for t in pair.values()]
+    tensors += list(adapter.biases.values()) + list(adapter.base_weights.values())
+    tensors += [t for state in adapter.copies.values() for t in state.values()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class AdapterStore:
+    """Adapters under `root`, at most `max_ram` (and `max_ram_bytes`) in RAM and `max_device` on a model."""
+
+    def __init__(self, root: str | Path, max_ram: int = 256, max_device: int = 8,
+                 max_ram_bytes: int | None = None, force: bool = False) -> None:
+        if max_ram < 1 or max_device < 1:
+            raise ValueError(f"max_ram and max_device must be at least 1, got {max_ram} and {max_device}")
+        self.root = Path(root).resolve()
+        if not self.root.is_dir():
+            raise ValueError(f"adapter store root {self.root} is not a folder")
+        self.max_ram, self.max_device, self.max_ram_bytes, self.force = max_ram, max_device, max_ram_bytes, force
+        self.ram: OrderedDict[str, AdapterFile] = OrderedDict()  # least recently used first
+        self.ram_bytes = 0
+        self.slots: weakref.WeakKeyDictionary[nn.Module, OrderedDict[str, None]] = weakref.WeakKeyDictionary()
+        self.pending: dict[str, Future] = {}
+        self.counts: Counter[str] = Counter()
+        self.lock = threading.Lock()
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorakit-store")
+
+    # ------------------------------------------------------------------------- disk
+
+    def names(self) -> list[str]:
+        """Every adapter under the root (none that resolves outside it), sorted."""
+        return sorted(p.name for p in self.root.iterdir()
+                      if NAME.fullmatch(p.name) and p.resolve().parent == self.root and (p / CONFIG_FILE).is_file())
+
+    def folder(self, name: str) -> Path:
+        """The folder of adapter `name`, confined to the root."""
+        if not isinstance(name, str) or not NAME.fullmatch(name):
+            raise ValueError(f"adapter name {name!r} must be a plain folder name (letters, digits, '_', '-')")
+        path = self.root / name
+        if path.resolve().parent != self.root:
+            raise ValueError(f"adapter {name!r} resolves outside the store root {self.root}")
+        if not (path / CONFIG_FILE).is_file():
+            raise UnknownAdapterError(f"no adapter {name!r} under {self.root}")
+        return path
+
+    def read(self, name: str) -> AdapterFile:
+        """Read from disk into RAM (most recently used), evicting the least recently used."""
+        adapter = read_adapter(self.folder(name))
+        size = adapter_bytes(adapter)
+        with self.lock:
+            self.counts["disk_reads"] += 1
+            if name in self.ram:
+                self.ram_bytes -= adapter_bytes(self.ram.pop(name))
+            self.ram[name] = adapter
+            self.ram_bytes += size
+            self.evict_ram()
+        return adapter
+
+    def evict_ram(self) -> None:
+        """Drop least recently used adapters until within both limits (the newest always stays). Holds the lock."""
+        while len(self.ram) > 1 and (len(self.ram) > self.max_ram or
+                                     (self.max_ram_bytes is not None and self.ram_bytes > self.max_ram_bytes)):
+            _, dropped = self.ram.popitem(last=False)
+            self.ram_bytes -= adapter_bytes(dropped)
+            self.counts["ram_evictions"] += 1
+
+    # ------------------------------------------------------------------------- RAM
+
+    def get(self, name: str) -> AdapterFile:
+        """Adapter `name` from RAM (a hit), else from disk (a miss; waits for its prefetch if one is running)."""
+        with self.lock:
+            if name in self.ram:
+                self.counts["ram_hits"] += 1
+                self.ram.move_to_end(name)
+                return self.ram[name]
+            self.counts["ram_misses"] += 1
+            future = self.pending.get(name)
+        if future is not None:
+            future.result()
+            with self.lock:
+                if name in self.ram:
+                    self.ram.move_to_end(name)
+                    return self.ram[name]
+        return self.read(name)
+
+    def prefetch(self, names: Iterable[str]) -> list[Future]:
+        """Start reading into RAM, on a background thread, those of `names` neither in RAM nor on the way."""
+        futures = []
+        for name in names:
+            self.folder(name)  # a bad or unknown name fails here, not later in the thread
+            with self.lock:
+                if name in self.ram or name in self.pending:
+                    continue
+                future = self.pool.submit(self.read, name)
+                self.pending[name] = future
+                self.counts["prefetches"] += 1
+            future.add_done_callback(lambda _, n=name: self.forget_pending(n))
+            futures.append(future)
+        return futures
+
+    def forget_pending(self, name: str) -> None:
+        with self.lock:
+            self.pending.pop(name, None)
+
+    def in_ram(self) -> list[str]:
+        """Names in RAM, least recently used first."""
+        with self.lock:
+            return list(self.ram)
+
+    # ------------------------------------------------------------------------- model
+
+    def on_model(self, model: nn.Module) -> list[str]:
+        """Adapters this store attached to `model`, least recently used first."""
+        return list(self.slots.get(model, {}))
+
+    def attach(self, model: nn.Module, names: Iterable[str]) -> None:
+        """Make all of `names` present on `model` (e.g. the adapters of one routed batch), evicting the
+        least recently used others beyond `max_device`. The set of active adapters is kept."""
+        wanted = list(dict.fromkeys(names))
+        if len(wanted) > self.max_device:
+            raise ValueError(f"{len(wanted)} adapters requested at once but the model has {self.max_device} slots")
+        slots = self.slots.setdefault(model, OrderedDict())
+        missing = [n for n in wanted if n not in slots]
+        self.counts["device_hits"] += len(wanted) - len(missing)
+        self.counts["device_misses"] += len(missing)
+        for name in [n for n in slots if n not in wanted][: max(0, len(slots) + len(missing) - self.max_device)]:
+            self.detach(model, name)
+            self.counts["device_evictions"] += 1
+        active = active_adapters(model)
+        try:
+            for name in missing:
+                load_adapter(model, self.get(name), name=name, force=self.force)
+                slots[name] = None
+        finally:  # loading activates an adapter: put the active set back, even after a failed load
+            set_active(model, [n for n in active if n in getattr(model, "lorakit_specs", {})])
+        for name in wanted:
+            slots.move_to_end(name)
+
+    def activate(self, model: nn.Module, name: str) -> str:
+        """Attach adapter `name` to `model` (evicting as needed) and make it the only active one."""
+        self.attach(model, [name])
+        set_active(model, [name])
+        return name
+
+    def detach(self, model: nn.Module, name: str) -> None:
+        """Take adapter `name` off `model`."""
+        remove_adapter(model, name)
+        self.slots.get(model, OrderedDict()).pop(name, None)
+
+    # ------------------------------------------------------------------------- report
+
+    def stats(self) -> dict[str, float]:
+        """Counts of hits, misses, evictions, reads and prefetches, and the two hit rates."""
+        with self.lock:
+            counts = dict(self.counts)
+            in_ram, ram_bytes = len(self.ram), self.ram_bytes
+        keys = ("ram_hits", "ram_misses", "device_hits", "device_misses", "ram_evictions", "device_evictions",
+                "disk_reads", "prefetches")
+        out: dict[str, float] = {k: counts.get(k, 0) for k in keys}
+        for level in ("ram", "device"):
+            looked = out[f"{level}_hits"] + out[f"{level}_misses"]
+            out[f"{level}_hit_rate"] = out[f"{level}_hits"] / looked if looked else 0.0
+        out["in_ram"], out["ram_bytes"] = in_ram, ram_bytes
+        return out
+
+    def close(self) -> None:
+        """Wait for running prefetches and stop the background thread."""
+        self.pool.shutdown(wait=True)
+
+    def __enter__(self) -> AdapterStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,102 @@
+"""`lorakit bench` in quick mode (tiny random model): the records' schema and arithmetic, never timings."""
+
+from __future__ import annotations
+
+import importlib
+import json
+
+import pytest
+
+from lorakit.bench.peers import need
+from lorakit.bench.run import DEFAULT_SCENARIOS, run_bench
+from lorakit.cli import main
+
+SIDE_KEYS = {"name", "seconds"}
+TOP_KEYS = {"scenario", "ours", "peer", "ratios", "reference", "config", "env"}
+
+
+def check_record(record: dict) -> None:
+    assert set(record) >= TOP_KEYS
+    for side in ("ours", "peer"):
+        assert set(record[side]) >= SIDE_KEYS and record[side]["seconds"] > 0
+    assert record["ours"]["name"] == "lorakit" and record["peer"]["name"]
+    shared = [k for k in record["ours"] if k != "name" and k in record["peer"]]
+    assert set(record["ratios"]) == set(shared) and "seconds" in shared
+    for k, ratio in record["ratios"].items():
+        assert ratio == record["ours"][k] / record["peer"][k], k
+    assert record["config"]["threads"] == record["env"]["threads"] == 1
+    assert {"torch", "date", "loadavg_1m_before"} <= set(record["env"])
+
+
+@pytest.fixture(scope="module")
+def quick_records(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("bench") / "bench.jsonl"
+    printed: list[str] = []
+    returned = run_bench(reps=1, warmup=1, threads=1, json_out=out, quick=True, memory=False, log=printed.append)
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert records == returned and len(printed) == len(records)
+    return records
+
+
+def test_one_record_per_scenario_with_consistent_ratios(quick_records):
+    assert [r["scenario"] for r in quick_records] == list(DEFAULT_SCENARIOS)
+    for record in quick_records:
+        check_record(record)
+
+
+def test_training_tables_carry_forward_and_floor_of_the_same_batch(quick_records):
+    for record in (r for r in quick_records if r["scenario"].startswith("train-")):
+        assert set(record["reference"]) == {"forward", "floor"}
+        floor = record["reference"]["floor"]["seconds"]
+        for side in ("ours", "peer"):
+            assert record[side]["over_floor"] == record[side]["seconds"] / floor
+            assert record[side]["tokens_per_s"] == record["config"]["batch"] * record["config"]["seq"] / \
+                record[side]["seconds"]
+        # a fresh adapter (B = 0) changes nothing: both sides' first loss is the base's, by the same definition
+        assert record["ours"]["first_loss"] == pytest.approx(record["peer"]["first_loss"], rel=1e-5)
+
+
+def test_quant_and_merge_report_their_own_metrics(quick_records):
+    by_name = {r["scenario"]: r for r in quick_records}
+    assert {"quantize_s", "dequantize_s"} <= set(by_name["quant"]["ratios"])
+    assert "tokens_per_s" not in by_name["merge"]["ours"]
+
+
+def test_peak_rss_is_measured_per_side_in_its_own_process(tmp_path):
+    (record,) = run_bench(["merge"], reps=1, warmup=0, threads=1, quick=True, log=lambda s: None)
+    check_record(record)
+    for side in ("ours", "peer"):
+        assert record[side]["peak_rss"] > 0 and record[side]["setup_peak_rss"] > 0
+    assert record["ratios"]["peak_rss"] == record["ours"]["peak_rss"] / record["peer"]["peak_rss"]
+
+
+def test_cli_runs_a_scenario_and_rejects_unknown_ones(tmp_path, capsys):
+    out = tmp_path / "q.jsonl"
+    assert main(["bench", "quant", "--quick", "--no-memory", "--reps", "1", "--threads", "1", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["scenario"] == "quant"
+    assert "lorakit / bitsandbytes" in capsys.readouterr().out
+    assert main(["bench", "train", "--quick"]) == 2
+    assert "unknown scenario" in capsys.readouterr().err
+
+
+def test_a_missing_peer_says_what_to_install(monkeypatch):
+    real = importlib.import_module
+
+    def fake(name, *args):
+        if name == "peft":
+            raise ImportError("No module named 'peft'")
+        return real(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", fake)
+    with pytest.raises(ImportError, match="pip install peft"):
+        need("peft")
+
+
+def test_kernel_preview_keeps_the_loss(monkeypatch):
+    import lorakit.quant.linear4bit
+
+    monkeypatch.setattr(lorakit.quant.linear4bit, "dequantize_4bit", lorakit.quant.linear4bit.dequantize_4bit)
+    records = run_bench(["train-qlora"], reps=1, warmup=1, threads=1, quick=True, memory=False, kernels=True,
+                        log=lambda s: None)
+    assert records[0]["config"]["kernels"] is True
+    assert records[0]["ours"]["first_loss"] == pytest.approx(records[0]["peer"]["first_loss"], rel=1e-5)

@@ -1,0 +1,173 @@
+"""Mixed-adapter batches: every row must equal running it alone with only its own adapter active."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lorakit
+from conftest import tiny_llama
+from lorakit.adapters.dora import DoraAdapter
+from lorakit.adapters.layer import lora_layers
+from lorakit.quant.linear4bit import quantize_model
+
+ROWS = ["a", "b", None, "a", "c", "b"]
+
+
+def with_adapters(model: nn.Module, specs: dict[str, lorakit.LoraSpec], seed: int = 1) -> nn.Module:
+    """Inject each named adapter and give every factor (and DoRA magnitude) values that show."""
+    for name, spec in specs.items():
+        lorakit.inject(model, spec, name=name)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            for adapter in layer.adapters.values():
+                for p in (adapter.lora_A, adapter.lora_B):
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+                if isinstance(adapter, DoraAdapter):
+                    adapter.magnitude.mul_(1 + 0.2 * torch.randn(adapter.magnitude.shape, generator=g))
+    return model
+
+
+def three_adapters(base: nn.Module, kind_c: str = "lora") -> nn.Module:
+    """Different ranks and targets: a (r=2, all linears), b (r=4, embedding + MLP), c (r=3, attention)."""
+    return with_adapters(base, {
+        "a": lorakit.LoraSpec(r=2, alpha=4),
+        "b": lorakit.LoraSpec(r=4, alpha=4, targets=["embed_tokens", "down_proj", "up_proj"]),
+        "c": lorakit.LoraSpec(r=3, alpha=6, targets=["q_proj", "v_proj", "o_proj"], kind=kind_c),
+    })
+
+
+def alone(model: nn.Module, name: str | None, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of one batch with only adapter `name` active (None = base)."""
+    lorakit.set_active(model, [] if name is None else [name])
+    return model(ids).logits
+
+
+def tokens(rows: int, length: int = 7, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, 128, (rows, length), generator=torch.Generator().manual_seed(seed))
+
+
+def check_rows_equal_alone(model: nn.Module, rows: list[str | None]) -> None:
+    ids = tokens(len(rows))
+    with torch.no_grad(), lorakit.route(model, rows):
+        mixed = model(ids).logits  # [rows, T, vocab]
+    with torch.no_grad():
+        base = alone(model, None, ids)
+        for i, name in enumerate(rows):
+            torch.testing.assert_close(mixed[i], alone(model, name, ids[i : i + 1])[0], rtol=1e-5, atol=1e-5)
+            if name is not None:  # the check can fail: each adapter really changes its row
+                assert (mixed[i] - base[i]).abs().max() > 1e-2
+
+
+def test_mixed_lora_ranks_and_targets_equal_each_row_alone():
+    check_rows_equal_alone(three_adapters(tiny_llama()), ROWS)
+
+
+def test_mixed_with_dora_equals_each_row_alone():
+    check_rows_equal_alone(three_adapters(tiny_llama(), kind_c="dora"), ROWS)
+
+
+def test_mixed_over_4bit_base_equals_each_row_alone():
+    base = quantize_model(tiny_llama(), quant_type="nf4", blocksize=32, double_quant=True)
+    model = three_adapters(base, kind_c="dora")
+    assert model.model.layers[0].self_attn.q_proj.kind == "linear4bit"
+    check_rows_equal_alone(model, ROWS)
+
+
+def test_one_adapter_for_all_rows_and_all_base_rows():
+    model = three_adapters(tiny_llama())
+    check_rows_equal_alone(model, ["c", "c", "c"])
+    check_rows_equal_alone(model, [None, None])
+
+
+def test_route_ignores_active_set_and_restores_it():
+    model = three_adapters(tiny_llama())
+    lorakit.set_active(model, ["a", "b"])
+    ids = tokens(2)
+    with torch.no_grad():
+        with lorakit.route(model, [None, None]):
+            routed = model(ids).logits
+        torch.testing.assert_close(routed, alone(model, None, ids))
+    assert all(layer.routing is None for _, layer in lora_layers(model))
+
+
+def test_generate_under_route_equals_each_row_alone():
+    """Left-padded prompts of different lengths, greedy decoding through the KV cache."""
+    model = three_adapters(tiny_llama())
+    rows = ["a", None, "c", "b"]
+    prompts = [tokens(1, n, seed=n)[0] for n in (5, 8, 3, 6)]
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :], mask[i, width - len(p) :] = p, 1
+    greedy = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad(), lorakit.route(model, rows):
+        mixed = model.generate(ids, attention_mask=mask, **greedy)[:, width:]
+    with torch.no_grad():
+        for i, (name, p) in enumerate(zip(rows, prompts, strict=True)):
+            lorakit.set_active(model, [] if name is None else [name])
+            single = model.generate(p[None], attention_mask=torch.ones(1, len(p), dtype=torch.long), **greedy)
+            assert mixed[i].tolist() == single[0, len(p) :].tolist(), f"row {i} ({name})"
+    assert len({tuple(r.tolist()) for r in mixed}) > 1  # the adapters make the rows differ
+
+
+def adapter_grads(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    return {f"{path}.{k}": p.grad.clone() for path, layer in lora_layers(model) if name in layer.adapters
+            for k, p in layer.adapters[name].named_parameters()}
+
+
+def loss_sum(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy summed over rows and tokens (so rows add, whatever the batch)."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
+
+
+def test_backward_trains_each_adapter_as_if_alone():
+    model = three_adapters(tiny_llama(), kind_c="dora")
+    ids = tokens(len(ROWS))
+    with lorakit.route(model, ROWS):
+        loss_sum(model(ids).logits, ids).backward()
+    mixed = {name: adapter_grads(model, name) for name in ("a", "b", "c")}
+    for name in ("a", "b", "c"):
+        model.zero_grad()
+        rows = [i for i, n in enumerate(ROWS) if n == name]
+        loss_sum(alone(model, name, ids[rows]), ids[rows]).backward()
+        own = adapter_grads(model, name)
+        assert own.keys() == mixed[name].keys()
+        for key, grad in own.items():
+            assert grad.abs().max() > 0, key
+            torch.testing.assert_close(mixed[name][key], grad, rtol=1e-5, atol=1e-5, msg=key)
+
+
+def test_route_refuses_what_it_cannot_honour():
+    model = three_adapters(tiny_llama())
+    with pytest.raises(ValueError, match="unknown adapter 'zz'"), lorakit.route(model, ["a", "zz"]):
+        pass
+    with lorakit.route(model, ["a", "b"]):
+        with pytest.raises(ValueError, match="routed for 2 rows but a layer got 3"):
+            model(tokens(3))
+        with pytest.raises(ValueError, match="do not nest"), lorakit.route(model, ["a", "b"]):
+            pass
+    lorakit.merge(model, ["a"])
+    with pytest.raises(ValueError, match="merged into the base weight"), lorakit.route(model, ["a", "b"]):
+        pass
+
+
+def test_module_copies_are_refused_for_routed_rows_and_off_for_others():
+    model = three_adapters(tiny_llama())
+    lorakit.inject(model, lorakit.LoraSpec(r=2, targets=["q_proj"], modules_to_save=["lm_head"]), name="d")
+    with torch.no_grad():
+        model.lm_head.lora_copies.copies["d"].weight.mul_(2)  # "d" now changes every row through its head
+    with pytest.raises(ValueError, match="replaces the whole module 'lm_head'"), lorakit.route(model, ["d"]):
+        pass
+    lorakit.set_active(model, ["a", "d"])
+    ids = tokens(2)
+    with torch.no_grad(), lorakit.route(model, ["a", None]):
+        mixed = model(ids).logits
+    assert model.lm_head.lora_copies.active == ["d"]  # switched off while routed, back after
+    with torch.no_grad():  # d's head copy reached no row
+        torch.testing.assert_close(mixed[0], alone(model, "a", ids[:1])[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(mixed[1], alone(model, None, ids[1:])[0], rtol=1e-5, atol=1e-5)
