@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 import torch
 import yaml
@@ -86,7 +85,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from lorakit.adapters.merge import merge_and_unload
-    from lorakit.atomic import atomic_dir
+    from lorakit.export import write_merged_folder
     from lorakit.quant.checkpoint import save_4bit
 
     model, tokenizer = load_with_adapter(args.base, args.adapter)
@@ -95,12 +94,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         error = requantize(merged, args.requantize)
         print(f"re-quantizing to {args.requantize} adds a relative weight error of {error['mean']:.4f} "
               f"(mean over {error['layers']} layers, worst {error['max']:.4f} in {error['worst']})")
-
-    def fill(tmp: Path) -> None:
-        (save_4bit if args.requantize else type(merged).save_pretrained)(merged, tmp)
-        tokenizer.save_pretrained(tmp)
-
-    atomic_dir(args.out, fill)
+    write_merged_folder(merged, tokenizer, args.out, writer=save_4bit if args.requantize else None)
     print(f"merged model written to {args.out}")
     return 0
 

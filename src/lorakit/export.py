@@ -29,14 +29,15 @@ ARCHITECTURES = ("llama",)  # model_type values whose tensor layout this writer 
 # ----------------------------------------------------------------------------- merged HF folder
 
 
-def write_merged_folder(model: nn.Module, tokenizer, out: str | Path, dtype: str = "f32") -> Path:
-    """A plain transformers folder (safetensors, config, generation config, tokenizer) in `dtype`."""
+def write_merged_folder(model: nn.Module, tokenizer, out: str | Path, dtype: str = "f32", writer=None) -> Path:
+    """A plain transformers folder (safetensors, config, generation config, tokenizer) in `dtype`,
+    written atomically; `writer(model, folder)` replaces save_pretrained (e.g. a 4-bit writer)."""
     if dtype not in TORCH_DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {sorted(TORCH_DTYPES)}")
     model = model.to(TORCH_DTYPES[dtype])
 
     def fill(tmp: Path) -> None:
-        model.save_pretrained(tmp)
+        (writer or type(model).save_pretrained)(model, tmp)
         tokenizer.save_pretrained(tmp)
 
     atomic_dir(out, fill)
