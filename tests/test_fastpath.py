@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import lorakit
-from conftest import randomize_adapters, tiny_llama
+from conftest import randomize_adapters, tiny_gpt2, tiny_llama
 from lorakit.adapters.layer import lora_layers
+from lorakit.bench.ours import use_kernels
 from lorakit.data.encode import IGNORE
 from lorakit.kernels.dequant import dequantize_4bit_bytes
 from lorakit.kernels.linear_ce import linear_cross_entropy
@@ -64,13 +67,16 @@ def test_linear_cross_entropy_scales_by_the_upstream_gradient():
 
 
 @pytest.mark.parametrize("shape", [(7, 12), (2, 5, 12)])
-def test_lora_linear_equals_the_formula(shape):
+@pytest.mark.parametrize("inplace", [False, True])
+def test_lora_linear_equals_the_formula(shape, inplace):
     g = torch.Generator().manual_seed(1)
     x, base_out = torch.randn(*shape, generator=g), torch.randn(*shape[:-1], 9, generator=g)
     a, b = torch.randn(4, 12, generator=g), torch.randn(9, 4, generator=g)
-    sum_of = lambda fn: lambda *t: (fn(*t, 0.75) * torch.linspace(-1, 1, 9)).sum()
-    fast = loss_and_grads(sum_of(lora_linear), x, base_out, a, b)
-    plain = loss_and_grads(sum_of(lora_linear_reference), x, base_out, a, b)
+    weights = torch.linspace(-1, 1, 9)
+    # `base * 1.0`: a non-leaf base output, as a layer's is (a leaf cannot be changed in place)
+    fast = loss_and_grads(lambda x, base, a, b: (lora_linear(x, base * 1.0, a, b, 0.75, inplace) * weights).sum(),
+                          x, base_out, a, b)
+    plain = loss_and_grads(lambda *t: (lora_linear_reference(*t, 0.75) * weights).sum(), x, base_out, a, b)
     assert_rel(fast[0], plain[0])
     for got, want in zip(fast[1], plain[1], strict=True):
         assert_rel(got, want)
@@ -114,29 +120,17 @@ def test_training_loss_and_lora_gradients_equal_the_plain_path(monkeypatch):
         assert_rel(fast_grads[name], grad, msg=name)
 
 
-def lora_linear_forward(layer):
-    """LoraLayer.forward with every active linear adapter through `lora_linear` (the wiring to check)."""
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        y = layer.base_module(x)
-        for name in layer.active:
-            if name not in layer.merged:
-                adapter = layer.adapters[name]
-                y = lora_linear(adapter.dropout(x), y, adapter.lora_A, adapter.lora_B, adapter.scale)
-        return y
-
-    return forward
-
-
-def test_lora_linear_in_every_layer_gives_the_same_gradients():
-    model = lorakit.inject(tiny_llama(), lorakit.LoraSpec(r=4, alpha=8))
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])  # Linear (with and without bias) and Conv1D bases
+def test_lora_linear_in_every_layer_gives_the_same_gradients(make, monkeypatch):
+    monkeypatch.setattr("lorakit.quant.linear4bit.dequantize_4bit", dequantize_4bit)  # undone after the test
+    model = lorakit.inject(make(), lorakit.LoraSpec(r=4, alpha=8, targets="all-linear"))
     randomize_adapters(model)
     batch = supervised_batch(1)
     loss_sum(model, batch).backward()
     plain_grads = lora_grads(model)
     model.zero_grad()
-    for _, layer in lora_layers(model):
-        layer.forward = lora_linear_forward(layer)
+    use_kernels(model)  # the wiring proposed for LoraLayer.forward
+    assert all(isinstance(layer.forward, functools.partial) for _, layer in lora_layers(model))
     loss_sum(model, batch).backward()
     for name, grad in lora_grads(model).items():
         assert_rel(grad, plain_grads[name], msg=name)

@@ -110,11 +110,13 @@ def lorakit_qlora_train(w: Workload) -> Task:
 
 
 def use_kernels(model: nn.Module) -> None:
-    """Preview of the proposed wiring, until the library does it itself: every active linear adapter
-    adds its update through `kernels.lora_linear` (one autograd node, rank-sized intermediates), and
-    4-bit weights are dequantized by `kernels.dequant` (byte table; same bits)."""
+    """Preview of the proposed wiring, until the library does it itself: in every LoRA layer whose
+    adapters are all plain linear LoRA, each active adapter adds its update through
+    `kernels.lora_linear` (one autograd node, rank-sized intermediates; in place when it is the only
+    one), and 4-bit weights are dequantized by `kernels.dequant` (byte table; same bits)."""
     import lorakit.quant.linear4bit
     from lorakit.adapters.layer import lora_layers
+    from lorakit.adapters.lora import LoraAdapter
     from lorakit.kernels.dequant import dequantize_4bit_bytes
     from lorakit.kernels.lora_linear import lora_linear
 
@@ -122,14 +124,15 @@ def use_kernels(model: nn.Module) -> None:
 
     def forward(layer, x: torch.Tensor) -> torch.Tensor:
         y = layer.base_module(x)
-        for name in layer.active:
-            if name not in layer.merged:
-                a = layer.adapters[name]
-                y = a(x).to(y.dtype) + y if a.embedding else lora_linear(a.dropout(x), y, a.lora_A, a.lora_B, a.scale)
+        names = [n for n in layer.active if n not in layer.merged]
+        for name in names:
+            a = layer.adapters[name]
+            y = lora_linear(a.dropout(x), y, a.lora_A, a.lora_B, a.scale, inplace=len(names) == 1)
         return y
 
     for _, layer in lora_layers(model):
-        layer.forward = functools.partial(forward, layer)
+        if all(type(a) is LoraAdapter and not a.embedding for a in layer.adapters.values()):
+            layer.forward = functools.partial(forward, layer)
 
 
 def randomize_lora_B(factors: list[torch.Tensor], seed: int) -> None:

@@ -23,9 +23,15 @@ import torch
 from torch import Tensor
 
 
-def lora_linear(x: Tensor, base_out: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float) -> Tensor:
-    """base_out + scale * (x A^T) B^T for x [..., in], base_out [..., out]; differentiable in all four."""
-    return _LoraLinear.apply(x, base_out, lora_A, lora_B, scale)
+def lora_linear(
+    x: Tensor, base_out: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, inplace: bool = False
+) -> Tensor:
+    """base_out + scale * (x A^T) B^T for x [..., in], base_out [..., out]; differentiable in all four.
+
+    `inplace` adds into base_out itself (no [tokens, out] copy): only for a base_out nobody else
+    reads afterwards, e.g. a layer's output with one plain LoRA adapter active.
+    """
+    return _LoraLinear.apply(base_out, x, lora_A, lora_B, scale, inplace)
 
 
 def lora_linear_reference(x: Tensor, base_out: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float) -> Tensor:
@@ -35,23 +41,30 @@ def lora_linear_reference(x: Tensor, base_out: Tensor, lora_A: Tensor, lora_B: T
 
 
 class _LoraLinear(torch.autograd.Function):
+    """base_out comes first: autograd expects the tensor a function changes in place there (when that
+    tensor is a view, e.g. a Conv1D output, its history is rebased on the first input's gradient)."""
+
     @staticmethod
-    def forward(ctx, x: Tensor, base_out: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float) -> Tensor:
+    def forward(ctx, base_out: Tensor, x: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float,
+                inplace: bool) -> Tensor:  # fmt: skip
         x2 = x.reshape(-1, x.shape[-1])  # [tokens, in]
         hs = (x2.to(lora_A.dtype) @ lora_A.T).mul_(scale)  # [tokens, r]
-        base2 = base_out.reshape(-1, base_out.shape[-1])  # [tokens, out]
-        if base_out.dtype == lora_B.dtype:
-            y = torch.addmm(base2, hs, lora_B.T)  # one [tokens, out] tensor
-        else:
-            y = base2 + (hs @ lora_B.T).to(base_out.dtype)
         ctx.save_for_backward(x, hs, lora_A, lora_B)
         ctx.scale = scale
-        return y.view(base_out.shape)
+        same_dtype = base_out.dtype == lora_B.dtype
+        if inplace and same_dtype and base_out.is_contiguous():
+            ctx.mark_dirty(base_out)
+            base_out.view(-1, base_out.shape[-1]).addmm_(hs, lora_B.T)  # accumulate into base_out
+            return base_out
+        base2 = base_out.reshape(-1, base_out.shape[-1])  # [tokens, out]
+        if same_dtype:
+            return torch.addmm(base2, hs, lora_B.T).view(base_out.shape)  # one new [tokens, out] tensor
+        return (base2 + (hs @ lora_B.T).to(base_out.dtype)).view(base_out.shape)
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
         x, hs, lora_A, lora_B = ctx.saved_tensors
-        need_x, need_base, need_A, need_B = ctx.needs_input_grad[:4]
+        need_base, need_x, need_A, need_B = ctx.needs_input_grad[:4]
         g = grad_y.reshape(-1, grad_y.shape[-1]).to(lora_B.dtype)  # [tokens, out]
         grad_x = grad_A = grad_B = None
         if need_x or need_A:
@@ -62,4 +75,4 @@ class _LoraLinear(torch.autograd.Function):
                 grad_A = dh.T @ x.reshape(-1, x.shape[-1]).to(lora_A.dtype)  # [r, in]
         if need_B:
             grad_B = g.T @ hs  # [out, r]
-        return grad_x, grad_y if need_base else None, grad_A, grad_B, None
+        return grad_y if need_base else None, grad_x, grad_A, grad_B, None, None
