@@ -96,7 +96,11 @@ def test_kernel_preview_keeps_the_loss(monkeypatch):
     import lorakit.quant.linear4bit
 
     monkeypatch.setattr(lorakit.quant.linear4bit, "dequantize_4bit", lorakit.quant.linear4bit.dequantize_4bit)
-    records = run_bench(["train-qlora"], reps=1, warmup=1, threads=1, quick=True, memory=False, kernels=True,
-                        log=lambda s: None)
-    assert records[0]["config"]["kernels"] is True
-    assert records[0]["ours"]["first_loss"] == pytest.approx(records[0]["peer"]["first_loss"], rel=1e-5)
+    (record,) = run_bench(["train-qlora"], reps=1, warmup=1, threads=1, quick=True, memory=False, kernels=True,
+                          log=lambda s: None)
+    check_record(record)
+    assert record["config"]["kernels"] is True and set(record["reference"]) == {"forward", "floor", "shipped"}
+    shipped = record["reference"]["shipped"]  # lorakit without the preview, measured in the same run
+    assert shipped["over_floor"] == shipped["seconds"] / record["reference"]["floor"]["seconds"]
+    for side in (record["ours"], shipped):
+        assert side["first_loss"] == pytest.approx(record["peer"]["first_loss"], rel=1e-5)

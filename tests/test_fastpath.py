@@ -14,6 +14,7 @@ from conftest import randomize_adapters, tiny_gpt2, tiny_llama
 from lorakit.adapters.layer import lora_layers
 from lorakit.bench.ours import use_kernels
 from lorakit.data.encode import IGNORE
+from lorakit.kernels import dequant
 from lorakit.kernels.dequant import dequantize_4bit_bytes
 from lorakit.kernels.linear_ce import linear_cross_entropy
 from lorakit.kernels.lora_linear import lora_linear, lora_linear_reference
@@ -153,3 +154,22 @@ def test_byte_table_dequantization_is_bit_exact(quant_type, blocksize, nested, s
     packed, state = quantize_4bit(w, quant_type, blocksize, nested)
     for dtype in (torch.float32, torch.bfloat16):
         assert torch.equal(dequantize_4bit_bytes(packed, state, dtype), dequantize_4bit(packed, state, dtype))
+
+
+def test_compiled_dequantization_falls_back_to_the_byte_table(monkeypatch):
+    def fail():
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(dequant, "compiled_codes", fail)
+    monkeypatch.setitem(dequant.COMPILE, "ok", True)
+    packed, state = quantize_4bit(torch.randn(8, 64, generator=torch.Generator().manual_seed(5)), "nf4", 64, True)
+    with pytest.warns(UserWarning, match="byte table"):
+        out = dequant.dequantize_4bit_compiled(packed, state)
+    assert torch.equal(out, dequantize_4bit(packed, state)) and dequant.COMPILE["ok"] is False
+
+
+@pytest.mark.slow
+def test_compiled_dequantization_is_bit_exact():
+    packed, state = quantize_4bit(torch.randn(48, 64, generator=torch.Generator().manual_seed(6)), "nf4", 64, True)
+    assert torch.equal(dequant.dequantize_4bit_compiled(packed, state), dequantize_4bit(packed, state))
+    assert dequant.COMPILE["ok"]

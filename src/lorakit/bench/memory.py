@@ -14,13 +14,13 @@ def main(request: str) -> int:
     import torch
 
     from lorakit.bench.measure import measure_memory_here
-    from lorakit.bench.scenarios import SCENARIOS
+    from lorakit.bench.scenarios import sides_of
     from lorakit.bench.workload import Workload
 
     spec = json.loads(request)
     w = Workload(**spec["workload"])
     torch.set_num_threads(w.threads)
-    task = SCENARIOS[spec["scenario"]].sides[spec["side"]](w)
+    task = sides_of(spec["scenario"], w)[spec["side"]](w)
     print(json.dumps(measure_memory_here(task, spec["runs"])))
     return 0
 

@@ -68,7 +68,9 @@ def lorakit_forward(w: Workload) -> Task:
     lorakit.inject(model, lora_spec(w))
     if w.kernels:
         use_kernels(model)
-    return forward_task(model.eval(), make_batch(w, model.config.vocab_size))
+    task = forward_task(model.eval(), make_batch(w, model.config.vocab_size))
+    task.reset = functools.partial(select_dequantize, w.kernels)
+    return task
 
 
 def train_step_task(model: nn.Module, batch: dict[str, torch.Tensor], lr: float, loss_fn) -> Task:
@@ -102,25 +104,34 @@ def lorakit_train(w: Workload, quantized: bool = False) -> Task:
     model.train()
     batch = make_batch(w, model.config.vocab_size)
     n = supervised_tokens(batch)
-    return train_step_task(model, batch, w.lr, lambda: loss_sum(model, batch) / n)
+    task = train_step_task(model, batch, w.lr, lambda: loss_sum(model, batch) / n)
+    task.reset = functools.partial(select_dequantize, w.kernels)
+    return task
 
 
 def lorakit_qlora_train(w: Workload) -> Task:
     return lorakit_train(w, quantized=True)
 
 
+def select_dequantize(kernels: bool) -> None:
+    """Preview of the proposed 4-bit wiring: `_Linear4bitFn` dequantizes through `kernels.dequant`
+    (compiled, else a byte table; same bits) or, as shipped, through `quant.nf4`. The switch is a
+    module global, so every lorakit task sets it before each of its runs (as its untimed reset)."""
+    import lorakit.quant.linear4bit
+    from lorakit.kernels.dequant import dequantize_4bit_compiled
+    from lorakit.quant.nf4 import dequantize_4bit
+
+    lorakit.quant.linear4bit.dequantize_4bit = dequantize_4bit_compiled if kernels else dequantize_4bit
+
+
 def use_kernels(model: nn.Module) -> None:
     """Preview of the proposed wiring, until the library does it itself: in every LoRA layer whose
     adapters are all plain linear LoRA, each active adapter adds its update through
     `kernels.lora_linear` (one autograd node, rank-sized intermediates; in place when it is the only
-    one), and 4-bit weights are dequantized by `kernels.dequant` (byte table; same bits)."""
-    import lorakit.quant.linear4bit
+    one). For 4-bit weights see `select_dequantize`."""
     from lorakit.adapters.layer import lora_layers
     from lorakit.adapters.lora import LoraAdapter
-    from lorakit.kernels.dequant import dequantize_4bit_bytes
     from lorakit.kernels.lora_linear import lora_linear
-
-    lorakit.quant.linear4bit.dequantize_4bit = dequantize_4bit_bytes  # what _Linear4bitFn calls
 
     def forward(layer, x: torch.Tensor) -> torch.Tensor:
         y = layer.base_module(x)

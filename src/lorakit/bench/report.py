@@ -14,7 +14,9 @@ from lorakit.bench.scenarios import Scenario
 from lorakit.bench.workload import Workload
 
 MIB = 1 << 20
-REFERENCE_NAMES = {"forward": "frozen base, no grad", "floor": "frozen fwd + bwd to inputs, supervised head"}
+REFERENCE_NAMES = {"forward": "frozen base, no grad", "floor": "frozen fwd + bwd to inputs, supervised head",
+                   "shipped": "lorakit without the --kernels preview"}
+UNITS = ("forward", "floor")  # references every other side is also given as a multiple of
 
 
 def side_metrics(name: str, timing: dict[str, float], memory: dict, w: Workload, scenario: Scenario,
@@ -37,10 +39,11 @@ def ratios(ours: dict, peer: dict) -> dict[str, float]:
 
 def make_record(name: str, scenario: Scenario, timings: dict[str, dict[str, float]], memory: dict[str, dict],
                 w: Workload, config: dict, env: dict) -> dict:
-    references = {side: t for side, t in timings.items() if side in REFERENCE_NAMES}
+    units = {side: t for side, t in timings.items() if side in UNITS}
     metrics = lambda side, label: side_metrics(label, timings[side], memory.get(side, {}), w, scenario,
-                                               references if side not in REFERENCE_NAMES else {})
+                                               {} if side in UNITS else units)
     ours, peer = metrics("ours", "lorakit"), metrics("peer", scenario.peer_name())
+    references = [side for side in timings if side in REFERENCE_NAMES]
     return {
         "scenario": name,
         "ours": ours,

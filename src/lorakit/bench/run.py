@@ -14,7 +14,7 @@ import torch
 from lorakit.atomic import atomic_write_text
 from lorakit.bench.measure import measure_memory, medians, profile_sides, time_sides
 from lorakit.bench.report import environment, make_record, table
-from lorakit.bench.scenarios import SCENARIOS
+from lorakit.bench.scenarios import SCENARIOS, sides_of
 from lorakit.bench.workload import QUICK, Workload, resolve_model
 
 DEFAULT_SCENARIOS = ("forward", "floor", "train-lora", "train-qlora", "merge", "quant")
@@ -55,12 +55,13 @@ def run_scenario(name: str, w: Workload, reps: int, warmup: int, memory: bool, p
     scenario = SCENARIOS[name]
     load_before = os.getloadavg()
     torch.manual_seed(w.seed)
-    tasks = {side: build(w) for side, build in scenario.sides.items()}
+    builders = sides_of(name, w)
+    tasks = {side: build(w) for side, build in builders.items()}
     timings = {side: medians(samples) for side, samples in time_sides(tasks, reps, warmup).items()}
     profiles = profile_sides(tasks, profile) if profile else None
     del tasks
     gc.collect()
-    mem = {side: measure_memory(name, side, w, scenario.memory_runs) for side in scenario.sides} if memory else {}
+    mem = {side: measure_memory(name, side, w, scenario.memory_runs) for side in builders} if memory else {}
     env = {**environment(w.threads), "loadavg_1m_before": load_before[0], "loadavg_1m_after": os.getloadavg()[0]}
     config = {"reps": reps, "warmup": warmup, "memory_runs": scenario.memory_runs if memory else 0}
     record = make_record(name, scenario, timings, mem, w, config, env)
