@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 
@@ -161,14 +162,33 @@ def add_export_parser(sub) -> None:
     g.set_defaults(func=cmd_export)
 
 
+# `lorakit bench SUITE`: suites that are not one ours-vs-peer batch; each module has
+# `run(args: argparse.Namespace) -> list[dict]` (records, also written to --json); it reads the common
+# options (--reps, --warmup, --threads, --json, --quick, --no-memory) and its own `--set KEY=VALUE`s.
+BENCH_SUITES = {
+    "qlora": "lorakit.bench.qlora",
+    "multi": "lorakit.bench.multi",
+    "variants": "lorakit.bench.variants",
+    "longlora": "lorakit.bench.longlora",
+    "ddp": "lorakit.bench.ddp",
+    "gpu": "lorakit.bench.gpu",
+}
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from lorakit.bench.run import run_bench
 
+    suites = [s for s in args.scenarios if s in BENCH_SUITES]
     try:
+        if suites:
+            if len(args.scenarios) > 1:
+                raise ValueError(f"bench suite {suites[0]!r} runs alone; got {args.scenarios}")
+            importlib.import_module(BENCH_SUITES[suites[0]]).run(args)
+            return 0
         run_bench(args.scenarios, reps=args.reps, warmup=args.warmup, threads=args.threads, json_out=args.json,
                   quick=args.quick, memory=not args.no_memory, profile=args.profile,
                   kernels=args.kernels)
-    except ImportError as e:
+    except (ImportError, ValueError) as e:
         print(f"lorakit: error: {e}", file=sys.stderr)
         return 2
     return 0
@@ -266,7 +286,8 @@ def parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="lorakit vs PEFT (+ bitsandbytes) side by side: times, memory, ratios")
     b.add_argument("scenarios", nargs="*", metavar="SCENARIO",
-                   help="forward, floor, train-lora, train-qlora, merge, quant (default: all)")
+                   help="forward, floor, train-lora, train-qlora, merge, quant (default: all); or one suite: "
+                   + ", ".join(BENCH_SUITES))
     b.add_argument("--json", metavar="OUT", help="write one JSON record per scenario per line")
     b.add_argument("--reps", type=int, default=3, help="timed repetitions per side (median reported)")
     b.add_argument("--warmup", type=int, default=1, help="untimed repetitions per side first")
@@ -277,6 +298,8 @@ def parser() -> argparse.ArgumentParser:
                    help="also profile one run of each side and list its N most expensive operators")
     b.add_argument("--kernels", action="store_true",
                    help="preview: lorakit's LoRA layers and 4-bit weights through lorakit.kernels")
+    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a suite's own setting, e.g. --set lengths=2048,4096 (each suite lists its keys)")
     b.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("serve", help="OpenAI-compatible server: /v1/models, /v1/completions, /v1/chat/completions")
