@@ -20,6 +20,9 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from lorakit import kernels
+from lorakit.adapters.lora import LoraAdapter
+from lorakit.kernels.lora_linear import lora_linear
 from lorakit.quant.linear4bit import Linear4bit, dequantize_weight
 
 
@@ -111,10 +114,17 @@ class LoraLayer(nn.Module):
         base_out = self.base_module(x)
         if self.routing is not None:  # a mixed-adapter batch: each row its own adapter
             return self.routing.apply(self, x, base_out)
+        names = [n for n in self.active if n not in self.merged]
+        fast = kernels.enabled() and not torch.is_autocast_enabled(x.device.type)
         y = base_out
-        for name in self.active:
-            if name not in self.merged:
-                y = y + self.adapters[name].contribution(x, base_out, self).to(y.dtype)
+        for name in names:
+            adapter = self.adapters[name]
+            if fast and type(adapter) is LoraAdapter and not adapter.embedding:
+                # one autograd node, rank-sized intermediates; adds in place when nothing else reads base_out
+                y = lora_linear(adapter.dropout(x), y, adapter.lora_A, adapter.lora_B, adapter.scale,
+                                inplace=len(names) == 1)
+            else:
+                y = y + adapter.contribution(x, base_out, self).to(y.dtype)
         return y
 
     def weight_oi(self, dtype: torch.dtype | None = None) -> torch.Tensor:
