@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,7 +10,6 @@ from torch import nn
 import lorakit
 from conftest import randomize_adapters, tiny_gpt2, tiny_llama
 from lorakit.adapters.layer import lora_layers
-from lorakit.bench.ours import use_kernels
 from lorakit.data.encode import IGNORE
 from lorakit.kernels import dequant
 from lorakit.kernels.dequant import dequantize_4bit_bytes
@@ -123,18 +120,38 @@ def test_training_loss_and_lora_gradients_equal_the_plain_path(monkeypatch):
 
 @pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])  # Linear (with and without bias) and Conv1D bases
 def test_lora_linear_in_every_layer_gives_the_same_gradients(make, monkeypatch):
-    monkeypatch.setattr("lorakit.quant.linear4bit.dequantize_4bit", dequantize_4bit)  # undone after the test
+    calls = []
+    monkeypatch.setattr("lorakit.adapters.layer.lora_linear", lambda *a, **k: calls.append(k) or lora_linear(*a, **k))
     model = lorakit.inject(make(), lorakit.LoraSpec(r=4, alpha=8, targets="all-linear"))
     randomize_adapters(model)
     batch = supervised_batch(1)
+    monkeypatch.setenv("LORAKIT_KERNELS", "0")  # the plain path: LoraAdapter.forward, then base_out + delta
     loss_sum(model, batch).backward()
     plain_grads = lora_grads(model)
     model.zero_grad()
-    use_kernels(model)  # the wiring proposed for LoraLayer.forward
-    assert all(isinstance(layer.forward, functools.partial) for _, layer in lora_layers(model))
+    assert calls == []
+    monkeypatch.setenv("LORAKIT_KERNELS", "1")
     loss_sum(model, batch).backward()
+    assert len(calls) == len(list(lora_layers(model))) and all(k["inplace"] for k in calls)
     for name, grad in lora_grads(model).items():
         assert_rel(grad, plain_grads[name], msg=name)
+
+
+def test_two_active_adapters_and_autocast_take_safe_paths(monkeypatch):
+    model = lorakit.inject(tiny_llama(), lorakit.LoraSpec(r=4, alpha=8, targets="all-linear"))
+    lorakit.inject(model, lorakit.LoraSpec(r=2, alpha=4, targets="all-linear"), name="other")
+    lorakit.set_active(model, ["default", "other"])
+    randomize_adapters(model)
+    batch = supervised_batch(1)
+    monkeypatch.setenv("LORAKIT_KERNELS", "0")
+    plain = loss_sum(model, batch)
+    monkeypatch.setenv("LORAKIT_KERNELS", "1")
+    assert_rel(loss_sum(model, batch), plain)  # two adapters: no in-place add, each still fused
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast_bf16 = loss_sum(model, batch)
+        monkeypatch.setenv("LORAKIT_KERNELS", "0")
+        plain_bf16 = loss_sum(model, batch)
+    assert torch.equal(fast_bf16, plain_bf16)  # under autocast the plain path is taken either way
 
 
 def test_a_trainable_head_copy_takes_the_module_path_and_gets_its_gradient():

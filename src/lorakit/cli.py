@@ -187,7 +187,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             return 0
         run_bench(args.scenarios, reps=args.reps, warmup=args.warmup, threads=args.threads, json_out=args.json,
                   quick=args.quick, memory=not args.no_memory, profile=args.profile,
-                  kernels=args.kernels)
+                  plain=args.plain)
     except (ImportError, ValueError) as e:
         print(f"lorakit: error: {e}", file=sys.stderr)
         return 2
@@ -296,8 +296,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--no-memory", action="store_true", help="skip the per-side peak-RSS subprocesses")
     b.add_argument("--profile", type=int, default=0, metavar="N",
                    help="also profile one run of each side and list its N most expensive operators")
-    b.add_argument("--kernels", action="store_true",
-                   help="preview: lorakit's LoRA layers and 4-bit weights through lorakit.kernels")
+    b.add_argument("--plain", action="store_true",
+                   help="also measure lorakit with its fast paths off (LORAKIT_KERNELS=0) in the same run")
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a suite's own setting, e.g. --set lengths=2048,4096 (each suite lists its keys)")
     b.set_defaults(func=cmd_bench)

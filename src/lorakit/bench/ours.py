@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import os
 import time
 
 import torch
@@ -66,10 +67,8 @@ def lorakit_forward(w: Workload) -> Task:
 
     model = load_base(w)
     lorakit.inject(model, lora_spec(w))
-    if w.kernels:
-        use_kernels(model)
     task = forward_task(model.eval(), make_batch(w, model.config.vocab_size))
-    task.reset = functools.partial(select_dequantize, w.kernels)
+    task.reset = functools.partial(set_kernels, w.kernels)
     return task
 
 
@@ -99,13 +98,11 @@ def lorakit_train(w: Workload, quantized: bool = False) -> Task:
     if quantized:
         quantize_model(model, "nf4", blocksize=64, double_quant=True, compute_dtype=w.torch_dtype)
     lorakit.inject(model, lora_spec(w))
-    if w.kernels:
-        use_kernels(model)
     model.train()
     batch = make_batch(w, model.config.vocab_size)
     n = supervised_tokens(batch)
     task = train_step_task(model, batch, w.lr, lambda: loss_sum(model, batch) / n)
-    task.reset = functools.partial(select_dequantize, w.kernels)
+    task.reset = functools.partial(set_kernels, w.kernels)
     return task
 
 
@@ -113,37 +110,11 @@ def lorakit_qlora_train(w: Workload) -> Task:
     return lorakit_train(w, quantized=True)
 
 
-def select_dequantize(kernels: bool) -> None:
-    """Preview of the proposed 4-bit wiring: `_Linear4bitFn` dequantizes through `kernels.dequant`
-    (compiled, else a byte table; same bits) or, as shipped, through `quant.nf4`. The switch is a
-    module global, so every lorakit task sets it before each of its runs (as its untimed reset)."""
-    import lorakit.quant.linear4bit
-    from lorakit.kernels.dequant import dequantize_4bit_compiled
-    from lorakit.quant.nf4 import dequantize_4bit
-
-    lorakit.quant.linear4bit.dequantize_4bit = dequantize_4bit_compiled if kernels else dequantize_4bit
-
-
-def use_kernels(model: nn.Module) -> None:
-    """Preview of the proposed wiring, until the library does it itself: in every LoRA layer whose
-    adapters are all plain linear LoRA, each active adapter adds its update through
-    `kernels.lora_linear` (one autograd node, rank-sized intermediates; in place when it is the only
-    one). For 4-bit weights see `select_dequantize`."""
-    from lorakit.adapters.layer import lora_layers
-    from lorakit.adapters.lora import LoraAdapter
-    from lorakit.kernels.lora_linear import lora_linear
-
-    def forward(layer, x: torch.Tensor) -> torch.Tensor:
-        y = layer.base_module(x)
-        names = [n for n in layer.active if n not in layer.merged]
-        for name in names:
-            a = layer.adapters[name]
-            y = lora_linear(a.dropout(x), y, a.lora_A, a.lora_B, a.scale, inplace=len(names) == 1)
-        return y
-
-    for _, layer in lora_layers(model):
-        if all(type(a) is LoraAdapter and not a.embedding for a in layer.adapters.values()):
-            layer.forward = functools.partial(forward, layer)
+def set_kernels(on: bool) -> None:
+    """lorakit's fast paths on (as shipped) or off (LORAKIT_KERNELS=0, the plain PyTorch paths). The
+    switch is the environment, read on every call, so each lorakit task sets it before each of its
+    runs (as its untimed reset)."""
+    os.environ["LORAKIT_KERNELS"] = "1" if on else "0"
 
 
 def randomize_lora_B(factors: list[torch.Tensor], seed: int) -> None:

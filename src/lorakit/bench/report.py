@@ -15,7 +15,7 @@ from lorakit.bench.workload import Workload
 
 MIB = 1 << 20
 REFERENCE_NAMES = {"forward": "frozen base, no grad", "floor": "frozen fwd + bwd to inputs, supervised head",
-                   "shipped": "lorakit without the --kernels preview"}
+                   "plain": "lorakit, LORAKIT_KERNELS=0"}
 UNITS = ("forward", "floor")  # references every other side is also given as a multiple of
 
 

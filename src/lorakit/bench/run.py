@@ -56,9 +56,15 @@ def run_scenario(name: str, w: Workload, reps: int, warmup: int, memory: bool, p
     load_before = os.getloadavg()
     torch.manual_seed(w.seed)
     builders = sides_of(name, w)
-    tasks = {side: build(w) for side, build in builders.items()}
-    timings = {side: medians(samples) for side, samples in time_sides(tasks, reps, warmup).items()}
-    profiles = profile_sides(tasks, profile) if profile else None
+    kernels_env = os.environ.get("LORAKIT_KERNELS")  # lorakit's sides switch it before each run
+    try:
+        tasks = {side: build(w) for side, build in builders.items()}
+        timings = {side: medians(samples) for side, samples in time_sides(tasks, reps, warmup).items()}
+        profiles = profile_sides(tasks, profile) if profile else None
+    finally:
+        os.environ.pop("LORAKIT_KERNELS", None)
+        if kernels_env is not None:
+            os.environ["LORAKIT_KERNELS"] = kernels_env
     del tasks
     gc.collect()
     mem = {side: measure_memory(name, side, w, scenario.memory_runs) for side in builders} if memory else {}

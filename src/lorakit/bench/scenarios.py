@@ -23,7 +23,7 @@ class Scenario:
     peer_name: Callable[[], str]
     per_token: bool  # whether tokens/s means something (a batch goes through the model)
     memory_runs: int = 2  # runs in the memory subprocess (2 for training: the second has optimizer state)
-    kernel_preview: bool = False  # whether `--kernels` changes lorakit's side (then "shipped" is added)
+    has_plain: bool = False  # whether lorakit's side has fast paths `--plain` can switch off (side "plain")
 
 
 REFERENCES = {"forward": ours.base_forward, "floor": ours.floor}
@@ -32,7 +32,7 @@ SCENARIOS: dict[str, Scenario] = {
     "forward": Scenario(
         "no-grad forward with an unmerged adapter on every linear, vs the frozen base",
         {"forward": ours.base_forward, "ours": ours.lorakit_forward, "peer": peers.peft_forward},
-        peers.peft_name, per_token=True, memory_runs=1, kernel_preview=True,
+        peers.peft_name, per_token=True, memory_runs=1, has_plain=True,
     ),
     "floor": Scenario(
         "frozen base forward + backward to the inputs, no adapters: head and loss at supervised positions "
@@ -43,12 +43,12 @@ SCENARIOS: dict[str, Scenario] = {
     "train-lora": Scenario(
         "LoRA training step (AdamW, grad clipping)",
         {**REFERENCES, "ours": ours.lorakit_train, "peer": peers.peft_train},
-        peers.peft_name, per_token=True, kernel_preview=True,
+        peers.peft_name, per_token=True, has_plain=True,
     ),
     "train-qlora": Scenario(
         "QLoRA training step on an NF4 + double-quant base (AdamW, grad clipping); references are the fp32 base",
         {**REFERENCES, "ours": ours.lorakit_qlora_train, "peer": peers.peft_qlora_train},
-        peers.peft_bnb_name, per_token=True, kernel_preview=True,
+        peers.peft_bnb_name, per_token=True, has_plain=True,
     ),
     "merge": Scenario(
         "merge_and_unload of an adapter on every linear (a fresh injected copy per run, untimed)",
@@ -64,10 +64,10 @@ SCENARIOS: dict[str, Scenario] = {
 
 
 def sides_of(name: str, w: Workload) -> dict[str, Callable[[Workload], Task]]:
-    """The builders of scenario `name`; with the kernel preview on, lorakit as shipped is measured too
-    (side "shipped"), so the preview's effect is a ratio within one run."""
+    """The builders of scenario `name`; with `w.plain`, lorakit with LORAKIT_KERNELS=0 is measured too
+    (side "plain"), so what the fast paths give is a ratio within one run."""
     scenario = SCENARIOS[name]
-    if not (w.kernels and scenario.kernel_preview):
+    if not (w.plain and scenario.has_plain):
         return dict(scenario.sides)
     ours_builder = scenario.sides["ours"]
-    return {**scenario.sides, "shipped": lambda w: ours_builder(dataclasses.replace(w, kernels=False))}
+    return {**scenario.sides, "plain": lambda w: ours_builder(dataclasses.replace(w, kernels=False))}

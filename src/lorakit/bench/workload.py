@@ -33,7 +33,8 @@ class Workload:
     dtype: str = "float32"
     seed: int = 0
     threads: int = 2
-    kernels: bool = False  # preview of the proposed wiring of lorakit.kernels (see ours.use_kernels)
+    kernels: bool = True  # lorakit's fast paths (lorakit.kernels); False = LORAKIT_KERNELS=0
+    plain: bool = False  # also measure lorakit with LORAKIT_KERNELS=0 (side "plain") in the same run
     model_dir: str = ""  # the resolved folder both sides load (filled in by `resolve_model`)
 
     @property
