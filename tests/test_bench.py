@@ -7,9 +7,11 @@ import json
 import os
 
 import pytest
+import torch
 
 from lorakit.bench.peers import need
 from lorakit.bench.run import DEFAULT_SCENARIOS, run_bench
+from lorakit.bench.workload import Workload, load_base, resolve_model
 from lorakit.cli import main
 
 SIDE_KEYS = {"name", "seconds"}
@@ -104,3 +106,19 @@ def test_plain_side_keeps_the_loss_and_restores_the_fast_paths(monkeypatch):
     for side in (record["ours"], plain):
         assert side["first_loss"] == pytest.approx(record["peer"]["first_loss"], rel=1e-5)
     assert "LORAKIT_KERNELS" not in os.environ  # the sides' switching does not leak out of the bench
+
+
+def test_qlora_scenario_reports_weight_memory_against_the_fp32_lora_base():
+    (record,) = run_bench(["qlora"], reps=1, warmup=1, threads=1, quick=True, memory=False, log=lambda s: None)
+    check_record(record)
+    lora, ours = record["reference"]["lora"], record["ours"]
+    # the tiny model's linears in fp32 vs NF4 + double quant: 4 bytes vs about 4.127 / 8 per weight
+    model = load_base(resolve_model(Workload(model="tiny")))
+    linear_numel = sum(m.weight.numel() for n, m in model.named_modules()
+                       if isinstance(m, torch.nn.Linear) and "lm_head" not in n)
+    assert lora["linear_weight_mib"] * (1 << 20) == 4 * linear_numel
+    # the same bytes as bitsandbytes' layout (4-bit codes + absmax codes + nested absmax, code books, state JSON)
+    assert ours["linear_weight_mib"] == pytest.approx(record["peer"]["linear_weight_mib"], rel=1e-3)
+    assert ours["linear_weight_mib"] * (1 << 20) > linear_numel / 2 * (1 + 2 / 64)  # at least codes + absmax codes
+    assert record["vs_lora"]["linear_weight_mib"] == ours["linear_weight_mib"] / lora["linear_weight_mib"]
+    assert ours["first_loss"] == pytest.approx(record["peer"]["first_loss"], rel=1e-5)

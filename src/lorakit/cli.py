@@ -166,7 +166,6 @@ def add_export_parser(sub) -> None:
 # `run(args: argparse.Namespace) -> list[dict]` (records, also written to --json); it reads the common
 # options (--reps, --warmup, --threads, --json, --quick, --no-memory) and its own `--set KEY=VALUE`s.
 BENCH_SUITES = {
-    "qlora": "lorakit.bench.qlora",
     "multi": "lorakit.bench.multi",
     "variants": "lorakit.bench.variants",
     "longlora": "lorakit.bench.longlora",
@@ -286,7 +285,7 @@ def parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="lorakit vs PEFT (+ bitsandbytes) side by side: times, memory, ratios")
     b.add_argument("scenarios", nargs="*", metavar="SCENARIO",
-                   help="forward, floor, train-lora, train-qlora, merge, quant (default: all); or one suite: "
+                   help="forward, floor, train-lora, train-qlora, merge, quant (default: all), qlora; or one suite: "
                    + ", ".join(BENCH_SUITES))
     b.add_argument("--json", metavar="OUT", help="write one JSON record per scenario per line")
     b.add_argument("--reps", type=int, default=3, help="timed repetitions per side (median reported)")

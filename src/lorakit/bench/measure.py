@@ -47,6 +47,8 @@ def time_sides(tasks: dict[str, Task], reps: int, warmup: int = 1) -> dict[str, 
             record["seconds"].append(seconds)
             for k, v in extras.items():
                 record.setdefault(k, []).append(v)
+    for side, task in tasks.items():
+        results[side].update({k: [v] for k, v in task.info.items()})
     return results
 
 

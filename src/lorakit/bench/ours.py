@@ -15,7 +15,7 @@ import time
 import torch
 from torch import nn
 
-from lorakit.bench.workload import Task, Workload, load_base, make_batch, supervised_tokens
+from lorakit.bench.workload import Task, Workload, load_base, make_batch, supervised_tokens, weight_mib
 from lorakit.data.encode import IGNORE
 
 
@@ -85,7 +85,7 @@ def train_step_task(model: nn.Module, batch: dict[str, torch.Tensor], lr: float,
         optimizer.zero_grad(set_to_none=True)
         return {"loss": loss.item()}
 
-    return Task(run, keep=[model, optimizer])
+    return Task(run, keep=[model, optimizer], info=weight_mib(model))
 
 
 def lorakit_train(w: Workload, quantized: bool = False) -> Task:

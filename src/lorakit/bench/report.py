@@ -15,7 +15,7 @@ from lorakit.bench.workload import Workload
 
 MIB = 1 << 20
 REFERENCE_NAMES = {"forward": "frozen base, no grad", "floor": "frozen fwd + bwd to inputs, supervised head",
-                   "plain": "lorakit, LORAKIT_KERNELS=0"}
+                   "plain": "lorakit, LORAKIT_KERNELS=0", "lora": "lorakit LoRA, fp32 base"}
 UNITS = ("forward", "floor")  # references every other side is also given as a multiple of
 
 
@@ -44,12 +44,15 @@ def make_record(name: str, scenario: Scenario, timings: dict[str, dict[str, floa
                                                {} if side in UNITS else units)
     ours, peer = metrics("ours", "lorakit"), metrics("peer", scenario.peer_name())
     references = [side for side in timings if side in REFERENCE_NAMES]
+    reference = {side: metrics(side, REFERENCE_NAMES[side]) for side in references}
+    extra = {"vs_lora": ratios(ours, reference["lora"])} if "lora" in reference else {}
     return {
         "scenario": name,
         "ours": ours,
         "peer": peer,
         "ratios": ratios(ours, peer),
-        "reference": {side: metrics(side, REFERENCE_NAMES[side]) for side in references},
+        "reference": reference,
+        **extra,
         "config": {**w.to_dict(), **config, "summary": scenario.summary},
         "env": env,
     }
@@ -95,6 +98,11 @@ def table(record: dict) -> str:
     shown = ", ".join(f"{k} {r[k]:.2f}" for k in ("tokens_per_s", "seconds", "peak_rss", "setup_peak_rss",
                                                    "quantize_s", "dequantize_s") if k in r)
     lines += ["", f"lorakit / {record['peer']['name']}: {shown}"]
+    if "vs_lora" in record:
+        r = record["vs_lora"]
+        shown = ", ".join(f"{k} {r[k]:.3f}" for k in ("tokens_per_s", "peak_rss", "base_weight_mib",
+                                                       "linear_weight_mib") if k in r)
+        lines += ["", f"lorakit QLoRA / lorakit LoRA (fp32 base): {shown}"]
     for side, ops in record.get("profile", {}).items():
         listed = ", ".join(f"{o['op']} {o['self_s']:.3g}s x{o['calls']}" for o in ops)
         lines += ["", f"profile {side}: {listed}"]
@@ -103,6 +111,6 @@ def table(record: dict) -> str:
 
 def row_cells(m: dict) -> list[str]:
     fmt = lambda key, spec, scale=1: format(m[key] / scale, spec) if key in m else "-"
-    extras = ", ".join(f"{k} {m[k]:.4g}" for k in m if k.endswith(("loss", "_s")) and k != "tokens_per_s")
+    extras = ", ".join(f"{k} {m[k]:.4g}" for k in m if k.endswith(("loss", "_s", "_mib")) and k != "tokens_per_s")
     return [fmt("seconds", ".3f"), fmt("tokens_per_s", ".0f"), fmt("over_forward", ".2f"), fmt("over_floor", ".2f"),
             fmt("peak_rss", ".0f", MIB), fmt("setup_peak_rss", ".0f", MIB), extras or "-"]

@@ -50,6 +50,11 @@ SCENARIOS: dict[str, Scenario] = {
         {**REFERENCES, "ours": ours.lorakit_qlora_train, "peer": peers.peft_qlora_train},
         peers.peft_bnb_name, per_token=True, has_plain=True,
     ),
+    "qlora": Scenario(
+        "QLoRA step (NF4 + double quant) vs lorakit LoRA on the fp32 base vs PEFT + bitsandbytes; weight MiB",
+        {**REFERENCES, "lora": ours.lorakit_train, "ours": ours.lorakit_qlora_train, "peer": peers.peft_qlora_train},
+        peers.peft_bnb_name, per_token=True,
+    ),
     "merge": Scenario(
         "merge_and_unload of an adapter on every linear (a fresh injected copy per run, untimed)",
         {"ours": ours.lorakit_merge, "peer": peers.peft_merge},

@@ -49,6 +49,7 @@ class Workload:
         return dataclasses.asdict(self)
 
 
+MIB = 1 << 20
 QUICK = {"model": "tiny", "batch": 2, "seq": 16, "r": 4, "alpha": 8.0}
 
 
@@ -60,6 +61,25 @@ class Task:
     run: Callable[[], dict[str, float] | None]
     reset: Callable[[], None] | None = None
     keep: list = field(default_factory=list)  # objects the closures need alive (models, optimizers)
+    info: dict[str, float] = field(default_factory=dict)  # fixed figures of this side (weight sizes)
+
+
+def weight_mib(model: nn.Module) -> dict[str, float]:
+    """MiB of the frozen base's state (every tensor counted once; LoRA keys left out) and of its
+    linear layers but the head: what a 4-bit base shrinks. Key names are read Llama-style: a
+    linear is a key without "embed", "norm" or "lm_head" in it; the quantization state that a
+    4-bit layer writes beside its weight (absmax, quant map, ...) counts with it."""
+    seen: set[int] = set()
+    total = linear = 0
+    for key, t in model.state_dict().items():
+        if "lora_" in key or t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        size = t.numel() * t.element_size()
+        total += size
+        if not any(part in key for part in ("embed", "norm", "lm_head")):
+            linear += size
+    return {"base_weight_mib": total / MIB, "linear_weight_mib": linear / MIB}
 
 
 def resolve_model(w: Workload) -> Workload:
