@@ -92,11 +92,13 @@ def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def save_checkpoint(out: Path, step: int, model: nn.Module, optimizer, schedule, cfg: TrainConfig,
-                    save_adapter: Callable[[Path], None] | None) -> Path:
-    """output_dir/checkpoint-STEP: trainer state (+ the adapter in PEFT format), atomically."""
+                    save_adapter: Callable[[Path], None] | None, params: dict[str, nn.Parameter] | None = None) -> Path:
+    """output_dir/checkpoint-STEP: trainer state (+ the adapter in PEFT format), atomically. `params`: the
+    parameters this run trains (default: every trainable one of the model)."""
+    params = trainable(model) if params is None else params
     state = {
         "step": step,
-        "params": {n: p.detach().clone() for n, p in trainable(model).items()},
+        "params": {n: p.detach().clone() for n, p in params.items()},
         "optimizer": optimizer.state_dict(),
         "schedule": schedule.state_dict(),
         "torch_rng": torch.get_rng_state(),
@@ -143,10 +145,11 @@ def resume_path(cfg: TrainConfig, out: Path) -> Path | None:
     return path
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer, schedule) -> int:
+def load_checkpoint(path: Path, model: nn.Module, optimizer, schedule,
+                    params: dict[str, nn.Parameter] | None = None) -> int:
     """Restore the state saved by `save_checkpoint`; returns the step to continue from."""
     state = torch.load(path / STATE_FILE, weights_only=True)
-    params = trainable(model)
+    params = trainable(model) if params is None else params
     if set(state["params"]) != set(params):
         missing = sorted(set(params) ^ set(state["params"]))[0]
         raise ValueError(f"{path}: the checkpoint's trainable parameters differ from the model's (first: {missing})")
@@ -177,6 +180,108 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+class Run:
+    """One adapter's training between optimizer steps: its optimizer and schedule (resumed from a
+    checkpoint when `cfg.resume` says so), and the bookkeeping after each step: skipped non-finite
+    steps, metrics.jsonl, evaluation, checkpoints, early stopping with the best parameters kept.
+
+    `fit` drives one; `lorakit.multi.train` drives several over one base model. `params` are the
+    parameters this run trains; `out` is where checkpoints are read from, and, when `write`, where
+    metrics and checkpoints go.
+    """
+
+    def __init__(self, model: nn.Module, params: dict[str, nn.Parameter], cfg: TrainConfig, n_rows: int,
+                 out: Path | None = None, write: bool = True, evaluate: Callable[[nn.Module], dict] | None = None,
+                 save_adapter: Callable[[Path], None] | None = None, param_groups: list[dict] | None = None,
+                 log: Callable[[str], None] = print) -> None:
+        if not params:
+            raise ValueError("the model has no trainable parameters (inject an adapter first)")
+        self.model, self.params, self.cfg, self.log = model, params, cfg, log
+        self.evaluate, self.save_adapter = evaluate, save_adapter
+        self.optimizer = make_optimizer(cfg.optim, param_groups or list(params.values()), lr=cfg.lr,
+                                        weight_decay=cfg.weight_decay)
+        self.steps = total_steps(cfg, n_rows)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                          lr_lambda(cfg.warmup_steps, self.steps, cfg.schedule))
+        self.step = 0  # optimizer steps done
+        if out is not None and (path := resume_path(cfg, out)) is not None:
+            self.step = load_checkpoint(path, model, self.optimizer, self.schedule, params)
+            log(f"resumed from {path} at step {self.step}")
+        self.start_step = self.step
+        self.out = out if write else None
+        self.metrics = open(out / "metrics.jsonl", "a" if self.step else "w") if self.out else None  # noqa: SIM115
+        self.result = FitResult(self.steps, float("nan"), float("nan"), 0.0)
+        self.bad_in_a_row, self.since_best, self.best_params = 0, 0, None
+        self.stopped = False
+        self.start = time.perf_counter()
+
+    @property
+    def done(self) -> bool:
+        return self.stopped or self.step >= self.steps
+
+    def book(self, record: dict) -> dict:
+        """Account for the step `record` (from `train_step`) reports; returns it completed."""
+        cfg, result, step = self.cfg, self.result, record["step"] - 1
+        if not math.isfinite(record["loss"]) or not math.isfinite(record["grad_norm"]):
+            result.skipped_steps += 1
+            self.bad_in_a_row += 1
+            self.log(f"step {step + 1}: non-finite loss or gradient, update skipped ({self.bad_in_a_row} in a row)")
+            if self.bad_in_a_row >= cfg.max_bad_steps:
+                raise FloatingPointError(f"{self.bad_in_a_row} steps in a row had a non-finite loss or gradient "
+                                         f"(last at step {step + 1}); lower lr or check the data")
+        else:
+            self.bad_in_a_row = 0
+            result.first_loss = record["loss"] if math.isnan(result.first_loss) else result.first_loss
+            result.last_loss = record["loss"]
+        self.step = step + 1
+        record["seconds"] = round(time.perf_counter() - self.start, 3)
+        record["tokens_per_s"] = round(record["tokens_seen"] / max(1e-9, record.pop("step_seconds")), 1)
+        due = cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == self.steps)
+        if self.evaluate is not None and due:
+            record.update(self.evaluate(self.model))
+            self.model.train()
+            if result.best_val_loss is None or record["val_loss"] < result.best_val_loss:
+                result.best_val_loss, self.since_best = record["val_loss"], 0
+                if cfg.early_stopping_patience:
+                    self.best_params = {n: p.detach().clone() for n, p in self.params.items()}
+            else:
+                self.since_best += 1
+        result.history.append(record)
+        if self.metrics and (step % cfg.log_every == 0 or self.step == self.steps or "val_loss" in record):
+            self.metrics.write(json.dumps(record) + "\n")
+            self.metrics.flush()
+        if self.out is not None and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+            self.checkpoint()
+        if cfg.early_stopping_patience and self.since_best >= cfg.early_stopping_patience:
+            self.log(f"early stop at step {self.step}: no better val_loss in {self.since_best} evaluations")
+            result.stopped_early = self.stopped = True
+        return record
+
+    def checkpoint(self) -> Path:
+        return save_checkpoint(self.out, self.step, self.model, self.optimizer, self.schedule, self.cfg,
+                               self.save_adapter, self.params)
+
+    def interrupted(self) -> None:
+        """Ctrl-C: write a checkpoint of the steps done, to resume from."""
+        if self.out is not None:
+            path = self.checkpoint()
+            self.log(f"interrupted: checkpoint written to {path}; resume with resume=auto")
+
+    def close(self) -> FitResult:
+        """Close metrics.jsonl and put the best parameters back (early stopping); the run's result."""
+        if self.metrics:
+            self.metrics.close()
+            self.metrics = None
+        if self.best_params is not None:
+            with torch.no_grad():
+                for name, p in self.params.items():
+                    p.copy_(self.best_params[name])
+            self.log(f"kept the best adapter (val_loss {self.result.best_val_loss:.4f})")
+            self.best_params = None
+        self.result.seconds = time.perf_counter() - self.start
+        return self.result
+
+
 def fit(
     model: nn.Module,
     rows: list[tuple[list[int], list[int]]],
@@ -195,79 +300,28 @@ def fit(
     default single group (LoRA+). Ctrl-C writes a checkpoint before it stops the run.
     """
     torch.manual_seed(cfg.seed)
-    params = list(trainable(model).values())
-    if not params:
-        raise ValueError("the model has no trainable parameters (inject an adapter first)")
-    optimizer = make_optimizer(cfg.optim, param_groups or params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     world = distributed.current(cfg.distributed)  # distributed: one step reads world.size x the rows
-    steps = total_steps(cfg, len(rows) // world.size)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, steps, cfg.schedule))
-    allocator = make_allocator(model, steps)  # AdaLoRA: rank allocation and orthogonal regularization; else None
-    start_step = 0
-    if out is not None and (path := resume_path(cfg, out)) is not None:
-        start_step = load_checkpoint(path, model, optimizer, schedule)
-        log(f"resumed from {path} at step {start_step}")
+    run = Run(model, trainable(model), cfg, len(rows) // world.size, out=out, write=world.main, evaluate=evaluate,
+              save_adapter=save_adapter, param_groups=param_groups, log=log)  # metrics, checkpoints: rank 0
+    params = list(run.params.values())
+    allocator = make_allocator(model, run.steps)  # AdaLoRA: rank allocation and orthogonal regularization; else None
     net = distributed.wrap(model, world)  # distributed: DDP all-reduces the adapter's gradients
-    out_main = out if world.main else None  # distributed: metrics and checkpoints from rank 0 only
-    metrics = open(out_main / "metrics.jsonl", "a" if start_step else "w") if out_main else None  # noqa: SIM115
-    result = FitResult(steps, float("nan"), float("nan"), 0.0)
-    bad_in_a_row, since_best, best_params = 0, 0, None
-    start = time.perf_counter()
     model.train()
-    bar = tqdm(range(start_step, steps), desc="train", dynamic_ncols=True, initial=start_step, total=steps,
-               disable=not world.main)
-    step = start_step
+    bar = tqdm(range(run.start_step, run.steps), desc="train", dynamic_ncols=True, initial=run.start_step,
+               total=run.steps, disable=not world.main)
     try:
         for step in bar:
-            record = train_step(net, rows, cfg, pad_id, step, params, optimizer, schedule, world, allocator)
-            if not math.isfinite(record["loss"]) or not math.isfinite(record["grad_norm"]):
-                result.skipped_steps += 1
-                bad_in_a_row += 1
-                log(f"step {step + 1}: non-finite loss or gradient, update skipped ({bad_in_a_row} in a row)")
-                if bad_in_a_row >= cfg.max_bad_steps:
-                    raise FloatingPointError(f"{bad_in_a_row} steps in a row had a non-finite loss or gradient "
-                                             f"(last at step {step + 1}); lower lr or check the data")
-            else:
-                bad_in_a_row = 0
-                result.first_loss = record["loss"] if math.isnan(result.first_loss) else result.first_loss
-                result.last_loss = record["loss"]
-            record["seconds"] = round(time.perf_counter() - start, 3)
-            record["tokens_per_s"] = round(record["tokens_seen"] / max(1e-9, record.pop("step_seconds")), 1)
-            if evaluate is not None and cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == steps):
-                record.update(evaluate(model))
-                model.train()
-                if result.best_val_loss is None or record["val_loss"] < result.best_val_loss:
-                    result.best_val_loss, since_best = record["val_loss"], 0
-                    if cfg.early_stopping_patience:
-                        best_params = {n: p.detach().clone() for n, p in trainable(model).items()}
-                else:
-                    since_best += 1
-            result.history.append(record)
+            record = run.book(train_step(net, rows, cfg, pad_id, step, params, run.optimizer, run.schedule, world,
+                                         allocator))
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=record["tokens_per_s"])
-            if metrics and (step % cfg.log_every == 0 or step == steps - 1 or "val_loss" in record):
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
-            if out_main is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
-                save_checkpoint(out, step + 1, model, optimizer, schedule, cfg, save_adapter)
-            if cfg.early_stopping_patience and since_best >= cfg.early_stopping_patience:
-                log(f"early stop at step {step + 1}: no better val_loss in {since_best} evaluations")
-                result.stopped_early = True
+            if run.done:
                 break
     except KeyboardInterrupt:
-        if out_main is not None:
-            path = save_checkpoint(out, step, model, optimizer, schedule, cfg, save_adapter)
-            log(f"interrupted: checkpoint written to {path}; resume with resume=auto")
+        run.interrupted()
         raise
     finally:
-        if metrics:
-            metrics.close()
+        result = run.close()
         model.eval()
-    if best_params is not None:
-        with torch.no_grad():
-            for name, p in trainable(model).items():
-                p.copy_(best_params[name])
-        log(f"kept the best adapter (val_loss {result.best_val_loss:.4f})")
-    result.seconds = time.perf_counter() - start
     return result
 
 
