@@ -130,3 +130,25 @@ def test_ctrl_c_writes_a_checkpoint_that_resumes(tiny_model_dir, jsonl, tmp_path
     resumed = cli("train", *common, "resume=auto", "max_steps=" + str(step + 2))
     output = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0 and f"resumed from {tmp_path / 'run' / saved[0]} at step {step}" in output
+
+
+def test_tensorboard_mirrors_metrics_jsonl(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model = lorakit.inject(tiny_llama(), lorakit.LoraSpec(r=2))
+    cfg = TrainConfig(max_steps=4, lr=1e-2, tensorboard=True)
+    fit(model, toy_rows(), cfg, pad_id=1, out=tmp_path, log=lambda *_: None)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    for key in ("loss", "lr", "grad_norm"):
+        scalars = events.Scalars(key)
+        assert [s.step for s in scalars] == [r["step"] for r in records] == [1, 2, 3, 4]
+        assert [s.value for s in scalars] == pytest.approx([r[key] for r in records], rel=1e-6)
+
+
+def test_tensorboard_without_the_package_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
+    model = lorakit.inject(tiny_llama(), lorakit.LoraSpec(r=2))
+    with pytest.raises(ImportError, match="pip install tensorboard"):
+        fit(model, toy_rows(), TrainConfig(max_steps=1, tensorboard=True), pad_id=1, out=tmp_path, log=print)

@@ -209,6 +209,7 @@ class TrainConfig:
     eval: bool = True
     max_new_tokens: int = 12
     log_every: int = 1
+    tensorboard: bool = False  # mirror metrics.jsonl into output_dir/tensorboard (needs the tensorboard package)
     distributed: str = "none"  # "ddp" under torchrun (see docs/DISTRIBUTED.md); "fsdp2" is planned
 
     def __post_init__(self) -> None:

@@ -35,6 +35,7 @@ from lorakit.data.packing import collate_packed
 from lorakit.quant.optim import make_optimizer
 from lorakit.train import distributed
 from lorakit.train.loop import loss_sum
+from lorakit.train.tensorboard import open_tensorboard, write_scalars
 
 STATE_FILE = "trainer_state.pt"
 
@@ -210,6 +211,7 @@ class Run:
         self.start_step = self.step
         self.out = out if write else None
         self.metrics = open(out / "metrics.jsonl", "a" if self.step else "w") if self.out else None  # noqa: SIM115
+        self.tensorboard = open_tensorboard(out / "tensorboard") if self.out and cfg.tensorboard else None
         self.result = FitResult(self.steps, float("nan"), float("nan"), 0.0)
         self.bad_in_a_row, self.since_best, self.best_params = 0, 0, None
         self.stopped = False
@@ -250,6 +252,8 @@ class Run:
         if self.metrics and (step % cfg.log_every == 0 or self.step == self.steps or "val_loss" in record):
             self.metrics.write(json.dumps(record) + "\n")
             self.metrics.flush()
+            if self.tensorboard is not None:
+                write_scalars(self.tensorboard, record)
         if self.out is not None and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
             self.checkpoint()
         if cfg.early_stopping_patience and self.since_best >= cfg.early_stopping_patience:
@@ -272,6 +276,9 @@ class Run:
         if self.metrics:
             self.metrics.close()
             self.metrics = None
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
         if self.best_params is not None:
             with torch.no_grad():
                 for name, p in self.params.items():
