@@ -122,3 +122,17 @@ def test_qlora_scenario_reports_weight_memory_against_the_fp32_lora_base():
     assert ours["linear_weight_mib"] * (1 << 20) > linear_numel / 2 * (1 + 2 / 64)  # at least codes + absmax codes
     assert record["vs_lora"]["linear_weight_mib"] == ours["linear_weight_mib"] / lora["linear_weight_mib"]
     assert ours["first_loss"] == pytest.approx(record["peer"]["first_loss"], rel=1e-5)
+
+
+def test_checkpointing_is_set_on_both_training_sides_and_keeps_the_loss(monkeypatch):
+    import transformers
+
+    enabled = []
+    real = transformers.PreTrainedModel.gradient_checkpointing_enable
+    monkeypatch.setattr(transformers.PreTrainedModel, "gradient_checkpointing_enable",
+                        lambda self, *a, **k: enabled.append(type(self).__name__) or real(self, *a, **k))
+    (record,) = run_bench(["train-qlora"], reps=1, warmup=1, threads=1, quick=True, memory=False,
+                          checkpointing=True, log=lambda s: None)
+    assert len(enabled) == 2  # lorakit's and PEFT's model; not the references
+    assert record["config"]["checkpointing"] is True
+    assert record["ours"]["first_loss"] == pytest.approx(record["peer"]["first_loss"], rel=1e-5)

@@ -91,12 +91,13 @@ def train_step_task(model: nn.Module, batch: dict[str, torch.Tensor], lr: float,
 def lorakit_train(w: Workload, quantized: bool = False) -> Task:
     """lorakit's LoRA (or, `quantized`, QLoRA: NF4 + double quantization) training step."""
     import lorakit
-    from lorakit.quant.linear4bit import quantize_model
+    from lorakit.config import QuantConfig, TrainConfig
     from lorakit.train.loop import loss_sum
+    from lorakit.train.run import prepare_base
 
     model = load_base(w)
-    if quantized:
-        quantize_model(model, "nf4", blocksize=64, double_quant=True, compute_dtype=w.torch_dtype)
+    quant = QuantConfig(type="nf4", double_quant=True, blocksize=64, compute_dtype=w.dtype) if quantized else None
+    prepare_base(model, TrainConfig(quant=quant, gradient_checkpointing=w.checkpointing))  # as `lorakit train`
     lorakit.inject(model, lora_spec(w))
     model.train()
     batch = make_batch(w, model.config.vocab_size)

@@ -86,6 +86,12 @@ def peft_train(w: Workload, quantized: bool = False) -> Task:
     """PEFT's LoRA step; `quantized`: on transformers' bitsandbytes NF4 + double-quant base (CPU)."""
     peft = need("peft")
     model = load_bnb_4bit(w) if quantized else load_base(w)
+    if quantized:  # what PEFT's QLoRA recipe does: norms in fp32, input grads, checkpointing if asked
+        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=w.checkpointing,
+                                                     gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif w.checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
     model = peft.get_peft_model(model, peft_config(w))
     model.train()
     batch = make_batch(w, model.config.vocab_size)

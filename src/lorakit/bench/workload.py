@@ -34,6 +34,7 @@ class Workload:
     seed: int = 0
     threads: int = 2
     kernels: bool = True  # lorakit's fast paths (lorakit.kernels); False = LORAKIT_KERNELS=0
+    checkpointing: bool = False  # gradient checkpointing on both sides' training steps (not the references)
     plain: bool = False  # also measure lorakit with LORAKIT_KERNELS=0 (side "plain") in the same run
     model_dir: str = ""  # the resolved folder both sides load (filled in by `resolve_model`)
 
