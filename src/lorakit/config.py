@@ -285,6 +285,13 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 def load_train_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
     """YAML file (optional) + dotted overrides -> validated TrainConfig."""
+    data, where = read_config(path, overrides)
+    return from_dict(TrainConfig, data, where)
+
+
+def read_config(path: str | Path | None, overrides: list[str] = ()) -> tuple[dict[str, Any], str]:
+    """The YAML mapping of `path` (or {}) with the overrides applied, and where it came from (for errors).
+    An override's dotted key may index a list: `jobs.1.lr=0.01`."""
     data: dict[str, Any] = {}
     where = "config"
     if path is not None:
@@ -303,12 +310,40 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] = ())
         keys, value = parse_override(item)
         node = data
         for k in keys[:-1]:
-            node = node.setdefault(k, {})
-            if not isinstance(node, dict):
+            if isinstance(node, list):
+                if not k.isdigit() or int(k) >= len(node):
+                    raise ValueError(f"override {item!r}: {k!r} is not an index of a list of {len(node)}")
+                node = node[int(k)]
+            else:
+                node = node.setdefault(k, {})
+            if not isinstance(node, dict | list):
                 raise ValueError(f"override {item!r}: {k!r} is not a section")
+        if isinstance(node, list):
+            raise ValueError(f"override {item!r}: set a key of one entry ({'.'.join(keys)}.KEY=VALUE)")
         node[keys[-1]] = value
     if path is not None and overrides:
         where = f"{path} + overrides"
     elif overrides:
         where = "overrides"
-    return from_dict(TrainConfig, data, where)
+    return data, where
+
+
+def load_jobs_config(path: str | Path, overrides: list[str] = ()) -> list[TrainConfig]:
+    """A parallel-training file (`lorakit train-multi`): `jobs`, a list of mappings, one TrainConfig each;
+    every other top-level key is a default for all jobs (sections merge key by key). Overrides set
+    defaults (`lr=0.01`) or one job's keys (`jobs.1.lr=0.01`)."""
+    data, where = read_config(path, overrides)
+    jobs = data.pop("jobs", None)
+    if not isinstance(jobs, list) or not jobs or not all(isinstance(j, dict) for j in jobs):
+        raise ValueError(f"{where}: 'jobs' must be a non-empty list of mappings (one training config each), "
+                         f"got {type(jobs).__name__ if not isinstance(jobs, list) else jobs!r}")
+    return [from_dict(TrainConfig, merge_sections(data, job), f"{where}, jobs[{i}]") for i, job in enumerate(jobs)]
+
+
+def merge_sections(defaults: dict[str, Any], own: dict[str, Any]) -> dict[str, Any]:
+    """`own` over `defaults`; a section given in both is merged key by key."""
+    merged = dict(defaults)
+    for key, value in own.items():
+        both = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = merge_sections(merged[key], value) if both else value
+    return merged
