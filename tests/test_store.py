@@ -177,3 +177,55 @@ def test_remove_adapter_takes_it_off_every_layer(root):
     lorakit.merge(model, ["two"])
     with pytest.raises(ValueError, match="unmerge before removing"):
         remove_adapter(model, "two")
+
+
+def test_add_serves_deeper_folders_confined_to_the_root(root, tmp_path):
+    nested = root / "team" / "one"
+    shutil.copytree(root / name(3), nested)
+    outside = tmp_path / "elsewhere"
+    shutil.copytree(root / name(0), outside)
+    (root / "team" / "out").symlink_to(outside)
+    pickled = root / "team" / "pickled"
+    shutil.copytree(root / name(0), pickled)
+    (pickled / WEIGHTS_FILE).rename(pickled / "adapter_model.bin")
+    try:
+        with AdapterStore(root) as store:
+            assert store.add("one", "team/one") == nested.resolve()
+            assert "one" in store.names() and store.folder("one") == nested.resolve()
+            b = next(iter(store.get("one").lora.values()))["lora_B"]  # the copied adapter 3's file
+            assert float(b[0, 0]) == pytest.approx(b_value(3))
+            for bad, message in ((str(outside), "relative"), ("../x", "without '..'"), ("team/../../x", "'..'"),
+                                 ("team/out", "outside the store root"), ("", "non-empty"), (".", "outside"),
+                                 ("team\\one", "relative")):
+                with pytest.raises(ValueError, match=message):
+                    store.add("two", bad)
+            with pytest.raises(ValueError, match="only safetensors is loaded.*adapter_model.bin"):
+                store.add("two", "team/pickled")
+            with pytest.raises(ValueError, match="letters, digits"):
+                store.add("a/b", "team/one")
+            with pytest.raises(ValueError, match="already loaded"):
+                store.add("one", "team/one")
+            with pytest.raises(ValueError, match="already loaded"):
+                store.add(name(5), name(5))  # a root folder is served already
+            store.remove("one")
+            assert "one" not in store.names() and "one" not in store.in_ram()
+            with pytest.raises(UnknownAdapterError):
+                store.folder("one")
+            store.remove(name(5))  # a root folder: hidden until added again
+            assert name(5) not in store.names()
+            with pytest.raises(UnknownAdapterError, match="removed"):
+                store.get(name(5))
+            store.add(name(5), name(5))
+            assert name(5) in store.names() and store.folder(name(5)) == root / name(5)
+    finally:
+        shutil.rmtree(root / "team")
+
+
+def test_cached_says_whether_attaching_waits_for_the_disk(root):
+    with AdapterStore(root, max_ram=2) as store:
+        assert not store.cached(name(7))
+        store.get(name(7))
+        assert store.cached(name(7))
+        store.get(name(8))
+        store.get(name(9))
+        assert not store.cached(name(7))  # evicted

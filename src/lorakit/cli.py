@@ -185,6 +185,7 @@ BENCH_SUITES = {
     "longlora": "lorakit.bench.longlora",
     "ddp": "lorakit.bench.ddp",
     "gpu": "lorakit.bench.gpu",
+    "serve": "lorakit.bench.serve",
 }
 
 
@@ -227,28 +228,38 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+    import time
+
+    from lorakit.adapters.io import read_adapter
     from lorakit.models import load
     from lorakit.multi.store import AdapterStore
-    from lorakit.serve import Engine, make_server
+    from lorakit.serve import Engine, Server, make_app, prepare_base
 
     adapters = {}
     for entry in args.adapter:
         name, sep, folder = entry.partition("=")
         if not sep or not name or not folder:
-            raise ValueError(f"--adapter takes NAME=DIR, got {entry!r}")
+            raise ValueError(f"--adapters takes NAME=DIR, got {entry!r}")
         adapters[name] = folder
+    api_key = args.api_key or os.environ.get("LORAKIT_API_KEY")
+    if args.allow_runtime_adapters and not (api_key and args.store):
+        raise ValueError("--allow-runtime-adapters needs --store ROOT and an API key (--api-key or LORAKIT_API_KEY)")
     model, tokenizer = load(args.base)
+    prepare_base(model, [read_adapter(folder) for folder in adapters.values()])
     store = AdapterStore(args.store, max_ram=args.max_ram, max_device=args.max_device) if args.store else None
     engine = Engine(model, tokenizer, base_id=args.base_name or args.base, adapters=adapters, store=store,
-                    max_tokens_limit=args.max_tokens_limit)
-    server = make_server(engine, args.host, args.port)
-    print(f"serving on http://{server.server_address[0]}:{server.server_address[1]}/v1", flush=True)
+                    max_tokens_limit=args.max_tokens_limit, max_prompt_tokens=args.max_prompt_tokens,
+                    max_batch=args.max_batch, max_queue=args.max_queue)
+    app = make_app(engine, api_key=api_key, allow_runtime_adapters=args.allow_runtime_adapters,
+                   max_body_bytes=args.max_body_bytes)
     try:
-        server.serve_forever()
+        with Server(app, args.host, args.port) as server:
+            print(f"serving on {server.url}/v1", flush=True)
+            while server.thread.is_alive():
+                time.sleep(0.5)
     finally:
-        server.server_close()
-        if store is not None:
-            store.close()
+        engine.close()
     return 0
 
 
@@ -324,14 +335,24 @@ def parser() -> argparse.ArgumentParser:
                    help="a suite's own setting, e.g. --set lengths=2048,4096 (each suite lists its keys)")
     b.set_defaults(func=cmd_bench)
 
-    s = sub.add_parser("serve", help="OpenAI-compatible server: /v1/models, /v1/completions, /v1/chat/completions")
+    s = sub.add_parser("serve", help="OpenAI-compatible server (FastAPI): /v1/models, /v1/completions, "
+                       "/v1/chat/completions; requests for any adapters batched together")
     s.add_argument("--base", default="default", help="base model: 'default', an HF folder or a .gguf file")
     s.add_argument("--base-name", help="the base model's id in requests (default: --base as given)")
-    s.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR", help="attach at start (repeatable)")
-    s.add_argument("--store", metavar="ROOT", help="folder of adapter folders, attached on demand by name")
+    s.add_argument("--adapters", "--adapter", dest="adapter", action="extend", nargs="+", default=[],
+                   metavar="NAME=DIR", help="adapters attached at start; the base is made to fit them (4-bit, RoPE)")
+    s.add_argument("--store", metavar="ROOT", help="folder of adapter folders, served on demand by folder name")
     s.add_argument("--max-ram", type=int, default=256, help="store: adapters kept in RAM")
-    s.add_argument("--max-device", type=int, default=8, help="store: adapters kept on the model")
+    s.add_argument("--max-device", type=int, default=64, help="store: adapters kept on the model (one batch's most)")
     s.add_argument("--max-tokens-limit", type=int, default=512, help="largest max_tokens a request may ask for")
+    s.add_argument("--max-prompt-tokens", type=int, default=2048, help="longest prompt, in tokens")
+    s.add_argument("--max-batch", type=int, default=64, help="requests decoded together at most")
+    s.add_argument("--max-queue", type=int, default=256, help="requests waiting at most (more: 429)")
+    s.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (more: 413)")
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (default: $LORAKIT_API_KEY)")
+    s.add_argument("--allow-runtime-adapters", action="store_true",
+                   help="enable /v1/load_lora_adapter and /v1/unload_lora_adapter (needs --store and an API key; "
+                   "paths relative to the store root, safetensors only)")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed)")
     s.set_defaults(func=cmd_serve)

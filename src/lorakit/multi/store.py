@@ -9,6 +9,8 @@ not wait for the disk. Every look-up is counted (`stats`) to size the two caches
 
 Names are single folder names under `root` (letters, digits, `_`, `-`); a name that resolves
 outside `root` (a symlink) is refused, so a name taken from a request cannot reach other files.
+`add(name, relpath)` names a folder deeper under the root (a server's runtime load); the path is
+confined the same way (relative, no `..`, no symlink out), and only safetensors folders are taken.
 """
 
 from __future__ import annotations
@@ -19,18 +21,42 @@ import weakref
 from collections import Counter, OrderedDict
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from torch import nn
 
 from lorakit.adapters.inject import active_adapters, remove_adapter, set_active
-from lorakit.adapters.io import CONFIG_FILE, AdapterFile, load_adapter, read_adapter
+from lorakit.adapters.io import CONFIG_FILE, WEIGHTS_FILE, AdapterFile, load_adapter, read_adapter
 
 NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 
 class UnknownAdapterError(LookupError):
     """No adapter of that name under the store's root."""
+
+
+def confined(root: Path, relpath: str) -> Path:
+    """The folder `relpath` under the (resolved) `root`, or a ValueError: absolute paths, `..`,
+    backslashes and anything that resolves outside the root (a symlink) are refused."""
+    if not isinstance(relpath, str) or not relpath.strip():
+        raise ValueError("an adapter path must be a non-empty path relative to the store root")
+    parts = PurePosixPath(relpath).parts
+    if relpath.startswith(("/", "~")) or "\\" in relpath or re.match(r"[A-Za-z]:", relpath) or ".." in parts:
+        raise ValueError(f"adapter path {relpath!r} must be relative to the store root, without '..'")
+    path = (root / relpath).resolve()
+    if not path.is_relative_to(root) or path == root:
+        raise ValueError(f"adapter path {relpath!r} resolves outside the store root {root}")
+    return path
+
+
+def check_safetensors(folder: Path) -> None:
+    """Refuse a folder without `adapter_model.safetensors` (pickled weights are never read)."""
+    if not (folder / CONFIG_FILE).is_file():
+        raise UnknownAdapterError(f"no adapter under {folder.name!r}: {CONFIG_FILE} is missing")
+    if not (folder / WEIGHTS_FILE).is_file():
+        other = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt"))
+        hint = f" (found {other}: pickled weights are refused)" if other else ""
+        raise ValueError(f"adapter {folder.name!r} has no {WEIGHTS_FILE}: only safetensors is loaded{hint}")
 
 
 def adapter_bytes(adapter: AdapterFile) -> int:
@@ -56,6 +82,8 @@ class AdapterStore:
         self.ram_bytes = 0
         self.slots: weakref.WeakKeyDictionary[nn.Module, OrderedDict[str, None]] = weakref.WeakKeyDictionary()
         self.pending: dict[str, Future] = {}
+        self.extra: dict[str, Path] = {}  # names added with `add`, to folders deeper under the root
+        self.hidden: set[str] = set()  # root folders taken out with `remove`
         self.counts: Counter[str] = Counter()
         self.lock = threading.Lock()
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorakit-store")
@@ -63,14 +91,20 @@ class AdapterStore:
     # ------------------------------------------------------------------------- disk
 
     def names(self) -> list[str]:
-        """Every adapter under the root (none that resolves outside it), sorted."""
-        return sorted(p.name for p in self.root.iterdir()
-                      if NAME.fullmatch(p.name) and p.resolve().parent == self.root and (p / CONFIG_FILE).is_file())
+        """Every adapter under the root (none that resolves outside it, none removed) and every added one, sorted."""
+        found = {p.name for p in self.root.iterdir()
+                 if NAME.fullmatch(p.name) and p.resolve().parent == self.root and (p / CONFIG_FILE).is_file()
+                 and (p / WEIGHTS_FILE).is_file()}
+        return sorted((found - self.hidden) | set(self.extra))
 
     def folder(self, name: str) -> Path:
         """The folder of adapter `name`, confined to the root."""
         if not isinstance(name, str) or not NAME.fullmatch(name):
             raise ValueError(f"adapter name {name!r} must be a plain folder name (letters, digits, '_', '-')")
+        if name in self.extra:
+            return self.extra[name]
+        if name in self.hidden:
+            raise UnknownAdapterError(f"adapter {name!r} was removed")
         path = self.root / name
         if path.resolve().parent != self.root:
             raise ValueError(f"adapter {name!r} resolves outside the store root {self.root}")
@@ -90,6 +124,39 @@ class AdapterStore:
             self.ram_bytes += size
             self.evict_ram()
         return adapter
+
+    def add(self, name: str, relpath: str) -> Path:
+        """Serve the folder `relpath` (under the root) as adapter `name`; its config and safetensors file
+        must be there. Returns the folder. A name already served is refused."""
+        if not isinstance(name, str) or not NAME.fullmatch(name):
+            raise ValueError(f"adapter name {name!r} must be letters, digits, '_' or '-'")
+        folder = confined(self.root, relpath)
+        if not folder.is_dir():
+            raise UnknownAdapterError(f"no adapter folder {relpath!r} under the store root")
+        check_safetensors(folder)
+        with self.lock:
+            if name in self.names():
+                raise ValueError(f"adapter {name!r} is already loaded")
+            self.hidden.discard(name)
+            if folder != self.root / name:
+                self.extra[name] = folder
+        return folder
+
+    def remove(self, name: str) -> None:
+        """Stop serving adapter `name` (added, or a folder of the root) and drop it from RAM; taking it
+        off a model is the caller's (`detach`), once no batch uses it."""
+        self.folder(name)  # unknown -> UnknownAdapterError
+        with self.lock:
+            self.extra.pop(name, None)
+            if (self.root / name / CONFIG_FILE).is_file():
+                self.hidden.add(name)
+            if name in self.ram:
+                self.ram_bytes -= adapter_bytes(self.ram.pop(name))
+
+    def cached(self, name: str) -> bool:
+        """Whether adapter `name` is in RAM, so that attaching it waits for no disk read."""
+        with self.lock:
+            return name in self.ram
 
     def evict_ram(self) -> None:
         """Drop least recently used adapters until within both limits (the newest always stays). Holds the lock."""

@@ -1,31 +1,36 @@
-"""Completions and chat completions from one base model and many adapters, one request at a time.
+"""Completions and chat completions from one base model and many adapters, batched across requests.
 
 A request names its adapter in `model` (the base by its own name). Adapters given at start are
-attached once; any other name is looked up in an `AdapterStore` and attached on demand (LRU slots).
-Requests are checked here, so every HTTP front end answers the same 4xx errors for the same input.
-No batching across requests: one lock serialises generation on the model (a streamed answer holds
-it while its tokens come, from a generation thread).
+attached once; any other name is looked up in an `AdapterStore` (read into RAM on its background
+thread, attached on demand into LRU slots). Every request becomes a row of one continuously batched
+decoding loop (`batch.Batcher`). Requests are checked here, so every HTTP front end answers the same
+4xx errors for the same input.
+
+An adapter is served only on the base it was trained for: the same 4-bit quantization (or none) and
+the same positional setup (LongLoRA's interpolated RoPE). Adapters that would change what every
+request sees (trained biases, PiSSA's residual base, `modules_to_save`) are refused.
 """
 
 from __future__ import annotations
 
-import queue
+import json
 import threading
 import time
 import uuid
-from collections.abc import Generator, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
-from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
-from transformers.generation.streamers import BaseStreamer
 
-from lorakit.adapters.inject import set_active
-from lorakit.adapters.io import load_adapter
+from lorakit.adapters.inject import adapter_names, remove_adapter
+from lorakit.adapters.io import AdapterFile, check_fits, load_adapter, read_adapter
 from lorakit.data.encode import prompt_text
-from lorakit.multi.store import AdapterStore, UnknownAdapterError
+from lorakit.longlora import apply_context, context_of
+from lorakit.multi.store import AdapterStore, UnknownAdapterError, check_safetensors, confined
+from lorakit.quant.linear4bit import quantization_of, quantize_model
+from lorakit.serve.batch import Batcher, QueueFull, Sequence
 
 ROLES = ("system", "user", "assistant")
 
@@ -38,16 +43,76 @@ class RequestError(Exception):
         self.status = status
 
 
+def saved_context(adapter: AdapterFile) -> dict | None:
+    return json.loads(adapter.metadata["lorakit.context"]) if "lorakit.context" in adapter.metadata else None
+
+
+def prepare_base(model: nn.Module, adapters: list[AdapterFile]) -> None:
+    """Make `model` the base these adapters were trained on, as `load_adapter`'s callers do: 4-bit
+    again if they were trained so, their RoPE / context length (LongLoRA). They must agree."""
+    for what, of in (("4-bit quantization", lambda a: a.quant), ("positional setup", saved_context)):
+        kinds = {json.dumps(of(a), sort_keys=True): a for a in adapters if of(a) is not None}
+        if len(kinds) > 1:
+            a, b = list(kinds.values())[:2]
+            raise ValueError(f"adapters {a.folder} and {b.folder} need different bases ({what}: {of(a)} vs "
+                             f"{of(b)}); serve them from two servers")
+    quant = next((a.quant for a in adapters if a.quant), None)
+    if quant and quantization_of(model) is None:
+        quantize_model(model, quant["type"], quant["blocksize"], quant["double_quant"],
+                       getattr(torch, quant["compute_dtype"]))
+    context = next((saved_context(a) for a in adapters if saved_context(a)), None)
+    if context:
+        apply_context(model, context)
+
+
+def serving_problem(model: nn.Module, adapter: AdapterFile) -> str | None:
+    """Why `adapter` cannot be served over `model` next to other adapters, or None."""
+    name = adapter.folder.name
+    if adapter.quant != quantization_of(model):
+        want = f"a 4-bit base ({adapter.quant})" if adapter.quant else "a full-precision base"
+        have = f"4-bit ({quantization_of(model)})" if quantization_of(model) else "full precision"
+        return f"adapter {name!r} was trained on {want}, but this server's base is {have}"
+    context, own = saved_context(adapter), context_of(model)
+    if context is not None and context != json.loads(json.dumps(own, sort_keys=True)):
+        return (f"adapter {name!r} was trained with positional setup {context} (LongLoRA), but this server's "
+                f"base has {own}")
+    if adapter.biases:
+        return f"adapter {name!r} trains base biases, which every request would share"
+    if adapter.spec.init == "pissa":
+        return f"adapter {name!r} is a PiSSA adapter saved for its residual base, which every request would share"
+    if adapter.copies:
+        return f"adapter {name!r} replaces whole modules (modules_to_save), which cannot be routed per request"
+    return None
+
+
 class Engine:
     """The model, its tokenizer and its adapters, behind the OpenAI completions schema."""
 
     def __init__(self, model: nn.Module, tokenizer, base_id: str = "base",
                  adapters: dict[str, str | Path] | None = None, store: AdapterStore | None = None,
-                 max_tokens_limit: int = 512, max_prompt_tokens: int = 2048) -> None:
+                 max_tokens_limit: int = 512, max_prompt_tokens: int = 2048, max_batch: int = 64,
+                 max_queue: int = 256) -> None:
         self.model, self.tokenizer, self.base_id, self.store = model.eval(), tokenizer, base_id, store
         self.max_tokens_limit, self.max_prompt_tokens = max_tokens_limit, max_prompt_tokens
-        self.fixed = [load_adapter(model, path, name=name) for name, path in (adapters or {}).items()]
-        self.lock = threading.Lock()
+        self.context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        self.lock = threading.Lock()  # held while the model's adapters change or are checked
+        self.retired: set[str] = set()  # unloaded, still on the model until no running row uses them
+        self.fixed = []
+        for name, path in (adapters or {}).items():
+            adapter = read_adapter(path)
+            problem = serving_problem(model, adapter)
+            if problem:
+                raise ValueError(problem + " (prepare_base makes the base fit the adapters given at start)")
+            self.fixed.append(load_adapter(model, adapter, name=name))
+        eos = tokenizer.eos_token_id
+        self.batcher = Batcher(model, eos, max_batch, max_queue, self.ready, self.attach, self.idle).start()
+
+    def close(self) -> None:
+        self.batcher.stop()
+        if self.store is not None:
+            self.store.close()
+
+    # ------------------------------------------------------------------------- adapters
 
     def model_ids(self) -> list[str]:
         """The base, then the adapters attached at start, then those in the store."""
@@ -70,18 +135,93 @@ class Engine:
         except (UnknownAdapterError, ValueError):
             raise RequestError(404, f"model {name!r} does not exist") from None
 
-    def select(self, name: str) -> None:
-        """Make the request's adapter the only active one (attaching it from the store if needed). Holds the lock."""
-        if name == self.base_id:
-            set_active(self.model, [])
-        elif name in self.fixed:
-            set_active(self.model, [name])
-        else:
-            self.store.activate(self.model, name)
+    def ready(self, name: str) -> bool:
+        """(Engine loop) Whether adapter `name` can be attached without waiting for the disk; starts its read."""
+        if name in self.fixed:
+            return True
+        self.check_model(name)
+        if self.store.cached(name):
+            return True
+        self.store.prefetch([name])
+        return False
+
+    def attach(self, names: list[str]) -> bool:
+        """(Engine loop) Put the store adapters among `names` on the model; False while no slot is free."""
+        stored = list(dict.fromkeys(n for n in names if n not in self.fixed))
+        if not stored:
+            return True
+        if len(stored) > self.store.max_device:
+            return False
+        with self.lock:
+            on_model = set(self.store.on_model(self.model))
+            for name in stored:
+                if name not in on_model:
+                    problem = serving_problem(self.model, self.store.get(name))
+                    if problem:
+                        raise RequestError(400, problem)
+            self.store.attach(self.model, stored)
+        return True
+
+    def idle(self, running: list[str]) -> None:
+        """(Engine loop) Take unloaded adapters off the model once no running row uses them."""
+        if not self.retired:
+            return
+        with self.lock:
+            for name in sorted(self.retired - set(running)):
+                if self.store is not None and name in self.store.on_model(self.model):
+                    self.store.detach(self.model, name)
+                elif name in adapter_names(self.model):
+                    remove_adapter(self.model, name)
+                self.retired.discard(name)
+
+    def load(self, name: str, path: str) -> None:
+        """Serve the adapter folder `path` (relative to the store root) as `name` (a runtime load)."""
+        if self.store is None:
+            raise RequestError(400, "runtime adapters need a store: start the server with --store ROOT")
+        if not isinstance(name, str) or not isinstance(path, str):
+            raise RequestError(400, "'lora_name' and 'lora_path' must be strings")
+        if name == self.base_id or name in self.fixed:
+            raise RequestError(400, f"adapter {name!r} is already loaded")
+        with self.lock:
+            if name in self.retired:
+                raise RequestError(409, f"adapter {name!r} is still being unloaded; try again shortly")
+            try:
+                folder = confined(self.store.root, path)
+                if not folder.is_dir():
+                    raise RequestError(404, f"no adapter folder {path!r} under the store root")
+                check_safetensors(folder)
+                adapter = read_adapter(folder)
+                problem = serving_problem(self.model, adapter)
+                if problem:
+                    raise RequestError(400, problem)
+                check_fits(self.model, adapter)
+                self.store.add(name, path)
+            except UnknownAdapterError as e:
+                raise RequestError(404, str(e)) from None
+            except ValueError as e:  # a bad name or path, a file that does not fit the base
+                raise RequestError(400, str(e)) from None
+
+    def unload(self, name: str) -> None:
+        """Stop serving adapter `name`: new requests get 404; running ones finish first."""
+        if not isinstance(name, str):
+            raise RequestError(400, "'lora_name' must be a string")
+        with self.lock:
+            if name in self.fixed:
+                self.fixed.remove(name)
+            else:
+                try:
+                    if self.store is None:
+                        raise UnknownAdapterError(name)
+                    self.store.remove(name)
+                except (UnknownAdapterError, ValueError):
+                    raise RequestError(404, f"adapter {name!r} is not loaded") from None
+            self.retired.add(name)
+
+    # ------------------------------------------------------------------------- requests
 
     def prepare(self, request: dict, chat: bool) -> Job:
         """A checked request of either endpoint, its prompt tokenized; every 4xx is raised here."""
-        name, params = self.check(request)
+        name, params = self.check(request, chat)
         if chat:
             prompt = prompt_text(self.tokenizer, chat_messages(request, self.tokenizer))
         else:
@@ -91,55 +231,33 @@ class Engine:
             if not isinstance(prompt, str):
                 raise RequestError(400, "'prompt' must be a string (or a list of one string)")
         # a chat template writes its own special tokens
-        ids = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=not chat)["input_ids"]  # [1, T]
-        if ids.shape[1] > self.max_prompt_tokens:
-            raise RequestError(400, f"prompt has {ids.shape[1]} tokens, more than the limit {self.max_prompt_tokens}")
+        ids = self.tokenizer(prompt, add_special_tokens=not chat)["input_ids"]
+        if not ids:
+            raise RequestError(400, "the prompt is empty")
+        if len(ids) > self.max_prompt_tokens:
+            raise RequestError(400, f"prompt has {len(ids)} tokens, more than the limit {self.max_prompt_tokens}")
+        if self.context is not None and len(ids) + params["max_tokens"] > self.context:
+            raise RequestError(400, f"prompt ({len(ids)} tokens) + max_tokens ({params['max_tokens']}) is more than "
+                                    f"the model's context of {self.context} tokens")
         self.check_model(name)
         return Job(name, ids, params, chat, f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time()))
 
-    def complete(self, request: dict) -> dict:
-        """The `/v1/completions` answer to a parsed JSON request body: the prompt as given."""
-        return self.answer(self.prepare(request, chat=False))
+    def submit(self, job: Job, emit: Callable[[object], None]) -> Sequence:
+        """Queue `job`; `emit` gets (on the engine's thread) each token id, then None, or an exception."""
+        p = job.params
+        adapter = None if job.name == self.base_id else job.name
+        if adapter is not None and adapter not in self.fixed:
+            self.store.prefetch([adapter])  # read from disk now, while the request waits for its turn
+        seq = Sequence(adapter, job.ids, p["max_tokens"], emit, p["temperature"], p["top_p"], p["seed"])
+        try:
+            return self.batcher.submit(seq)
+        except QueueFull as e:
+            raise RequestError(429, f"the server is busy: {e}; try again later") from None
 
-    def chat(self, request: dict) -> dict:
-        """The `/v1/chat/completions` answer: the messages through the tokenizer's chat template."""
-        return self.answer(self.prepare(request, chat=True))
+    def cancel(self, seq: Sequence) -> None:
+        self.batcher.cancel(seq)
 
-    def answer(self, job: Job) -> dict:
-        """The whole answer to a prepared request."""
-        with self.lock:
-            self.select(job.name)
-            new = self.generate(job.ids, job.params)  # [n]
-        text, finish = self.finish(new, job.params["max_tokens"], job.params["stop"])
-        n = job.ids.shape[1]
-        usage = {"prompt_tokens": n, "completion_tokens": len(new), "total_tokens": n + len(new)}
-        return {**job.head(chunk=False), "choices": [job.choice(text, finish, delta=False)], "usage": usage}
-
-    def stream(self, job: Job) -> Generator[dict, None, None]:
-        """The answer as chunks while it is generated (`stream: true`), the last one with the finish_reason.
-        Text that could still become a stop string, or an incomplete character, is held back; the chunks
-        add up to the whole answer where decoding more tokens only appends text."""
-        params, eos = job.params, self.tokenizer.eos_token_id
-        hold = max((len(s) - 1 for s in params["stop"]), default=0)
-        with self.lock:
-            self.select(job.name)
-            tokens, sent = [], 0
-            with TokenStream(self, job) as stream:
-                for token in stream:
-                    tokens.append(token)
-                    if token == eos:
-                        break
-                    text, hit = cut_at_stop(self.decode(tokens)[0], params["stop"])
-                    if hit:
-                        break
-                    safe = len(text) - hold - (1 if text.endswith("\ufffd") else 0)  # "\ufffd": a partial character
-                    if safe > sent:
-                        yield {**job.head(chunk=True), "choices": [job.choice(text[sent:safe], None, delta=True)]}
-                        sent = safe
-        text, finish = self.finish(tokens, params["max_tokens"], params["stop"])
-        yield {**job.head(chunk=True), "choices": [job.choice(text[sent:], finish, delta=True)]}
-
-    def check(self, request: dict) -> tuple[str, dict]:
+    def check(self, request: dict, chat: bool = False) -> tuple[str, dict]:
         """(adapter name, generation parameters) of a request, or a 400 naming the bad field."""
         if not isinstance(request, dict):
             raise RequestError(400, "the request body must be a JSON object")
@@ -151,10 +269,15 @@ class Engine:
             raise RequestError(400, "'stream' must be true or false")
         if request.get("n", 1) != 1:
             raise RequestError(400, "'n' must be 1")
-        max_tokens = request.get("max_tokens", 16)
+        max_tokens = request.get("max_tokens")
+        if max_tokens is None and chat:
+            max_tokens = request.get("max_completion_tokens")
+        max_tokens = 16 if max_tokens is None else max_tokens
         if not is_int(max_tokens) or not 1 <= max_tokens <= self.max_tokens_limit:
             raise RequestError(400, f"'max_tokens' must be an integer from 1 to {self.max_tokens_limit}")
         temperature, top_p = request.get("temperature", 1.0), request.get("top_p", 1.0)
+        temperature = 1.0 if temperature is None else temperature
+        top_p = 1.0 if top_p is None else top_p
         if not is_number(temperature) or not 0 <= temperature <= 2:
             raise RequestError(400, "'temperature' must be a number from 0 to 2")
         if not is_number(top_p) or not 0 < top_p <= 1:
@@ -162,34 +285,18 @@ class Engine:
         seed = request.get("seed")
         if seed is not None and not is_int(seed):
             raise RequestError(400, "'seed' must be an integer")
+        options = request.get("stream_options") or {}
+        if not isinstance(options, dict):
+            raise RequestError(400, "'stream_options' must be an object")
         return name, {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": seed,
-                      "stop": request_stops(request), "stream": stream}
+                      "stop": request_stops(request), "stream": stream,
+                      "usage": bool(options.get("include_usage", False))}
 
-    @torch.no_grad()
-    def generate(self, ids: torch.Tensor, params: dict, streamer=None, stopping_criteria=None) -> list[int]:
-        """New token ids after prompt `ids` [1, T]: greedy at temperature 0, else sampled."""
-        if params["seed"] is not None:
-            torch.manual_seed(params["seed"])
-        temperature, top_p = params["temperature"], params["top_p"]
-        sample = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": None} if temperature > 0 \
-            else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=params["max_tokens"],
-                                  pad_token_id=pad, eos_token_id=self.tokenizer.eos_token_id, streamer=streamer,
-                                  stopping_criteria=stopping_criteria, **sample)
-        return out[0, ids.shape[1] :].tolist()
-
-    def decode(self, new: list[int]) -> tuple[str, bool]:
+    def text(self, tokens: list[int]) -> tuple[str, bool]:
         """(text of the new tokens up to the end token, whether the end token came)."""
         eos = self.tokenizer.eos_token_id
-        ended = eos is not None and eos in new
-        return self.tokenizer.decode(new[: new.index(eos)] if ended else new, skip_special_tokens=True), ended
-
-    def finish(self, new: list[int], max_tokens: int, stops: list[str]) -> tuple[str, str]:
-        """The text (cut before the first stop string) and OpenAI's finish_reason."""
-        text, ended = self.decode(new)
-        text, hit = cut_at_stop(text, stops)
-        return text, "stop" if hit or ended or len(new) < max_tokens else "length"
+        ended = eos is not None and eos in tokens
+        return self.tokenizer.decode(tokens[: tokens.index(eos)] if ended else tokens, skip_special_tokens=True), ended
 
 
 def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
@@ -200,10 +307,10 @@ def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
 
 @dataclass
 class Job:
-    """A checked request: which adapter, the prompt's token ids [1, T], the generation parameters."""
+    """A checked request: which adapter, the prompt's token ids, the generation parameters."""
 
     name: str
-    ids: torch.Tensor
+    ids: list[int]
     params: dict
     chat: bool
     id: str
@@ -214,66 +321,67 @@ class Job:
         kind = "text_completion" if not self.chat else "chat.completion.chunk" if chunk else "chat.completion"
         return {"id": self.id, "object": kind, "created": self.created, "model": self.name}
 
-    def choice(self, text: str, finish: str | None, delta: bool) -> dict:
-        """One choice of an answer, or of a streamed chunk (`delta`)."""
+    def choice(self, text: str, finish: str | None, delta: bool, first: bool = False) -> dict:
+        """One choice of an answer, or of a streamed chunk (`delta`; the first one says the role)."""
         if not self.chat:
             return {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}
-        key, message = ("delta", {"content": text}) if delta else ("message", {"role": "assistant", "content": text})
-        return {"index": 0, key: message, "logprobs": None, "finish_reason": finish}
+        if delta:
+            return {"index": 0, "delta": {"role": "assistant", "content": text} if first else {"content": text},
+                    "logprobs": None, "finish_reason": finish}
+        return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                "finish_reason": finish}
 
 
-class Cancel(StoppingCriteria):
-    """Stops `generate` at its next step once set (a stop string was met, or the client left)."""
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
-class TokenStream(BaseStreamer):
-    """New token ids of a `generate` running on another thread, as they come; leaving the `with` block
-    cancels the generation and waits for it."""
+class Answer:
+    """A job's tokens as they come, turned into text: cut at a stop string; what could still become a
+    stop string, or an incomplete character, is held back, so the pieces add up to the whole answer."""
 
     def __init__(self, engine: Engine, job: Job) -> None:
-        self.queue: queue.Queue[int | None] = queue.Queue()
-        self.prompt_seen = False
-        self.cancel = Cancel()
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self.run, args=(engine, job), daemon=True)
+        self.engine, self.job = engine, job
+        self.tokens: list[int] = []
+        self.sent = 0  # characters handed out so far
+        self.hold = max((len(s) - 1 for s in job.params["stop"]), default=0)
+        self.done = False  # a stop string or the end token came
+        self.chunks = 0
 
-    def run(self, engine: Engine, job: Job) -> None:
-        try:
-            engine.generate(job.ids, job.params, streamer=self, stopping_criteria=StoppingCriteriaList([self.cancel]))
-        except BaseException as e:  # handed to the reading thread
-            self.error = e
-        finally:
-            self.queue.put(None)
+    def add(self, token: int) -> str:
+        """Take one token; the new text that is safe to send ('' if none)."""
+        self.tokens.append(token)
+        text, ended = self.engine.text(self.tokens)
+        text, hit = cut_at_stop(text, self.job.params["stop"])
+        if hit or ended:
+            self.done = True
+            return ""
+        safe = len(text) - self.hold - (1 if text.endswith("\ufffd") else 0)  # "\ufffd": a partial character
+        if safe <= self.sent:
+            return ""
+        piece, self.sent = text[self.sent : safe], safe
+        return piece
 
-    def put(self, value: torch.Tensor) -> None:
-        if not self.prompt_seen:  # generate passes the prompt first
-            self.prompt_seen = True
-            return
-        for token in value.flatten().tolist():
-            self.queue.put(token)
+    def finish(self) -> tuple[str, str]:
+        """(the text not yet sent, OpenAI's finish_reason), once no more tokens come."""
+        text, ended = self.engine.text(self.tokens)
+        text, hit = cut_at_stop(text, self.job.params["stop"])
+        reason = "stop" if hit or ended or len(self.tokens) < self.job.params["max_tokens"] else "length"
+        rest, self.sent = text[self.sent :], len(text)
+        return rest, reason
 
-    def end(self) -> None:
-        pass  # `run` marks the end, also when generate fails
+    def usage(self) -> dict:
+        n = len(self.job.ids)
+        return {"prompt_tokens": n, "completion_tokens": len(self.tokens), "total_tokens": n + len(self.tokens)}
 
-    def __enter__(self) -> TokenStream:
-        self.thread.start()
-        return self
+    def chunk(self, text: str, finish: str | None) -> dict:
+        """A streamed chunk."""
+        self.chunks += 1
+        choice = self.job.choice(text, finish, delta=True, first=self.chunks == 1)
+        return {**self.job.head(chunk=True), "choices": [choice]}
 
-    def __iter__(self) -> Iterator[int]:
-        while (token := self.queue.get()) is not None:
-            yield token
-        if self.error is not None:
-            raise self.error
-
-    def __exit__(self, *exc) -> None:
-        self.cancel.event.set()
-        self.thread.join()
+    def whole(self) -> dict:
+        """The whole answer (not streamed)."""
+        self.sent = 0
+        text, finish = self.finish()
+        return {**self.job.head(chunk=False), "choices": [self.job.choice(text, finish, delta=False)],
+                "usage": self.usage()}
 
 
 def chat_messages(request: dict, tokenizer) -> list[dict]:

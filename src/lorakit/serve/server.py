@@ -1,116 +1,199 @@
-"""A small OpenAI-compatible HTTP server on the standard library: `/v1/models`, `/v1/completions`,
-`/v1/chat/completions`.
+"""The OpenAI-compatible HTTP API on FastAPI + uvicorn: `/v1/models`, `/v1/completions`,
+`/v1/chat/completions`, and vLLM's `/v1/load_lora_adapter` / `/v1/unload_lora_adapter`.
 
-For one machine and a few clients (each request runs alone on the model); `stream: true` answers
-as server-sent events. Binds to 127.0.0.1 unless told otherwise. Bodies over `max_body_bytes` are
-refused without being parsed.
+Every request becomes a row of the engine's one batched decoding loop; this side only parses, checks
+and turns tokens into OpenAI answers (`stream: true`: server-sent events ending with `data: [DONE]`).
+Errors use OpenAI's shape `{"error": {"message", "type", "param", "code"}}`. With an API key every
+`/v1` route needs `Authorization: Bearer KEY` (missing: 401, wrong: 403); the runtime adapter routes
+exist only when allowed, and only with a key.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hmac
 import json
-from collections.abc import Generator
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import threading
 
-from lorakit.serve.engine import Engine, RequestError
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from lorakit.serve.engine import Answer, Engine, Job, RequestError
 
 MAX_BODY_BYTES = 1 << 20
+ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+               429: "rate_limit_error"}
 
 
-def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8000,
-                max_body_bytes: int = MAX_BODY_BYTES) -> ThreadingHTTPServer:
-    """A server (not yet started: call `serve_forever`) answering for `engine`; port 0 picks a free one."""
+def error_body(status: int, message: str) -> dict:
+    kind = ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+    return {"error": {"message": message, "type": kind, "param": None, "code": status}}
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
 
-        def do_GET(self) -> None:
-            if self.path.rstrip("/") == "/v1/models":
-                self.reply(200, engine.models())
-            else:
-                self.reply_error(404, f"no route {self.path}")
+def make_app(engine: Engine, api_key: str | None = None, allow_runtime_adapters: bool = False,
+             max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+    """The ASGI app answering for `engine`."""
+    if allow_runtime_adapters and not api_key:
+        raise ValueError("runtime adapter loading needs an API key (--api-key or LORAKIT_API_KEY)")
+    app = FastAPI(title="lorakit", docs_url=None, redoc_url=None, openapi_url=None)
 
-        def do_POST(self) -> None:
-            chat = {"/v1/completions": False, "/v1/chat/completions": True}.get(self.path.rstrip("/"))
-            if chat is None:
-                self.reply_error(404, f"no route {self.path}")
+    @app.exception_handler(RequestError)
+    async def request_error(request: Request, e: RequestError) -> JSONResponse:
+        return JSONResponse(error_body(e.status, str(e)), status_code=e.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException) -> JSONResponse:
+        message = f"no route {request.method} {request.url.path}" if e.status_code in (404, 405) else str(e.detail)
+        return JSONResponse(error_body(e.status_code, message), status_code=e.status_code)
+
+    @app.middleware("http")
+    async def authorize(request: Request, call_next):
+        if api_key and request.url.path.startswith("/v1"):
+            header = request.headers.get("authorization", "")
+            if not header.startswith("Bearer "):
+                return JSONResponse(error_body(401, "missing API key: send 'Authorization: Bearer KEY'"), 401)
+            if not hmac.compare_digest(header[len("Bearer "):].encode(), api_key.encode()):
+                return JSONResponse(error_body(403, "wrong API key"), 403)
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return engine.models()
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await answer(engine, await read_json(request, max_body_bytes), chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await answer(engine, await read_json(request, max_body_bytes), chat=True)
+
+    if allow_runtime_adapters:
+        @app.post("/v1/load_lora_adapter")
+        async def load_lora_adapter(request: Request):
+            body = await read_json(request, max_body_bytes)
+            if not isinstance(body, dict):
+                raise RequestError(400, "the request body must be a JSON object")
+            name, path = body.get("lora_name"), body.get("lora_path")
+            await asyncio.to_thread(engine.load, name, path)
+            return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+
+        @app.post("/v1/unload_lora_adapter")
+        async def unload_lora_adapter(request: Request):
+            body = await read_json(request, max_body_bytes)
+            if not isinstance(body, dict):
+                raise RequestError(400, "the request body must be a JSON object")
+            engine.unload(body.get("lora_name"))
+            return PlainTextResponse(f"Success: LoRA adapter '{body['lora_name']}' removed successfully.")
+
+    return app
+
+
+async def read_json(request: Request, limit: int):
+    """The parsed JSON body; a 413 past `limit` bytes (the rest is read and dropped, up to a bound, so that
+    the client gets the answer rather than a reset connection)."""
+    declared = request.headers.get("content-length")
+    body, seen = bytearray(), 0
+    async for chunk in request.stream():
+        seen += len(chunk)
+        if seen <= limit:
+            body += chunk
+        elif seen > 16 * limit:
+            break
+    if seen > limit or (declared is not None and declared.isdigit() and int(declared) > limit):
+        raise RequestError(413, f"request body of {max(seen, int(declared or 0))} bytes is over the limit of {limit}")
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RequestError(400, f"the request body is not valid JSON: {e}") from None
+
+
+async def answer(engine: Engine, request, chat: bool):
+    """Queue the request, wait for its first token (errors before it are plain HTTP errors), then answer
+    whole or as server-sent events."""
+    job = engine.prepare(request, chat)
+    items: asyncio.Queue = asyncio.Queue()
+    loop = asyncio.get_running_loop()
+    seq = engine.submit(job, lambda item: loop.call_soon_threadsafe(items.put_nowait, item))
+    try:
+        first = await items.get()
+    except BaseException:
+        engine.cancel(seq)
+        raise
+    if isinstance(first, BaseException):
+        engine.cancel(seq)
+        if isinstance(first, RequestError):
+            raise first
+        raise RequestError(500, f"{type(first).__name__}: {first}")
+    if not job.params["stream"]:
+        result = Answer(engine, job)
+        try:
+            item = first
+            while item is not None and not result.done:
+                if isinstance(item, BaseException):
+                    raise RequestError(500, f"{type(item).__name__}: {item}")
+                result.add(item)
+                item = await items.get()
+        finally:
+            engine.cancel(seq)
+        return result.whole()
+    return StreamingResponse(events(engine, job, seq, first, items), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})
+
+
+async def events(engine: Engine, job: Job, seq, first, items: asyncio.Queue):
+    """Server-sent events: a chunk per piece of text, the last with the finish_reason, then [DONE]."""
+    result = Answer(engine, job)
+    try:
+        item = first
+        while item is not None and not result.done:
+            if isinstance(item, BaseException):
+                body = error_body(500, f"{type(item).__name__}: {item}")
+                yield f"data: {json.dumps(body)}\n\ndata: [DONE]\n\n"
                 return
-            try:
-                job = engine.prepare(self.read_json(), chat)
-            except RequestError as e:
-                self.reply_error(e.status, str(e))
-                return
-            if job.params["stream"]:
-                self.reply_events(engine.stream(job))
-                return
-            try:
-                answer = engine.answer(job)
-            except Exception as e:  # a fault of ours (an adapter file gone bad): say so, keep serving
-                self.reply_error(500, f"{type(e).__name__}: {e}")
-                return
-            self.reply(200, answer)
+            piece = result.add(item)
+            if piece:
+                yield f"data: {json.dumps(result.chunk(piece, None))}\n\n"
+            item = await items.get()
+        engine.cancel(seq)
+        rest, finish = result.finish()
+        yield f"data: {json.dumps(result.chunk(rest, finish))}\n\n"
+        if job.params["usage"]:
+            yield f"data: {json.dumps({**job.head(chunk=True), 'choices': [], 'usage': result.usage()})}\n\n"
+        yield "data: [DONE]\n\n"
+    finally:
+        engine.cancel(seq)
 
-        def read_json(self):
-            try:
-                length = int(self.headers.get("Content-Length", ""))
-            except ValueError:
-                raise RequestError(411, "a Content-Length header is required") from None
-            if length > max_body_bytes:
-                self.discard(min(length, 16 * max_body_bytes))  # so that the client reads the answer, not a reset
-                raise RequestError(413, f"request body of {length} bytes is over the limit of {max_body_bytes}")
-            try:
-                return json.loads(self.rfile.read(length))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise RequestError(400, f"the request body is not valid JSON: {e}") from None
 
-        def discard(self, length: int) -> None:
-            while length > 0:
-                chunk = self.rfile.read(min(length, 1 << 16))
-                if not chunk:
-                    return
-                length -= len(chunk)
+class Server:
+    """A uvicorn server for `app` on its own thread (tests, benchmarks); `url` once started."""
 
-        def reply_error(self, status: int, message: str) -> None:
-            kind = "invalid_request_error" if status < 500 else "server_error"
-            self.close_connection = status in (411, 413)  # the unread body would follow on the connection
-            self.reply(status, {"error": {"message": message, "type": kind, "code": status}})
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> None:
+        import uvicorn
 
-        def reply(self, status: int, body: dict) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(status, HTTPStatus(status).phrase)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off",
+                                timeout_graceful_shutdown=5)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name="lorakit-http", daemon=True)
 
-        def reply_events(self, chunks: Generator[dict, None, None]) -> None:
-            """Server-sent events, one `data:` line per chunk, then `data: [DONE]`; the connection then closes."""
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
-            self.send_header("Cache-Control", "no-cache")
-            self.send_header("Connection", "close")
-            self.end_headers()
-            self.close_connection = True
-            try:
-                try:
-                    for chunk in chunks:
-                        self.event(chunk)
-                except (BrokenPipeError, ConnectionResetError):
-                    raise
-                except Exception as e:  # a fault of ours mid-answer: the last event says so
-                    self.event({"error": {"message": f"{type(e).__name__}: {e}", "type": "server_error", "code": 500}})
-                self.wfile.write(b"data: [DONE]\n\n")
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # the client left: closing the chunks below stops the generation
-            finally:
-                chunks.close()
+    def __enter__(self) -> Server:
+        self.thread.start()
+        while not self.server.started:
+            if not self.thread.is_alive():
+                raise RuntimeError("the HTTP server did not start")
+            self.thread.join(0.01)
+        return self
 
-        def event(self, body: dict) -> None:
-            self.wfile.write(b"data: " + json.dumps(body).encode() + b"\n\n")
-            self.wfile.flush()
+    @property
+    def url(self) -> str:
+        host, port = self.server.servers[0].sockets[0].getsockname()[:2]
+        return f"http://{host}:{port}"
 
-        def log_message(self, format: str, *args) -> None:  # quiet: no line per request on stderr
-            pass
-
-    return ThreadingHTTPServer((host, port), Handler)
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)

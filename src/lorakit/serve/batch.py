@@ -1,0 +1,264 @@
+"""Continuous batching: one loop on one thread decodes every running sequence a token per step.
+
+    waiting --admit (prefill alone, KV rows joined)--> running --step (one forward, rows routed)--> done
+
+A sequence joins between two decoding steps: its prompt is run alone (batch 1, exactly as single-request
+generation does) and its KV cache becomes a new row of the batch's cache. Rows are left-padded to one
+length (the attention mask hides the padding; positions are each row's own), so a decoding step is one
+forward over all rows, each row through its own adapter (`lorakit.route`). A finished or cancelled row
+leaves the cache before the next step; columns that only padding uses are dropped.
+
+Only this loop's thread runs the model or changes its adapters (`attach`/`detach` callbacks).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+from lorakit.multi.routing import route
+
+
+class QueueFull(Exception):
+    """More sequences waiting than the queue holds."""
+
+
+@dataclass
+class Sequence:
+    """One request's generation: prompt, settings, and the tokens made so far."""
+
+    adapter: str | None  # None = the base model
+    prompt: list[int]
+    max_tokens: int
+    emit: Callable[[object], None]  # called on the loop's thread: a token id, then None at the end (or an exception)
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    tokens: list[int] = field(default_factory=list)
+    cancelled: bool = False
+    generator: torch.Generator | None = None
+
+    def sample(self, logits: torch.Tensor) -> int:
+        """The next token from logits [vocab]: argmax at temperature 0, else a top-p sample from own generator."""
+        if self.temperature == 0:
+            return int(logits.argmax())
+        probs = torch.softmax(logits.float() / self.temperature, dim=-1)  # [V]
+        if self.top_p < 1:
+            sorted_p, order = probs.sort(descending=True)
+            drop = sorted_p.cumsum(0) - sorted_p >= self.top_p  # keep the smallest head reaching top_p
+            probs = probs.scatter(0, order, sorted_p.masked_fill(drop, 0.0))
+        if self.generator is None:
+            self.generator = torch.Generator()
+            if self.seed is not None:
+                self.generator.manual_seed(self.seed)
+            else:
+                self.generator.seed()
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+class RowCache:
+    """The running rows' KV cache: a DynamicCache with rows left-padded to one length, and mask [B, L]."""
+
+    def __init__(self) -> None:
+        self.cache: DynamicCache | None = None
+        self.mask: torch.Tensor | None = None  # [B, L] long, 1 = a real token
+
+    def layers(self, cache: DynamicCache) -> list[DynamicLayer]:
+        if any(type(layer) is not DynamicLayer for layer in cache.layers):
+            kinds = sorted({type(layer).__name__ for layer in cache.layers})
+            raise ValueError(f"continuous batching needs a plain DynamicCache; this model uses {kinds}")
+        return list(cache.layers)
+
+    def add(self, cache: DynamicCache, length: int) -> None:
+        """Append the one-row cache of a prompt of `length` tokens as the last row."""
+        new = self.layers(cache)
+        row_mask = torch.ones(1, length, dtype=torch.long)
+        if self.cache is None:
+            self.cache, self.mask = cache, row_mask
+            return
+        have = self.mask.shape[1]
+        width = max(have, length)
+        for old, layer in zip(self.layers(self.cache), new, strict=True):
+            old.keys = torch.cat([left_pad(old.keys, width), left_pad(layer.keys, width)])
+            old.values = torch.cat([left_pad(old.values, width), left_pad(layer.values, width)])
+        self.mask = torch.cat([left_pad(self.mask, width, dim=1), left_pad(row_mask, width, dim=1)])
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only these rows (in this order); drop the columns every kept row pads."""
+        if not rows:
+            self.cache = self.mask = None
+            return
+        index = torch.tensor(rows, dtype=torch.long)
+        mask = self.mask.index_select(0, index)
+        start = int((mask.sum(0) > 0).nonzero()[0])  # first column some row uses
+        self.mask = mask[:, start:]
+        for layer in self.layers(self.cache):
+            layer.keys = layer.keys.index_select(0, index)[:, :, start:]
+            layer.values = layer.values.index_select(0, index)[:, :, start:]
+
+
+def left_pad(t: torch.Tensor, width: int, dim: int = -2) -> torch.Tensor:
+    """`t` with zeros before its entries along `dim` up to `width`."""
+    missing = width - t.shape[dim]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+class Batcher:
+    """The engine loop: admits waiting sequences between steps, decodes all running ones together.
+
+    `ready(name)` says whether an adapter can be attached now without waiting for the disk (it may start
+    a read); `attach(names)` makes the adapters of the running rows plus a new one present on the model
+    (False: no slot free now); `idle()` runs between steps (detaching unloaded adapters)."""
+
+    def __init__(self, model: nn.Module, eos: int | None, max_batch: int = 64, max_queue: int = 256,
+                 ready: Callable[[str], bool] = lambda name: True,
+                 attach: Callable[[list[str]], bool] = lambda names: True,
+                 idle: Callable[[list[str]], None] = lambda running: None) -> None:
+        self.model, self.eos, self.max_batch, self.max_queue = model, eos, max_batch, max_queue
+        self.ready, self.attach, self.idle = ready, attach, idle
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.rows = RowCache()
+        self.wake = threading.Condition()
+        self.stopped = False
+        self.steps = 0  # decoding steps run
+        self.peak = 0  # most rows decoded together
+        self.thread = threading.Thread(target=self.loop, name="lorakit-engine", daemon=True)
+
+    def start(self) -> Batcher:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self.wake:
+            self.stopped = True
+            self.wake.notify()
+        self.thread.join(timeout=60)
+
+    def submit(self, seq: Sequence) -> Sequence:
+        with self.wake:
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are waiting, the queue's limit")
+            self.waiting.append(seq)
+            self.wake.notify()
+        return seq
+
+    def cancel(self, seq: Sequence) -> None:
+        """Stop a sequence (its client left or a stop string came): its row leaves before the next step."""
+        seq.cancelled = True
+        with self.wake:
+            self.wake.notify()
+
+    def running_adapters(self) -> list[str]:
+        return [s.adapter for s in self.running if s.adapter is not None]
+
+    # ------------------------------------------------------------------------- the loop
+
+    def loop(self) -> None:
+        while True:
+            with self.wake:
+                while not self.stopped and not self.running and not self.waiting:
+                    self.wake.wait(timeout=1.0)
+                    self.idle([])
+                if self.stopped:
+                    break
+            try:
+                self.drop_finished()
+                self.idle(self.running_adapters())
+                self.admit()
+                if self.running:
+                    self.step()
+                elif self.waiting:
+                    time.sleep(0.002)  # waiting only for adapters being read
+            except Exception as e:  # a fault of ours: fail the running rows, keep serving
+                for seq in self.running:
+                    seq.emit(e)
+                self.running, self.rows = [], RowCache()
+        for seq in [*self.running, *self.waiting]:
+            if not seq.cancelled:
+                seq.emit(RuntimeError("the server is shutting down"))
+
+    def drop_finished(self) -> None:
+        keep = [i for i, s in enumerate(self.running) if not s.cancelled]
+        if len(keep) < len(self.running):
+            self.running = [self.running[i] for i in keep]
+            self.rows.keep(keep)
+
+    def admit(self) -> None:
+        """Move waiting sequences whose adapter is ready into the batch (FIFO, skipping the not-ready)."""
+        with self.wake:
+            candidates = list(self.waiting)
+        for seq in candidates:
+            if len(self.running) >= self.max_batch:
+                return
+            if seq.cancelled:
+                self.take(seq)
+                continue
+            try:
+                if seq.adapter is not None and (not self.ready(seq.adapter)
+                                                or not self.attach([*self.running_adapters(), seq.adapter])):
+                    continue
+                self.take(seq)
+                self.prefill(seq)
+            except Exception as e:  # this request's adapter or prompt: fail it alone
+                self.take(seq)
+                seq.emit(e)
+
+    def take(self, seq: Sequence) -> None:
+        with self.wake:
+            if seq in self.waiting:
+                self.waiting.remove(seq)
+
+    @torch.no_grad()
+    def prefill(self, seq: Sequence) -> None:
+        """Run the prompt alone, emit its first token, and add its KV row to the batch."""
+        ids = torch.tensor([seq.prompt], dtype=torch.long)  # [1, T]
+        cache = DynamicCache()
+        with route(self.model, [seq.adapter]):
+            out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+                             use_cache=True, logits_to_keep=1)
+        self.rows.layers(out.past_key_values)
+        self.running.append(seq)
+        self.rows.add(out.past_key_values, ids.shape[1])
+        self.push(seq, out.logits[0, -1])
+
+    def push(self, seq: Sequence, logits: torch.Tensor) -> None:
+        """Choose and emit the next token; end the sequence at the end token or at max_tokens."""
+        token = seq.sample(logits)
+        seq.tokens.append(token)
+        seq.emit(token)
+        if token == self.eos or len(seq.tokens) >= seq.max_tokens:
+            seq.cancelled = True
+            seq.emit(None)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One decoding step for every running row."""
+        self.drop_finished()
+        if not self.running:
+            return
+        rows = self.running
+        ids = torch.tensor([[s.tokens[-1]] for s in rows], dtype=torch.long)  # [B, 1]
+        positions = torch.tensor([[len(s.prompt) + len(s.tokens) - 1] for s in rows], dtype=torch.long)  # [B, 1]
+        mask = torch.cat([self.rows.mask, torch.ones(len(rows), 1, dtype=torch.long)], dim=1)  # [B, L + 1]
+        with route(self.model, [s.adapter for s in rows]):
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                             past_key_values=self.rows.cache, use_cache=True)
+        self.rows.mask = mask
+        self.steps += 1
+        self.peak = max(self.peak, len(rows))
+        logits = out.logits[:, -1]  # [B, V]
+        for i, seq in enumerate(rows):
+            if not seq.cancelled:
+                self.push(seq, logits[i])
