@@ -3,6 +3,9 @@
 `linear_ce`: LM head + cross entropy in token chunks, so the full [tokens, vocab] logits never exist.
 `lora_linear`: a LoRA update as one autograd node whose intermediates stay rank-sized.
 `dequant`: 4-bit dequantization through a byte table (bit-exact with `quant.nf4`).
+`triton_nf4`, `triton_matmul4bit`, `triton_lora`: GPU kernels (Triton) for 4-bit dequantization, the
+fused 4-bit matmul and mixed-adapter LoRA (SGMV/BGMV), used for CUDA tensors when triton imports
+(`use_triton`); triton stays optional, and nothing changes on the CPU.
 
 The library uses them by default; `LORAKIT_KERNELS=0` in the environment forces every plain path
 (for comparison, or to rule a kernel out when debugging).
@@ -10,9 +13,33 @@ The library uses them by default; `LORAKIT_KERNELS=0` in the environment forces 
 
 from __future__ import annotations
 
+import functools
 import os
+
+import torch
 
 
 def enabled() -> bool:
     """Whether fast paths are on (the default); read on every call, so it can be switched at run time."""
     return os.environ.get("LORAKIT_KERNELS", "1") != "0"
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Whether the Triton kernels serve tensor `t`: fast paths on, `t` on CUDA and triton importable.
+
+    `LORAKIT_KERNELS=triton` forces them for CPU tensors too, which only works through Triton's
+    interpreter (TRITON_INTERPRET=1 before the kernel modules are imported): how the tests run them
+    without a GPU.
+    """
+    mode = os.environ.get("LORAKIT_KERNELS", "1")
+    return mode != "0" and (t.is_cuda or mode == "triton") and triton_available()
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether triton is installed and imports (it is optional: the CUDA builds of torch bring it)."""
+    try:
+        import triton  # noqa: F401
+    except Exception:  # noqa: BLE001 (a broken install: any error means no Triton kernels)
+        return False
+    return True

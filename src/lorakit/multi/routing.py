@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from lorakit import kernels
 from lorakit.adapters.copies import module_copies
 from lorakit.adapters.inject import adapter_names
 from lorakit.adapters.layer import LoraLayer, lora_layers
@@ -46,6 +47,12 @@ class RowRouting:
         if x.shape[0] != self.rows:
             raise ValueError(f"the batch was routed for {self.rows} rows but a layer got {x.shape[0]} "
                              "(beam search or num_return_sequences change the batch: route the expanded rows)")
+        if not torch.is_grad_enabled() and kernels.use_triton(x):  # CUDA serving: segmented kernels (SGMV/BGMV)
+            from lorakit.kernels.triton_lora import routed_lora
+
+            y = routed_lora(self.groups_on(x.device), layer, x, base_out)  # None: not all plain LoRA here
+            if y is not None:
+                return y
         y = None  # base_out plus the groups so far: one new tensor, then added to in place
         for name, index in self.groups_on(x.device):
             if name not in layer.adapters:  # this adapter does not adapt this layer

@@ -137,6 +137,12 @@ class _Linear4bitFn(torch.autograd.Function):
     def forward(ctx, x: Tensor, packed: Tensor, state: QuantState, bias: Tensor | None) -> Tensor:
         ctx.save_for_backward(packed)
         ctx.state, ctx.has_bias = state, bias is not None
+        from lorakit import kernels  # late: lorakit.kernels' modules import lorakit.quant
+
+        if kernels.use_triton(x):  # CUDA: W dequantized inside the matmul (decode) or by one kernel
+            from lorakit.kernels.triton_matmul4bit import linear_4bit
+
+            return linear_4bit(x, packed, state, bias)
         return F.linear(x, dequantize(packed, state, x.dtype), bias)
 
     @staticmethod
@@ -162,9 +168,14 @@ def _packed_parameter(packed: Tensor) -> nn.Parameter:
 
 def dequantize(packed: Tensor, state: QuantState, dtype: torch.dtype | None = None) -> Tensor:
     """`dequantize_4bit`, through the byte-table kernel (same bits, about 2x faster on the CPU) unless
-    LORAKIT_KERNELS=0."""
+    LORAKIT_KERNELS=0; on CUDA through one Triton kernel (same bits)."""
     from lorakit import kernels  # late: lorakit.kernels.dequant imports lorakit.quant
     from lorakit.kernels.dequant import dequantize_4bit_bytes
+
+    if kernels.use_triton(packed):
+        from lorakit.kernels.triton_nf4 import dequantize_4bit_triton
+
+        return dequantize_4bit_triton(packed, state, dtype)
 
     return (dequantize_4bit_bytes if kernels.enabled() else dequantize_4bit)(packed, state, dtype)
 
