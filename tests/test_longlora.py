@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -113,3 +115,100 @@ def test_longlora_training_saves_embeddings_norms_and_context(tiny_model_dir, js
     interpolate_positions(base, 128)
     peft_model = PeftModel.from_pretrained(base, tmp_path / "adapter")
     torch.testing.assert_close(peft_model(ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_long_sequences_split_files_and_cut_exact_lengths(tmp_path):
+    from conftest import tiny_tokenizer
+    from lorakit.data.longtext import as_rows, is_held_out, long_sequences, source_files
+
+    for i in range(40):
+        (tmp_path / f"pkg{i % 3}").mkdir(exist_ok=True)
+        (tmp_path / f"pkg{i % 3}" / f"m{i}.py").write_text(f"def f{i}(x):\n    return x * {i}\n" * (i + 1))
+    (tmp_path / "site-packages").mkdir()
+    (tmp_path / "site-packages" / "dep.py").write_text("print('not stdlib')\n")
+    train, held = source_files(tmp_path, "train"), source_files(tmp_path, "held-out")
+    names = lambda files: {p.relative_to(tmp_path).as_posix() for p in files}
+    assert names(train) | names(held) == {f"pkg{i % 3}/m{i}.py" for i in range(40)}  # site-packages left out
+    assert not names(train) & names(held) and held
+    assert all(is_held_out(n) for n in names(held))
+    tok = tiny_tokenizer()
+    seqs = long_sequences(tok, 50, 3, split="held-out", root=tmp_path)
+    assert [len(s) for s in seqs] == [50, 50, 50]
+    # reference: the held-out files in path order, each headed by its path and ended by end-of-text
+    expected = []
+    for path in sorted(held):
+        text = f"# file: {path.relative_to(tmp_path).as_posix()}\n{path.read_text()}"
+        expected += tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert sum(seqs, []) == expected[:150]
+    assert as_rows(seqs)[0] == (seqs[0], seqs[0])
+    with pytest.raises(ValueError, match="hold only"):
+        long_sequences(tok, 10**6, 2, split="held-out", root=tmp_path)
+
+
+def test_passkey_prompt_has_the_length_and_the_needle_at_its_depth():
+    from conftest import tiny_tokenizer
+    from lorakit.data.longtext import passkey_prompt
+
+    tok = tiny_tokenizer()
+    where = {}
+    for depth in (0.0, 0.5, 1.0):
+        prompt, answer = passkey_prompt(tok, 2000, depth, 40721)
+        assert len(prompt) + len(answer) == 2000 and tok.decode(answer) == " 40721"
+        text = tok.decode(prompt)
+        assert text.endswith("What is the pass key? The pass key is") and text.count("40721") == 2
+        where[depth] = text.index("The pass key is 40721") / len(text)
+    assert where[0.0] < 0.1 and 0.4 < where[0.5] < 0.6 and where[1.0] > 0.9
+    with pytest.raises(ValueError, match="too short"):
+        passkey_prompt(tok, 100, 0.5, 40721)
+
+
+def test_token_nll_and_bucket_perplexity_match_plain_cross_entropy():
+    from lorakit.longlora import bucket_perplexity, token_nll
+
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (40,)).tolist()
+    nll = token_nll(model, ids, chunk=7)
+    logits = model(torch.tensor([ids])).logits[0, :-1]
+    expected = F.cross_entropy(logits, torch.tensor(ids[1:]), reduction="none").detach()
+    torch.testing.assert_close(nll, expected, rtol=1e-5, atol=1e-5)
+    ppl = bucket_perplexity(nll, [0, 10, 20, 40])
+    # token at position p (1..39) is predicted by nll[p - 1]
+    assert ppl["0-10"] == pytest.approx(float(expected[0:9].mean().exp()), rel=1e-5)
+    assert ppl["10-20"] == pytest.approx(float(expected[9:19].mean().exp()), rel=1e-5)
+    assert ppl["20-40"] == pytest.approx(float(expected[19:].mean().exp()), rel=1e-5)
+
+
+def test_passkey_retrieved_agrees_with_greedy_generation():
+    from lorakit.longlora import passkey_retrieved
+
+    model = tiny_llama()
+    prompt = torch.randint(3, 128, (20,)).tolist()
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=4, do_sample=False, pad_token_id=0,
+                         eos_token_id=None)
+    greedy = out[0, 20:].tolist()
+    assert passkey_retrieved(model, prompt, greedy) == (True, greedy)
+    wrong = greedy[:2] + [(greedy[2] + 1) % 128] + greedy[3:]
+    ok, predicted = passkey_retrieved(model, prompt, wrong)
+    assert not ok and predicted[:3] == greedy[:3]
+
+
+def test_bench_longlora_quick(tmp_path):
+    from lorakit.cli import main
+
+    out = tmp_path / "bench.jsonl"
+    common = ["bench", "longlora", "--quick", "--reps", "1", "--warmup", "0", "--threads", "1"]
+    assert main([*common, "--set", "lengths=32", "--set", "group_size_ratio=0.25", "--json", str(out)]) == 0
+    [record] = [json.loads(line) for line in out.read_text().splitlines()]
+    full, s2 = record["full"], record["s2"]
+    assert record["length"] == 32 and full["attn_implementation"] == "sdpa" and s2["attn_implementation"] == "s2attn"
+    assert s2["group"] == 8 and full["group"] == 32
+    assert full["loss"] != pytest.approx(s2["loss"], abs=1e-6)  # the S2 step really attends sparsely
+    assert record["ratios"]["seconds"] == full["seconds"] / s2["seconds"]
+    assert record["ratios"]["peak_rss"] == full["peak_rss"] / s2["peak_rss"] and full["peak_rss"] > 0
+    assert record["env"]["threads"] == 1 and "loadavg_1m_before" in record["env"]
+    # a point that passes the memory limit is stopped and reported, not run to the end
+    out2 = tmp_path / "skipped.jsonl"
+    assert main([*common, "--set", "lengths=32", "--set", "max_rss_gib=0.01", "--json", str(out2)]) == 0
+    [record] = [json.loads(line) for line in out2.read_text().splitlines()]
+    assert "max_rss_gib=0.01" in record["full"]["skipped"] and "seconds" not in record["s2"]
+    assert main([*common, "--set", "lengths=30"]) == 2  # 30 x 0.25 is no even group

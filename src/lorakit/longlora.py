@@ -148,3 +148,53 @@ def interpolate_positions(model: nn.Module, target_context: int) -> float:
     config.max_position_embeddings = target_context
     rebuild_rotary(model)
     return factor
+
+
+@torch.no_grad()
+def token_nll(model: nn.Module, ids: list[int], chunk: int = 1024) -> torch.Tensor:
+    """Next-token negative log-likelihood at every position of one sequence: [len(ids) - 1].
+
+    Full attention (eval mode); the head runs `chunk` positions at a time so the [t, vocab] logits of
+    a long sequence never exist at once."""
+    was_training = model.training
+    model.eval()
+    try:
+        x = torch.tensor([ids], device=next(model.parameters()).device)
+        hidden = model.base_model(input_ids=x, use_cache=False)[0][0, :-1]  # [t-1, d]
+        head = model.get_output_embeddings()
+        target = x[0, 1:]
+        parts = [F.cross_entropy(head(hidden[i : i + chunk]).float(), target[i : i + chunk], reduction="none")
+                 for i in range(0, hidden.shape[0], chunk)]
+    finally:
+        model.train(was_training)
+    return torch.cat(parts)
+
+
+def bucket_perplexity(nll: torch.Tensor, edges: list[int]) -> dict[str, float]:
+    """Perplexity of the tokens whose position lies in each bucket [edges[i], edges[i+1]).
+
+    nll[i] is the loss of predicting token i + 1, so token positions are 1..len(nll)."""
+    positions = torch.arange(1, nll.numel() + 1)
+    found = {}
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        inside = (positions >= lo) & (positions < hi)
+        if inside.any():
+            found[f"{lo}-{hi}"] = float(nll[inside].double().mean().exp())
+    return found
+
+
+@torch.no_grad()
+def passkey_retrieved(model: nn.Module, prompt: list[int], answer: list[int]) -> tuple[bool, list[int]]:
+    """Whether greedy decoding after `prompt` produces exactly `answer`, and the tokens it predicts.
+
+    One teacher-forced forward: greedy decoding yields the answer exactly when the argmax after each
+    answer prefix is the next answer token."""
+    was_training = model.training
+    model.eval()
+    try:
+        x = torch.tensor([prompt + answer], device=next(model.parameters()).device)
+        hidden = model.base_model(input_ids=x, use_cache=False)[0][0, len(prompt) - 1 : -1]  # [len(answer), d]
+        predicted = model.get_output_embeddings()(hidden).argmax(-1).tolist()
+    finally:
+        model.train(was_training)
+    return predicted == answer, predicted
