@@ -442,3 +442,17 @@ def test_cli_serve_starts_and_answers(tiny_model_dir, adapters):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_bench_serve_quick_run(tmp_path):
+    """`lorakit bench serve --quick`: every point completes without failures, and batches really formed."""
+    from lorakit.cli import main
+
+    out = tmp_path / "serve.jsonl"
+    assert main(["bench", "serve", "--quick", "--reps", "1", "--json", str(out), "--set", "adapters=4",
+                 "--set", "serial=1"]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["adapters"], r["max_batch"]) for r in records] == [(4, 8), (1, 1)]
+    for r in records:
+        assert r["failures"] == 0 and 0 < r["completion_tokens"] <= 8 * 4 and r["tokens_per_s"] > 0
+    assert records[0]["peak_rows"] > 1 and records[1]["peak_rows"] == 1
