@@ -314,3 +314,49 @@ def test_a_lora_file_calling_itself_adalora_is_refused(tmp_path):
                                                               "target_r": 1, "total_step": 10}))
     with pytest.raises(lorakit.AdapterFileError, match="has no lora_E tensor"):
         lorakit.read_adapter(tmp_path)
+
+
+def adalora_run(out, **overrides):
+    """A tiny AdaLoRA run that prunes between steps 2 and 8 of 10 (every 2 steps), checkpointing every 3."""
+    model = lorakit.inject(tiny_llama(), adalora_spec(r=4, target_r=2, tinit=2, tfinal=2, deltaT=2))
+    cfg = TrainConfig(max_steps=10, batch_size=4, lr=1e-2, warmup_steps=1, checkpoint_every=3, keep_checkpoints=5,
+                      **overrides)
+    out.mkdir(parents=True, exist_ok=True)
+    fit(model, toy_rows(), cfg, pad_id=1, out=out, log=lambda *_: None)
+    return model
+
+
+def adapter_state(model) -> dict[str, torch.Tensor]:
+    return {f"{path}.{f}": getattr(a, f).detach().clone() for path, a in adalora_adapters(model, "default")
+            for f in ("lora_A", "lora_E", "lora_B")} | {f"{path}.mask": a.rank_mask
+                                                        for path, a in adalora_adapters(model, "default")}
+
+
+def test_resume_mid_pruning_gives_the_uninterrupted_adapter(tmp_path, monkeypatch):
+    whole = adapter_state(adalora_run(tmp_path / "whole"))
+    state = torch.load(tmp_path / "whole" / "checkpoint-6" / "trainer_state.pt", weights_only=True)
+    assert set(state["allocator"]) == {"ema_ipt", "ema_unc", "masks"} and state["allocator"]["masks"]
+    # a fresh model resumed from step 6 (mid-pruning: scores and masks matter) ends where the whole run ended
+    resumed = adapter_state(adalora_run(tmp_path / "resumed", resume=str(tmp_path / "whole" / "checkpoint-6")))
+    assert whole.keys() == resumed.keys()
+    differ = [k for k in whole if not torch.equal(whole[k], resumed[k])]
+    assert not differ, f"{len(differ)} tensors differ after resume, first {differ[0]}"
+    # and the allocator's state is what makes it so: resumed without it, the masks come out otherwise
+    monkeypatch.setattr("lorakit.train.fit.resume_allocator", lambda allocator, path: None)
+    forgetful = adapter_state(adalora_run(tmp_path / "forgetful", resume=str(tmp_path / "whole" / "checkpoint-6")))
+    assert any(not torch.equal(whole[k], forgetful[k]) for k in whole)
+
+
+def test_training_draws_the_final_ranks_as_a_heat_map(tmp_path):
+    from lorakit.adapters.adalora import rank_grid
+
+    model = adalora_run(tmp_path)
+    png = tmp_path / "adalora_ranks.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ranks = final_ranks(model, "default")
+    layers, modules, grid = rank_grid(ranks)
+    assert layers == [0, 1] and modules == ["q_proj", "v_proj", "down_proj"]
+    for path, r in ranks.items():  # e.g. model.layers.1.mlp.down_proj
+        parts = path.split(".")
+        assert grid[int(parts[2])][modules.index(parts[-1])] == r
+    assert sum(r for row in grid for r in row) == 2 * 6  # the target budget

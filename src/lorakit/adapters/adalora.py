@@ -124,7 +124,7 @@ class RankAllocator:
         if settings.tinit >= total_step - settings.tfinal:
             raise ValueError(f"AdaLoRA: tinit={settings.tinit} and tfinal={settings.tfinal} leave no steps to "
                              f"prune ranks in a run of {total_step} steps")
-        self.settings, self.total_step = settings, total_step
+        self.name, self.settings, self.total_step = name, settings, total_step
         self.adapters = adalora_adapters(model, name)
         if not self.adapters:
             raise ValueError(f"model has no AdaLoRA adapter {name!r}")
@@ -210,6 +210,31 @@ class RankAllocator:
         """orth_reg_weight x the orthogonal regularization, to add to the loss."""
         return self.settings.orth_reg_weight * orth_regularization([a for _, a in self.adapters])
 
+    def state_dict(self) -> dict:
+        """What a resumed run needs to allocate as an uninterrupted one: the EMAs of importance and
+        uncertainty ("<path>:<factor>" -> tensor) and each adapter's last mask (the step is the trainer's)."""
+        return {
+            "ema_ipt": {f"{path}:{factor}": t.clone() for (path, factor), t in self.ema_ipt.items()},
+            "ema_unc": {f"{path}:{factor}": t.clone() for (path, factor), t in self.ema_unc.items()},
+            "masks": {path: a.rank_mask.clone() for path, a in self.adapters if a.rank_mask is not None},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        paths = {path for path, _ in self.adapters}
+        named = {key.rsplit(":", 1)[0] for key in [*state["ema_ipt"], *state["ema_unc"]]} | set(state["masks"])
+        unknown = sorted(named - paths)
+        if unknown:
+            raise ValueError(f"AdaLoRA allocator state names module {unknown[0]!r}, which has no adapter to allocate")
+        split = lambda key: tuple(key.rsplit(":", 1))
+        self.ema_ipt = {split(k): t.to(self.device_of(k)) for k, t in state["ema_ipt"].items()}
+        self.ema_unc = {split(k): t.to(self.device_of(k)) for k, t in state["ema_unc"].items()}
+        for path, adapter in self.adapters:
+            adapter.rank_mask = state["masks"][path].clone() if path in state["masks"] else None
+
+    def device_of(self, key: str) -> torch.device:
+        path = key.rsplit(":", 1)[0]
+        return next(a.lora_A.device for p, a in self.adapters if p == path)
+
 
 def make_allocator(model: nn.Module, total_step: int) -> RankAllocator | None:
     """The allocator of the model's trainable AdaLoRA adapter (None if it has none). Its `total_step`
@@ -232,6 +257,19 @@ def final_ranks(model: nn.Module, name: str) -> dict[str, int]:
     """Kept rank per adapted module: the mask's count if masked, else the factors' rank."""
     adapters = adalora_adapters(model, name)
     return {path: int(a.rank_mask.sum()) if a.rank_mask is not None else a.r for path, a in adapters}
+
+
+def rank_grid(ranks: dict[str, int]) -> tuple[list[int | None], list[str], list[list[int | None]]]:
+    """(layers, modules, grid): module paths `...layers.<i>...<module>` arranged as grid[layer][module] ->
+    rank (None where a layer lacks that module); a path with no number goes to a row labelled None."""
+    cells: dict[tuple[int | None, str], int] = {}
+    for path, r in ranks.items():
+        parts = path.split(".")
+        layer = next((int(p) for p in parts if p.isdigit()), None)
+        cells[(layer, parts[-1])] = r
+    layers = sorted({layer for layer, _ in cells}, key=lambda x: (x is None, x or 0))
+    modules = list(dict.fromkeys(module for _, module in cells))  # in model order
+    return layers, modules, [[cells.get((layer, m)) for m in modules] for layer in layers]
 
 
 # ----------------------------------------------------------------------------- PEFT's file format

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lorakit.adapters.adalora import make_allocator
+from lorakit.adapters.adalora import final_ranks, make_allocator
 from lorakit.atomic import atomic_dir
 from lorakit.config import TrainConfig
 from lorakit.data.encode import IGNORE, collate
@@ -35,6 +35,7 @@ from lorakit.data.packing import collate_packed
 from lorakit.quant.optim import make_optimizer
 from lorakit.train import distributed
 from lorakit.train.loop import loss_sum
+from lorakit.train.plot import plot_ranks
 from lorakit.train.tensorboard import open_tensorboard, write_scalars
 
 STATE_FILE = "trainer_state.pt"
@@ -93,9 +94,11 @@ def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def save_checkpoint(out: Path, step: int, model: nn.Module, optimizer, schedule, cfg: TrainConfig,
-                    save_adapter: Callable[[Path], None] | None, params: dict[str, nn.Parameter] | None = None) -> Path:
+                    save_adapter: Callable[[Path], None] | None, params: dict[str, nn.Parameter] | None = None,
+                    extra: dict | None = None) -> Path:
     """output_dir/checkpoint-STEP: trainer state (+ the adapter in PEFT format), atomically. `params`: the
-    parameters this run trains (default: every trainable one of the model)."""
+    parameters this run trains (default: every trainable one of the model); `extra`: more state to keep
+    (AdaLoRA's allocator)."""
     params = trainable(model) if params is None else params
     state = {
         "step": step,
@@ -104,6 +107,7 @@ def save_checkpoint(out: Path, step: int, model: nn.Module, optimizer, schedule,
         "schedule": schedule.state_dict(),
         "torch_rng": torch.get_rng_state(),
         "python_rng": random.getstate(),
+        **(extra or {}),
     }
 
     def fill(tmp: Path) -> None:
@@ -205,7 +209,9 @@ class Run:
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
                                                           lr_lambda(cfg.warmup_steps, self.steps, cfg.schedule))
         self.step = 0  # optimizer steps done
-        if out is not None and (path := resume_path(cfg, out)) is not None:
+        self.allocator = None  # AdaLoRA's rank allocator, set by `fit`; its state is checkpointed too
+        self.resumed_from = path = resume_path(cfg, out) if out is not None else None
+        if path is not None:
             self.step = load_checkpoint(path, model, self.optimizer, self.schedule, params)
             log(f"resumed from {path} at step {self.step}")
         self.start_step = self.step
@@ -262,8 +268,9 @@ class Run:
         return record
 
     def checkpoint(self) -> Path:
+        extra = {"allocator": self.allocator.state_dict()} if self.allocator is not None else None
         return save_checkpoint(self.out, self.step, self.model, self.optimizer, self.schedule, self.cfg,
-                               self.save_adapter, self.params)
+                               self.save_adapter, self.params, extra)
 
     def interrupted(self) -> None:
         """Ctrl-C: write a checkpoint of the steps done, to resume from."""
@@ -312,6 +319,10 @@ def fit(
               save_adapter=save_adapter, param_groups=param_groups, log=log)  # metrics, checkpoints: rank 0
     params = list(run.params.values())
     allocator = make_allocator(model, run.steps)  # AdaLoRA: rank allocation and orthogonal regularization; else None
+    if allocator is not None:
+        run.allocator = allocator
+        if run.resumed_from is not None:
+            resume_allocator(allocator, run.resumed_from)
     net = distributed.wrap(model, world)  # distributed: DDP all-reduces the adapter's gradients
     model.train()
     bar = tqdm(range(run.start_step, run.steps), desc="train", dynamic_ncols=True, initial=run.start_step,
@@ -329,7 +340,18 @@ def fit(
     finally:
         result = run.close()
         model.eval()
+    if allocator is not None and run.out is not None:  # AdaLoRA: where the budget went
+        plot_ranks(final_ranks(model, allocator.name), run.out / "adalora_ranks.png", log=log)
     return result
+
+
+def resume_allocator(allocator, checkpoint: Path) -> None:
+    """Put AdaLoRA's allocator back as the checkpoint saved it (EMAs and masks)."""
+    state = torch.load(checkpoint / STATE_FILE, weights_only=True)
+    if "allocator" not in state:
+        raise ValueError(f"{checkpoint / STATE_FILE}: no AdaLoRA allocator state (written by an older lorakit?); "
+                         "resuming would restart the importance scores, so start the run again")
+    allocator.load_state_dict(state["allocator"])
 
 
 def train_step(model, rows, cfg: TrainConfig, pad_id: int, step: int, params, optimizer, schedule,

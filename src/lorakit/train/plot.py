@@ -48,3 +48,39 @@ def plot_run(run_dir: str | Path, log=print) -> Path | None:
     plt.close(fig)
     tmp.replace(path)
     return path
+
+
+def plot_ranks(ranks: dict[str, int], path: str | Path, title: str = "AdaLoRA final rank", log=print) -> Path | None:
+    """A heat map of the rank of each adapted module: layers as rows, module names as columns (AdaLoRA's
+    allocation at the end of training); without matplotlib, say so and draw nothing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib is not installed: no rank heat map (pip install matplotlib)")
+        return None
+    from lorakit.adapters.adalora import rank_grid
+
+    layers, modules, grid = rank_grid(ranks)
+    values = [[float("nan") if r is None else r for r in row] for row in grid]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(modules), 1.2 + 0.3 * len(layers)), dpi=110)
+    image = ax.imshow(values, cmap="viridis", aspect="auto", vmin=0)
+    for i, row in enumerate(grid):
+        for j, r in enumerate(row):
+            if r is not None:
+                ax.text(j, i, str(r), ha="center", va="center", fontsize=7, color="white")
+    ax.set_xticks(range(len(modules)), modules, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(layers)), ["-" if layer is None else str(layer) for layer in layers], fontsize=7)
+    ax.set_xlabel("module")
+    ax.set_ylabel("layer")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(image, ax=ax, label="rank")
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_suffix(".png.tmp")
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    tmp.replace(path)
+    return path
