@@ -333,6 +333,24 @@ def test_lorakit_imports_and_runs_without_triton():
     assert done.returncode == 0 and done.stdout.strip() == "(2, 8)", done.stderr
 
 
+@kernel_test
+def test_bench_gpu_kernel_parts(monkeypatch):
+    """The bench's kernel parts run (on the CPU through the interpreter: their arithmetic, not speed)."""
+    from lorakit.bench import gpu
+
+    monkeypatch.setattr(gpu, "bnb_or_none", lambda: None)
+    s = {**gpu.DEFAULTS, "size": size(64, 1024), "rows": 4, "adapters": 2, "prefill": 4, "inner": 1}
+    records = gpu.bench_kernels(s, reps=1, warmup=0, device=DEVICE)
+    by_name = {r["name"]: r for r in records}
+    copy, dequant = by_name["bf16 copy 64x64" if not CUDA else "bf16 copy 1024x1024"], by_name["lorakit triton"]
+    assert dequant["of_copy"] == pytest.approx(dequant["gb_per_s"] / copy["gb_per_s"])
+    fused, bf16 = by_name["lorakit fused 4-bit, 1 row(s)"], by_name["bf16 torch.matmul, 1 row(s)"]
+    assert fused["over_bf16"] == pytest.approx(fused["ms"] / bf16["ms"]) and bf16["over_bf16"] == 1
+    mixed, single = by_name["BGMV decode, 4 rows, 2 adapters"], by_name["BGMV decode, 4 rows, 1 adapter"]
+    assert mixed["over_single"] == pytest.approx(mixed["ms"] / single["ms"])
+    assert {r["part"] for r in records} == {"copy", "dequant", "decode", "multi"}
+
+
 @pytest.mark.skipif(CUDA, reason="checks the error without a GPU")
 def test_bench_gpu_needs_cuda(capsys):
     from lorakit.cli import main

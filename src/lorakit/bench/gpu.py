@@ -77,14 +77,22 @@ def run(args: argparse.Namespace) -> list[dict]:
 # ---- kernels ------------------------------------------------------------------------------------
 
 
-def cuda_ms(fn, reps: int, warmup: int, inner: int) -> float:
-    """Median milliseconds of one call of `fn`, each repetition timing `inner` calls by CUDA events."""
+def median_ms(fn, reps: int, warmup: int, inner: int, device: str = "cuda") -> float:
+    """Median milliseconds of one call of `fn`, each repetition timing `inner` calls (by CUDA events on
+    CUDA; by the wall clock elsewhere, which is only how the tests run this code through the interpreter)."""
     import torch
 
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
     times = []
+    if device != "cuda":
+        for _ in range(reps):
+            start = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            times.append((time.perf_counter() - start) * 1e3 / inner)
+        return statistics.median(times)
+    torch.cuda.synchronize()
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -103,7 +111,8 @@ def bnb_or_none():
         return None
 
 
-def bench_kernels(s: dict, reps: int, warmup: int) -> list[dict]:
+def bench_kernels(s: dict, reps: int, warmup: int, device: str = "cuda") -> list[dict]:
+    """The copy, dequant, decode and multi parts (`device` other than cuda: only for the tests)."""
     import torch
     import torch.nn.functional as F
 
@@ -112,8 +121,8 @@ def bench_kernels(s: dict, reps: int, warmup: int) -> list[dict]:
     from lorakit.kernels.triton_nf4 import dequantize_4bit_triton
     from lorakit.quant.nf4 import dequantize_4bit, quantize_4bit
 
-    n, inner, dev = s["size"], s["inner"], "cuda"
-    time_it = lambda fn: cuda_ms(fn, reps, warmup, inner)
+    n, inner, dev = s["size"], s["inner"], device
+    time_it = lambda fn: median_ms(fn, reps, warmup, inner, dev)
     records = []
 
     src = torch.empty(n * n, dtype=torch.bfloat16, device=dev)
