@@ -20,30 +20,36 @@ RATIO_ATTR = "lorakit_s2_group_ratio"
 
 
 def group_positions(t: int, group: int, shifted: bool, device) -> torch.Tensor:
-    """Original positions of the tokens in each group: [t // group, group]."""
+    """Original positions of the tokens in each group, ascending within a group: [t // group, group].
+
+    Shifted, the last group wraps around: it holds the last and the first half-group of tokens. In
+    ascending order, "a key not later than the query" is plain causal order within every group."""
     pos = torch.arange(t, device=device)
     if shifted:
         pos = pos.roll(-(group // 2))
-    return pos.view(t // group, group)
+    return pos.view(t // group, group).sort(dim=1).values
 
 
 def grouped_attention(q, k, v, positions: torch.Tensor, allowed: torch.Tensor | None, scaling: float):
-    """Attention of q, k, v [b, h, t, d] within the groups given by `positions` [n, g].
+    """Attention of q, k, v [b, h, t, d] within the groups given by `positions` [n, g] (ascending rows).
 
     A query sees a key of its group when the key's original position is not later than its own and
-    `allowed` [b, 1|h, t, t] (padding / packing mask, True = may attend) permits it.
+    `allowed` [b, 1|h, t, t] (padding / packing mask, True = may attend) permits it. Without `allowed`
+    the groups go to SDPA as a batch of causal [g, g] problems with no mask at all, so its fused kernel
+    runs and no [g, g] score matrix is kept (memory linear in t); with it, a [b, 1|h, n, g, g] mask.
     """
     b, h, _, d = q.shape
     n, g = positions.shape
     flat = positions.reshape(-1)
-    qg, kg, vg = (x[:, :, flat].view(b, h, n, g, d) for x in (q, k, v))  # [b, h, n, g, d]
-    mask = positions[:, None, :] <= positions[:, :, None]  # [n, g(q), g(k)]: causal in true positions
-    mask = mask.expand(b, 1, n, g, g)
-    if allowed is not None:
+    if allowed is None:
+        qg, kg, vg = (x[:, :, flat].view(b, h * n, g, d) for x in (q, k, v))  # [b, h*n, g, d]
+        out = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True, scale=scaling)
+    else:
+        qg, kg, vg = (x[:, :, flat].view(b, h, n, g, d) for x in (q, k, v))  # [b, h, n, g, d]
+        mask = torch.ones(g, g, dtype=torch.bool, device=q.device).tril()  # causal in true positions
         pad = allowed[:, :, positions[:, :, None], positions[:, None, :]]  # [b, 1|h, n, g, g]
-        mask = mask & pad
-    mask = mask | torch.eye(g, dtype=torch.bool, device=q.device)  # a padding row never sees no key at all
-    out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=scaling)  # [b, h, n, g, d]
+        mask = (mask & pad) | torch.eye(g, dtype=torch.bool, device=q.device)  # a padding row sees itself
+        out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=scaling)  # [b, h, n, g, d]
     result = torch.empty_like(q)
     result[:, :, flat] = out.reshape(b, h, n * g, d)
     return result
