@@ -11,6 +11,7 @@ import lorakit
 from conftest import tiny_llama
 from lorakit.adapters.dora import DoraAdapter
 from lorakit.adapters.layer import lora_layers
+from lorakit.multi import routing
 from lorakit.quant.linear4bit import quantize_model
 
 ROWS = ["a", "b", None, "a", "c", "b"]
@@ -139,6 +140,30 @@ def test_backward_trains_each_adapter_as_if_alone():
         assert own.keys() == mixed[name].keys()
         for key, grad in own.items():
             assert grad.abs().max() > 0, key
+            torch.testing.assert_close(mixed[name][key], grad, rtol=1e-5, atol=1e-5, msg=key)
+
+
+@pytest.mark.parametrize("all_adapters_max", [0, 10**6], ids=["grouped", "stacked-masked"])
+def test_grouped_and_stacked_products_equal_each_row_alone(monkeypatch, all_adapters_max):
+    """Plain LoRA adapters of different ranks, by groups of rows (prefill) or stacked, every row times every
+    adapter masked to its own (decoding); forward and backward."""
+    monkeypatch.setattr(routing, "ALL_ADAPTERS_MAX", all_adapters_max)
+    model = with_adapters(tiny_llama(), {"a": lorakit.LoraSpec(r=2, alpha=4), "b": lorakit.LoraSpec(r=5, alpha=3),
+                                         "c": lorakit.LoraSpec(r=3, alpha=6, targets=["q_proj", "down_proj"])})
+    stacked = []
+    real = routing.Stack.add_to
+    monkeypatch.setattr(routing.Stack, "add_to", lambda self, x, y: stacked.append(len(self.names)) or real(self, x, y))
+    check_rows_equal_alone(model, ROWS)
+    assert max(stacked, default=0) == (3 if all_adapters_max else 0)  # the path under test, all three adapters
+    ids = tokens(len(ROWS))
+    with lorakit.route(model, ROWS):
+        loss_sum(model(ids).logits, ids).backward()
+    mixed = {name: adapter_grads(model, name) for name in ("a", "b", "c")}
+    for name in ("a", "b", "c"):
+        model.zero_grad()
+        rows = [i for i, n in enumerate(ROWS) if n == name]
+        loss_sum(alone(model, name, ids[rows]), ids[rows]).backward()
+        for key, grad in adapter_grads(model, name).items():
             torch.testing.assert_close(mixed[name][key], grad, rtol=1e-5, atol=1e-5, msg=key)
 
 

@@ -2,15 +2,24 @@
 
     y[rows_a] = base(x)[rows_a] + contribution_a(x[rows_a], base(x)[rows_a])    for each adapter a
 
-Rows are grouped by adapter once per `route`; every wrapped layer then runs the base once on the
-whole batch and each adapter's contribution once on its gathered rows, and scatter-adds it back
-(the segmented gather of Punica's SGMV and S-LoRA), so the cost is one base product plus one
-low-rank product per adapter present, not one forward per row. Any adapter kind works (DoRA
-reads the gathered base output), on any base (4-bit too).
+Every wrapped layer runs the base once on the whole batch, then adds each row's own low-rank
+product, in a few operations whatever the number of adapters:
 
-The routing belongs to the rows of the batch, so it holds across the decoding steps of
-`generate` (the KV cache keeps each row in place) and with left-padded prompts. Gathers and
-scatter-adds are differentiable: one backward trains every adapter in the batch on its own rows.
+    decoding (few tokens a row): the layer's plain LoRA adapters stacked along the rank,
+        y = base + ((x A_cat^T) * mask) B_cat^T,   mask: 1 on the ranks of each row's own adapter
+    prefill (many tokens a row), and other kinds (DoRA, embeddings, dropout while training):
+        grouped, each adapter's contribution once on its gathered rows, scatter-added back
+        (the segmented gather of Punica's SGMV and S-LoRA); DoRA reads the gathered base output.
+
+Decoding's stacked product reads every adapter's factors once and multiplies each row by all of
+them, which costs less than one small product per adapter when a row has few tokens; with many
+tokens a row the extra products cost more than the per-group operations.
+
+In no-grad mode the stacks are built once per `route` block and reused by every decoding step:
+change no adapter weights inside one. The routing belongs to the rows of the batch, so it holds
+across the decoding steps of `generate` (the KV cache keeps each row in place) and with
+left-padded prompts. Every path is differentiable: one backward trains every adapter in the batch
+on its own rows.
 """
 
 from __future__ import annotations
@@ -20,12 +29,57 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from lorakit import kernels
 from lorakit.adapters.copies import module_copies
 from lorakit.adapters.inject import adapter_names
 from lorakit.adapters.layer import LoraLayer, lora_layers
+from lorakit.adapters.lora import LoraAdapter
+from lorakit.kernels.lora_linear import lora_linear
+
+# with t tokens a row and k adapters, multiplying every row by all k adapters' factors costs t * k low-rank
+# products a row against t for the grouped path, which pays instead ~5 operations per adapter: the former
+# wins while t * (k - 1) stays below this (decoding, t = 1)
+ALL_ADAPTERS_MAX = 16
+
+
+def batchable(adapter: nn.Module) -> bool:
+    """Plain LoRA on a linear layer, without dropout at work: it can join the stacked product."""
+    return (type(adapter) is LoraAdapter and not adapter.embedding
+            and (not adapter.training or isinstance(adapter.dropout, nn.Identity)))
+
+
+@dataclass
+class Stack:
+    """One layer's plain LoRA adapters in a routing, their factors concatenated along the rank."""
+
+    names: list[str]
+    A: torch.Tensor  # [r_1 + ... + r_k, in]
+    B: torch.Tensor  # [out, r_1 + ... + r_k], each adapter's scale folded in
+    mask: torch.Tensor  # [rows, r_1 + ... + r_k]: 1 on the ranks of each row's own adapter, else 0
+
+    @classmethod
+    def build(cls, layer: LoraLayer, names: list[str], groups: list[tuple[str, torch.Tensor | None]],
+              rows: int, device: torch.device) -> Stack:
+        adapters = [layer.adapters[n] for n in names]
+        A = torch.cat([a.lora_A for a in adapters])
+        B = torch.cat([a.lora_B * a.scale for a in adapters], dim=1)
+        slots = torch.full((rows,), -1, dtype=torch.long)  # -1: none of these adapters
+        for name, index in groups:
+            if name in names:
+                slots[slice(None) if index is None else index.cpu()] = names.index(name)
+        ranks = torch.tensor([a.lora_A.shape[0] for a in adapters])
+        rank_slot = torch.repeat_interleave(torch.arange(len(names)), ranks)  # [sum r]: whose rank each is
+        mask = (slots[:, None] == rank_slot[None]).to(device=device, dtype=A.dtype)
+        return cls(names, A, B, mask)
+
+    def add_to(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """base_out [rows, ..., out] + each row's own scale * B A x."""
+        rows = base_out.shape[0]
+        h = F.linear(x.reshape(rows, -1, x.shape[-1]).to(self.A.dtype), self.A)  # [rows, t, sum r]
+        delta = F.linear(h * self.mask[:, None], self.B)  # [rows, t, out]
+        return base_out + delta.view(base_out.shape).to(base_out.dtype)
 
 
 @dataclass
@@ -35,6 +89,7 @@ class RowRouting:
     rows: int  # batch size the routing was made for
     groups: list[tuple[str, torch.Tensor | None]]  # (adapter, row indices [n]); None = every row
     on_device: dict[torch.device, list[tuple[str, torch.Tensor | None]]] = field(default_factory=dict)
+    stacks: dict[LoraLayer, Stack] = field(default_factory=dict)  # no-grad mode: built once per layer
 
     def groups_on(self, device: torch.device) -> list[tuple[str, torch.Tensor | None]]:
         """The groups with their index tensors on `device` (moved once, then reused by every layer)."""
@@ -42,28 +97,38 @@ class RowRouting:
             self.on_device[device] = [(n, None if i is None else i.to(device)) for n, i in self.groups]
         return self.on_device[device]
 
+    def stack(self, layer: LoraLayer, names: list[str], device: torch.device) -> Stack:
+        if torch.is_grad_enabled():  # training: stacked anew from the live parameters, differentiably
+            return Stack.build(layer, names, self.groups, self.rows, device)
+        if layer not in self.stacks:
+            self.stacks[layer] = Stack.build(layer, names, self.groups, self.rows, device)
+        return self.stacks[layer]
+
     def apply(self, layer: LoraLayer, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         """base_out [rows, ..., out] plus each row's own adapter contribution, for input x [rows, ...]."""
         if x.shape[0] != self.rows:
             raise ValueError(f"the batch was routed for {self.rows} rows but a layer got {x.shape[0]} "
                              "(beam search or num_return_sequences change the batch: route the expanded rows)")
-        if not torch.is_grad_enabled() and kernels.use_triton(x):  # CUDA serving: segmented kernels (SGMV/BGMV)
-            from lorakit.kernels.triton_lora import routed_lora
-
-            y = routed_lora(self.groups_on(x.device), layer, x, base_out)  # None: not all plain LoRA here
-            if y is not None:
-                return y
-        y = None  # base_out plus the groups so far: one new tensor, then added to in place
-        for name, index in self.groups_on(x.device):
-            if name not in layer.adapters:  # this adapter does not adapt this layer
+        groups = [(n, i) for n, i in self.groups_on(x.device) if n in layer.adapters]  # adapters of this layer
+        if not groups:
+            return base_out
+        plain = [n for n, _ in groups if batchable(layer.adapters[n])]
+        if len(groups) == 1 and plain and groups[0][1] is None:  # one plain adapter for every row
+            adapter = layer.adapters[plain[0]]
+            return lora_linear(x, base_out, adapter.lora_A, adapter.lora_B, adapter.scale)
+        tokens_per_row = x.numel() // (x.shape[0] * x.shape[-1])
+        stacked = plain if plain and tokens_per_row * (len(plain) - 1) < ALL_ADAPTERS_MAX else []
+        y = base_out if not stacked else self.stack(layer, stacked, x.device).add_to(x, base_out)
+        for name, index in groups:  # the rest, group by group
+            if name in stacked:
                 continue
             adapter = layer.adapters[name]
             if index is None:  # the only group: every row
-                return base_out + adapter.contribution(x, base_out, layer).to(base_out.dtype)
+                return y + adapter.contribution(x, base_out, layer).to(base_out.dtype)
             delta = adapter.contribution(x.index_select(0, index), base_out.index_select(0, index), layer)
             delta = delta.to(base_out.dtype)  # [n, ..., out]
-            y = base_out.index_add(0, index, delta) if y is None else y.index_add_(0, index, delta)
-        return base_out if y is None else y
+            y = y.index_add(0, index, delta) if y is base_out else y.index_add_(0, index, delta)
+        return y
 
 
 def group_rows(adapter_per_row: Sequence[str | None]) -> list[tuple[str, torch.Tensor | None]]:
