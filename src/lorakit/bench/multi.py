@@ -1,0 +1,313 @@
+"""`lorakit bench multi`: many adapters over one base, lorakit beside PEFT, in one run.
+
+Records (each `ours`, `peer`, `ratios` = ours / peer for every number both have):
+  mixed-prefill, mixed-generate  a batch of `rows` prompts over `adapters` different adapters (r, all
+                                 linears) vs the same batch through one adapter, lorakit's `route`
+                                 beside PEFT's `adapter_names=`; prefill = one forward of the prompts
+                                 (last-position logits), generate = `new_tokens` greedy tokens.
+                                 `mixed_over_single` is each library's cost of mixing.
+  train-parallel                 `train_jobs` adapters trained together (train-multi's step: one batch
+                                 of every job's rows) vs the same steps one job after another (peer).
+  adapter-switch                 time to first token for an adapter only in the AdapterStore's RAM
+                                 cache (attach + prefill + 1 token) vs one already on the model (peer).
+
+Settings (--set KEY=VALUE): model=default, adapters=8, rows=16, prompt=64, new_tokens=16, r=16,
+train_jobs=4, train_rows=4, train_seq=64, train_steps=2. All sides time in one process, alternating
+(`measure.time_sides`); the load average before and after each record is in its env.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import tempfile
+from pathlib import Path
+
+DEFAULTS = {"model": "default", "adapters": 8, "rows": 16, "prompt": 64, "new_tokens": 16, "r": 16,
+            "train_jobs": 4, "train_rows": 4, "train_seq": 64, "train_steps": 2}
+QUICK = {"model": "tiny", "adapters": 3, "rows": 6, "prompt": 8, "new_tokens": 3, "r": 4, "train_jobs": 2,
+         "train_rows": 2, "train_seq": 16, "train_steps": 1}
+TARGETS = {"mixed-prefill": {"mixed_over_single_max": 1.15, "tokens_per_s_ratio_min": 1.2},
+           "mixed-generate": {"mixed_over_single_max": 1.15, "tokens_per_s_ratio_min": 2.0},
+           "train-parallel": {"tokens_per_s_ratio_min": 2.5}}  # issue 10's bars
+
+
+def settings(items: list[str], quick: bool) -> dict:
+    """DEFAULTS, then QUICK's under --quick, then each --set KEY=VALUE."""
+    found = {**DEFAULTS, **(QUICK if quick else {})}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or key not in DEFAULTS:
+            raise ValueError(f"bench multi: --set {item!r}: expected KEY=VALUE, KEY one of {', '.join(DEFAULTS)}")
+        if key == "model":
+            found[key] = raw
+            continue
+        if not raw.isdigit() or int(raw) < 1:
+            raise ValueError(f"bench multi: --set {item!r}: {key} must be a positive integer")
+        found[key] = int(raw)
+    return found
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    """Every record of the suite; prints the table, writes --json, returns the records."""
+    import torch
+
+    from lorakit.atomic import atomic_write_text
+    from lorakit.bench.report import environment
+    from lorakit.bench.workload import Workload, resolve_model
+
+    cfg = settings(args.set, args.quick)
+    threads = args.threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    w = resolve_model(Workload(model=cfg["model"], r=cfg["r"], alpha=2.0 * cfg["r"], threads=threads))
+    records = []
+    try:
+        for measure in (mixed_records, train_record, switch_record):
+            before = os.getloadavg()[0]
+            found = measure(w, cfg, args)
+            env = {**environment(threads), "loadavg_1m_before": before, "loadavg_1m_after": os.getloadavg()[0]}
+            for record in found if isinstance(found, list) else [found]:
+                record.update(suite="multi", config={**cfg, "reps": args.reps, "warmup": args.warmup}, env=env)
+                if record["scenario"] in TARGETS:
+                    record["targets"] = TARGETS[record["scenario"]]
+                records.append(record)
+            if args.json:
+                atomic_write_text(args.json, "".join(json.dumps(r) + "\n" for r in records))
+    finally:
+        if w.model == "tiny":
+            shutil.rmtree(Path(w.model_dir).parent, ignore_errors=True)
+    print(table(records))
+    return records
+
+
+def record(scenario: str, summary: str, ours: dict, peer: dict) -> dict:
+    from lorakit.bench.report import ratios
+
+    return {"scenario": scenario, "summary": summary, "ours": ours, "peer": peer, "ratios": ratios(ours, peer)}
+
+
+def timed(tasks: dict, args: argparse.Namespace) -> dict[str, float]:
+    """Median seconds of each side, the sides alternating."""
+    from lorakit.bench.measure import time_sides
+
+    found = time_sides(tasks, args.reps, args.warmup)
+    return {side: statistics.median(found[side]["seconds"]) for side in tasks}
+
+
+# ----------------------------------------------------------------------------- mixed batches
+
+def mixed_records(w, cfg: dict, args: argparse.Namespace) -> list[dict]:
+    """Prefill and greedy generation, mixed vs one adapter, lorakit beside PEFT."""
+    import torch
+
+    from lorakit.bench.workload import Task
+
+    g = torch.Generator().manual_seed(w.seed)
+    ours, peer = lorakit_model(w, cfg), peft_model(w, cfg)
+    names = [f"a{i}" for i in range(cfg["adapters"])]
+    per_row = [names[i % len(names)] for i in range(cfg["rows"])]
+    ids = torch.randint(3, ours.config.vocab_size, (cfg["rows"], cfg["prompt"]), generator=g)
+    n = cfg["new_tokens"]
+    greedy = {"attention_mask": torch.ones_like(ids), "max_new_tokens": n, "min_new_tokens": n, "do_sample": False,
+              "pad_token_id": 0, "eos_token_id": None}
+    prefill = {"logits_to_keep": 1, "use_cache": False}
+    records = []
+    for kind, count, call in (("prefill", ids.numel(), lambda m, **kw: m(input_ids=ids, **prefill, **kw)),
+                              ("generate", cfg["rows"] * n, lambda m, **kw: m.generate(ids, **greedy, **kw))):
+        tasks = {"ours_mixed": Task(lambda call=call: lorakit_routed(ours, per_row, call)),
+                 "ours_single": Task(lambda call=call: lorakit_single(ours, names[0], call)),
+                 "peer_mixed": Task(lambda call=call: no_grad(call, peer, adapter_names=per_row)),
+                 "peer_single": Task(lambda call=call: no_grad(call, peer))}
+        seconds = timed(tasks, args)
+        found = {}
+        for side, name in (("ours", "lorakit route"), ("peer", "peft adapter_names")):
+            mixed, single = seconds[f"{side}_mixed"], seconds[f"{side}_single"]
+            found[side] = {"name": name, "seconds": mixed, "single_seconds": single,
+                           "mixed_over_single": mixed / single, "tokens_per_s": count / mixed}
+        summary = (f"{cfg['rows']} rows x {cfg['prompt']} tokens over {cfg['adapters']} adapters (r={w.r}, all "
+                   f"linears) vs one adapter" + (f"; {n} greedy new tokens" if kind == "generate" else ""))
+        records.append({**record(f"mixed-{kind}", summary, found["ours"], found["peer"]), "tokens": count})
+    return records
+
+
+def lorakit_model(w, cfg: dict):
+    """The base with `adapters` lorakit adapters a0, a1, ... (seeded, non-zero B), not trainable."""
+    import torch
+
+    from lorakit.adapters.inject import inject
+    from lorakit.adapters.layer import lora_layers
+    from lorakit.bench.ours import lora_spec, randomize_lora_B
+    from lorakit.bench.workload import load_base
+
+    model = load_base(w)
+    for i in range(cfg["adapters"]):
+        torch.manual_seed(w.seed + i)
+        inject(model, lora_spec(w), name=f"a{i}", trainable=False)
+    randomize_lora_B([a.lora_B for _, layer in lora_layers(model) for a in layer.adapters.values()], w.seed)
+    return model
+
+
+def peft_model(w, cfg: dict):
+    """The same adapters' shapes in PEFT (its own seeded init, non-zero B)."""
+    import torch
+
+    from lorakit.bench.ours import randomize_lora_B
+    from lorakit.bench.peers import need, peft_config
+    from lorakit.bench.workload import load_base
+
+    peft = need("peft")
+    torch.manual_seed(w.seed)
+    model = peft.get_peft_model(load_base(w), peft_config(w), adapter_name="a0")
+    for i in range(1, cfg["adapters"]):
+        model.add_adapter(f"a{i}", peft_config(w))
+    model.set_adapter("a0")
+    randomize_lora_B([p for n, p in model.named_parameters() if ".lora_B." in n], w.seed)
+    return model.eval()
+
+
+def no_grad(call, model, **kw):
+    import torch
+
+    with torch.no_grad():
+        call(model, **kw)
+
+
+def lorakit_routed(model, per_row: list[str], call) -> None:
+    import torch
+
+    from lorakit.multi.routing import route
+
+    with torch.no_grad(), route(model, per_row):
+        call(model)
+
+
+def lorakit_single(model, name: str, call) -> None:
+    from lorakit.adapters.inject import set_active
+
+    set_active(model, [name])
+    no_grad(call, model)
+
+
+# ----------------------------------------------------------------------------- parallel training
+
+def train_record(w, cfg: dict, args: argparse.Namespace) -> dict:
+    """train-multi's step over `train_jobs` jobs vs the same steps of each job alone, one after another."""
+    import torch
+
+    from lorakit.adapters.inject import inject, set_active
+    from lorakit.bench.ours import lora_spec
+    from lorakit.bench.workload import Task, load_base
+    from lorakit.config import TrainConfig
+    from lorakit.data.encode import IGNORE
+    from lorakit.multi.train import Job, adapter_parameters, multi_step
+    from lorakit.train.fit import Run, train_step
+
+    model = load_base(w)
+    g = torch.Generator().manual_seed(w.seed)
+    seq, half = cfg["train_seq"], cfg["train_seq"] // 2
+    jobs = []
+    for i in range(cfg["train_jobs"]):
+        torch.manual_seed(w.seed + i)
+        inject(model, lora_spec(w), name=f"t{i}")
+        rows = [(ids, [IGNORE] * half + ids[half:]) for ids in
+                torch.randint(3, model.config.vocab_size, (4 * cfg["train_rows"], seq), generator=g).tolist()]
+        job_cfg = TrainConfig(batch_size=cfg["train_rows"], max_steps=10**6, lr=w.lr, warmup_steps=1, seed=i)
+        jobs.append(Job(job_cfg, f"t{i}", rows))
+    for job in jobs:
+        job.run = Run(model, adapter_parameters(model, job.name), job.cfg, len(job.rows), log=lambda *_: None)
+    model.train()
+
+    def together() -> None:
+        for _ in range(cfg["train_steps"]):
+            for job, step in zip(jobs, multi_step(model, jobs, pad_id=0), strict=True):
+                job.run.step = step["step"]
+
+    def one_after_another() -> None:
+        for job in jobs:
+            set_active(model, [job.name])
+            params = list(job.run.params.values())
+            for _ in range(cfg["train_steps"]):
+                train_step(model, job.rows, job.cfg, 0, job.run.step, params, job.run.optimizer, job.run.schedule)
+                job.run.step += 1
+
+    seconds = timed({"ours": Task(together), "peer": Task(one_after_another)}, args)
+    tokens = cfg["train_jobs"] * cfg["train_steps"] * cfg["train_rows"] * seq
+    summary = (f"{cfg['train_jobs']} adapters (r={w.r}, all linears), {cfg['train_steps']} steps of {cfg['train_rows']}"
+               f" rows x {seq} tokens each: in one batch vs one job after another")
+    out = record("train-parallel", summary,
+                 {"name": "lorakit train-multi (jobs in one batch)", "seconds": seconds["ours"],
+                  "tokens_per_s": tokens / seconds["ours"]},
+                 {"name": "lorakit train, one job after another", "seconds": seconds["peer"],
+                  "tokens_per_s": tokens / seconds["peer"]})
+    out["tokens"] = tokens
+    return out
+
+
+# ----------------------------------------------------------------------------- adapter switch
+
+def switch_record(w, cfg: dict, args: argparse.Namespace) -> dict:
+    """Time to first token of one prompt when its adapter is in the store's RAM only vs on the model."""
+    import torch
+
+    from lorakit.adapters.inject import inject, remove_adapter
+    from lorakit.adapters.io import save_adapter
+    from lorakit.bench.ours import lora_spec
+    from lorakit.bench.workload import Task, load_base
+    from lorakit.multi.store import AdapterStore
+
+    model = load_base(w)
+    root = Path(tempfile.mkdtemp(prefix="lorakit-bench-store-"))
+    for name in ("ram", "device"):
+        inject(model, lora_spec(w), name=name, trainable=False)
+        save_adapter(model, root / name, name=name)
+        remove_adapter(model, name)
+    ids = torch.randint(3, model.config.vocab_size, (1, cfg["prompt"]), generator=torch.Generator().manual_seed(0))
+    store = AdapterStore(root, max_ram=4, max_device=2)
+    try:
+        def first_token(name: str) -> None:
+            store.activate(model, name)
+            with torch.no_grad():
+                model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False,
+                               pad_token_id=0)
+
+        def only_in_ram() -> None:  # untimed: off the model, read into RAM
+            if "ram" in store.on_model(model):
+                store.detach(model, "ram")
+            store.get("ram")
+
+        tasks = {"ours": Task(lambda: first_token("ram"), reset=only_in_ram),
+                 "peer": Task(lambda: first_token("device"), reset=lambda: store.attach(model, ["device"]))}
+        seconds = timed(tasks, args)
+        stats = store.stats()
+    finally:
+        store.close()
+        shutil.rmtree(root, ignore_errors=True)
+    out = record("adapter-switch", f"time to first token, 1 prompt of {cfg['prompt']} tokens, adapter r={w.r} all "
+                 "linears: only in the AdapterStore's RAM cache vs already on the model",
+                 {"name": "adapter in RAM only (attach + first token)", "seconds": seconds["ours"]},
+                 {"name": "adapter on the model (first token)", "seconds": seconds["peer"]})
+    out["attach_seconds"] = seconds["ours"] - seconds["peer"]
+    out["store"] = {k: stats[k] for k in ("ram_hits", "ram_misses", "device_hits", "device_misses")}
+    return out
+
+
+# ----------------------------------------------------------------------------- table
+
+def table(records: list[dict]) -> str:
+    """One Markdown table: each record's two sides and their ratio."""
+    lines = ["| scenario | lorakit | s | peer | s | seconds ratio | tokens/s ratio | mixed/single (ours, peer) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        ours, peer, ratio = r["ours"], r["peer"], r["ratios"]
+        mixing = (f"{ours['mixed_over_single']:.2f}, {peer['mixed_over_single']:.2f}"
+                  if "mixed_over_single" in ours else "-")
+        per_token = f"{ratio['tokens_per_s']:.2f}" if "tokens_per_s" in ratio else "-"
+        lines.append(f"| {r['scenario']} | {ours['name']} | {ours['seconds']:.3f} | {peer['name']} | "
+                     f"{peer['seconds']:.3f} | {ratio['seconds']:.2f} | {per_token} | {mixing} |")
+    env = records[-1]["env"] if records else {}
+    lines += ["", f"torch {env.get('torch')}, {env.get('threads')} threads, {env.get('cpu')}, "
+              f"load average {', '.join(str(r['env']['loadavg_1m_before']) for r in records)} (1 min, per record)"]
+    return "\n".join(lines)
