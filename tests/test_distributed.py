@@ -1,5 +1,5 @@
-"""DDP training under torchrun (2 CPU processes, gloo) ends with the adapter that one process
-training on the same global batch ends with."""
+"""DDP and FSDP2 training under torchrun (2 CPU processes, gloo) end with the adapter that one process
+training on the same global batch ends with; their checkpoints resume in another world size."""
 
 from __future__ import annotations
 
@@ -30,16 +30,15 @@ def test_ranks_split_a_step_into_the_single_process_micro_batches():
         assert split[1] == [step * 6 + 1, step * 6 + 4]
 
 
-def test_plain_run_refuses_a_torchrun_launch_and_fsdp2_is_not_there_yet(monkeypatch):
+def test_plain_run_refuses_a_torchrun_launch_and_distributed_needs_a_launcher(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="distributed=none"):
         init("none")
-    with pytest.raises(ValueError, match="fsdp2 is not implemented"):
-        init("fsdp2")
     monkeypatch.delenv("WORLD_SIZE")
     monkeypatch.delenv("RANK", raising=False)
-    with pytest.raises(ValueError, match="needs a launcher"):
-        init("ddp")
+    for mode in ("ddp", "fsdp2"):
+        with pytest.raises(ValueError, match="needs a launcher"):
+            init(mode)
     with pytest.raises(ValueError, match="distributed must be"):
         load_train_config(None, ["distributed=dp"])
 
@@ -87,3 +86,123 @@ def test_ddp_on_two_processes_equals_one_process_on_the_same_global_batch(tiny_m
         torch.testing.assert_close(again[key], want[key], atol=1e-4, rtol=1e-4, msg=key)
     steps = [json.loads(line)["step"] for line in (tmp_path / "three" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [3, 4]  # it did resume at step 2
+
+
+def torchrun(args: list[str], timeout: int = 300) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "lorakit", "train", *args]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def assert_same_adapter(got_dir, want_dir, tol: float = 1e-4) -> None:
+    want = load_file(want_dir / "adapter_model.safetensors")
+    got = load_file(got_dir / "adapter_model.safetensors")
+    assert set(got) == set(want) and len(want) > 0
+    for key in want:
+        assert got[key].shape == want[key].shape, key  # whole tensors, not one rank's shard
+        torch.testing.assert_close(got[key], want[key], atol=tol, rtol=tol, msg=key)
+    assert json.loads((got_dir / "adapter_config.json").read_text()) == json.loads(
+        (want_dir / "adapter_config.json").read_text())
+
+
+@pytest.mark.parametrize("extra", [[], ["quant={}"]], ids=["lora", "qlora"])
+def test_fsdp2_on_two_processes_equals_one_process_on_the_same_global_batch(tiny_model_dir, jsonl, tmp_path, extra):
+    """FSDP2 shards the base (4-bit too) and the adapter; the adapter it saves, and the one in its
+    checkpoint (gathered whole, written by rank 0 in PEFT's format), equal one process's."""
+    data = [f"base={tiny_model_dir}", f"dataset={jsonl}", *COMMON, *extra, "checkpoint_every=2"]
+    one = load_train_config(None, [*data, "grad_accum=2", f"output_dir={tmp_path / 'one'}"])
+    run(one, log=lambda _m: None)
+    torchrun([*data, "grad_accum=1", "distributed=fsdp2", f"output_dir={tmp_path / 'two'}"])
+
+    want = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
+    assert max(float(w.abs().max()) for k, w in want.items() if "lora_B" in k) > 1e-3  # it trained
+    assert_same_adapter(tmp_path / "two" / "adapter", tmp_path / "one" / "adapter")
+    assert_same_adapter(tmp_path / "two" / "checkpoint-2" / "adapter", tmp_path / "one" / "checkpoint-2" / "adapter")
+    records = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    ones = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]  # rank 0 alone wrote, once per step
+    for a, b in zip(records, ones, strict=True):
+        assert a["tokens"] == b["tokens"] and a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)  # the norm of the whole gradient
+
+
+def test_fsdp2_resumes_a_checkpoint_and_writes_one_that_resumes_in_one_process(tiny_model_dir, jsonl, tmp_path):
+    """One process checkpoints at step 2; FSDP2 on 2 processes resumes there (the adapter and Adam's
+    moments become shards), checkpoints at step 3 (gathered whole), and one process resumes that."""
+    data = [f"base={tiny_model_dir}", f"dataset={jsonl}", *COMMON]
+    one = load_train_config(None, [*data, "grad_accum=2", "checkpoint_every=2", f"output_dir={tmp_path / 'one'}"])
+    run(one, log=lambda _m: None)
+    torchrun([*data, "grad_accum=1", "distributed=fsdp2", "checkpoint_every=3", f"output_dir={tmp_path / 'two'}",
+              f"resume={tmp_path / 'one' / 'checkpoint-2'}"])
+    assert_same_adapter(tmp_path / "two" / "adapter", tmp_path / "one" / "adapter")
+    steps = [json.loads(line)["step"] for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [3, 4]  # it did resume at step 2
+
+    three = load_train_config(None, [*data, "grad_accum=2", f"output_dir={tmp_path / 'three'}",
+                                     f"resume={tmp_path / 'two' / 'checkpoint-3'}"])
+    run(three, log=lambda _m: None)
+    assert_same_adapter(tmp_path / "three" / "adapter", tmp_path / "one" / "adapter")
+
+
+def held_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the distinct storages this rank's parameters live in, the hidden base modules' included."""
+    from lorakit.adapters.layer import lora_layers
+
+    storages = {}
+    for module in [*model.modules(), *(layer.base_module for _, layer in lora_layers(model))]:
+        for p in module._parameters.values():
+            if p is not None:
+                local = p.to_local() if hasattr(p, "to_local") else p
+                storages[local.untyped_storage().data_ptr()] = local.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+def fsdp2_worker(rank: int, store: str, out: str) -> None:
+    """Shard a tiny QLoRA model over 2 ranks; what this rank holds, and the logits and loss it computes."""
+    import torch.distributed as dist
+
+    from conftest import tiny_llama
+    from lorakit.adapters.inject import inject
+    from lorakit.config import LoraSpec
+    from lorakit.quant.linear4bit import quantize_model
+    from lorakit.train.distributed import World, wrap
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    model = quantize_model(tiny_llama(), quant_storage=torch.float32)
+    torch.manual_seed(0)
+    inject(model, LoraSpec(r=4, alpha=8, targets="all-linear"))
+    before = held_bytes(model)
+    wrap(model, World(rank, 2, "fsdp2"))
+    sharded = held_bytes(model)
+    ids = torch.arange(24).reshape(2, 12) % 128
+    logits = model(input_ids=ids).logits
+    logits.sum().backward()
+    dist.barrier()
+    torch.save({"before": before, "sharded": sharded, "after_step": held_bytes(model), "logits": logits.detach()},
+               f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_fsdp2_shards_the_hidden_base_weights_and_gathers_exact_4bit_codes(tmp_path):
+    """The LoRA wrapper keeps its base module out of the module tree; FSDP2 swaps the parameters the
+    wrapper registers, and the base module must follow, so that each rank holds about half of the
+    model (the base's own references would keep every whole tensor alive) and the gathered 4-bit
+    bytes (float storage) dequantize to the unsharded model's logits."""
+    from conftest import tiny_llama
+    from lorakit.adapters.inject import inject
+    from lorakit.config import LoraSpec
+    from lorakit.quant.linear4bit import quantize_model
+
+    torch.multiprocessing.spawn(fsdp2_worker, args=(str(tmp_path / "store"), str(tmp_path / "out")), nprocs=2)
+    ranks = [torch.load(tmp_path / f"out.{r}", weights_only=True) for r in range(2)]
+    reference = quantize_model(tiny_llama())  # uint8 storage, one process
+    torch.manual_seed(0)
+    inject(reference, LoraSpec(r=4, alpha=8, targets="all-linear"))
+    want = reference(input_ids=torch.arange(24).reshape(2, 12) % 128).logits
+    for got in ranks:
+        assert got["before"] == held_bytes(reference)
+        assert got["sharded"] <= 0.55 * got["before"] and got["after_step"] <= 0.55 * got["before"]
+        torch.testing.assert_close(got["logits"], want, atol=1e-5, rtol=1e-5)

@@ -75,6 +75,16 @@ class LoraLayer(nn.Module):
         self._parameters["weight"] = self.base_module.weight
         self._parameters["bias"] = getattr(self.base_module, "bias", None)
 
+    def sync_base_parameters(self) -> None:
+        """Point the base at the parameters registered here, when something swapped those: FSDP2 replaces
+        a module's registered parameters by sharded and gathered tensors, and only this layer is in the
+        module tree."""
+        base, own = self.base_module._parameters, self._parameters
+        if base["weight"] is not own["weight"]:  # FSDP2 swaps a module's parameters all at once
+            base["weight"] = own["weight"]
+            if own["bias"] is not None:
+                base["bias"] = own["bias"]
+
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
@@ -111,6 +121,7 @@ class LoraLayer(nn.Module):
             self.active.append(name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.sync_base_parameters()
         base_out = self.base_module(x)
         if self.routing is not None:  # a mixed-adapter batch: each row its own adapter
             return self.routing.apply(self, x, base_out)

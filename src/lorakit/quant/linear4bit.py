@@ -192,8 +192,12 @@ def quantize_model(
     double_quant: bool = True,
     compute_dtype: torch.dtype = torch.float32,
     skip: tuple[str, ...] = ("lm_head",),
+    quant_storage: torch.dtype = torch.uint8,
 ) -> nn.Module:
     """Replace every `nn.Linear` in `model` by a `Linear4bit`, in place; returns `model`.
+
+    `quant_storage`: the dtype the packed bytes are viewed as (a float one lets FSDP2 shard them with
+    the other parameters; see `quantize_4bit`).
 
     Left alone: the output head (`model.get_output_embeddings()`, when the model has one) and any
     module whose dotted name contains an entry of `skip` as whole components (`"lm_head"`,
@@ -209,7 +213,8 @@ def quantize_model(
     ]  # fmt: skip
     for name, module in targets:
         if id(module) not in replaced:
-            replaced[id(module)] = Linear4bit.from_linear(module, quant_type, blocksize, double_quant, compute_dtype)
+            replaced[id(module)] = Linear4bit.from_linear(module, quant_type, blocksize, double_quant, compute_dtype,
+                                                          quant_storage)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, replaced[id(module)])
     return model

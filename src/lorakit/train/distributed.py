@@ -1,7 +1,14 @@
-"""Multi-process training on PyTorch's own engine: `torchrun ... -m lorakit train distributed=ddp`.
+"""Multi-process training on PyTorch's own engine: `torchrun ... -m lorakit train distributed=ddp|fsdp2`.
 
-Each process (rank) holds a full copy of the frozen base and the adapter; DistributedDataParallel
-all-reduces only the gradients of trainable (adapter) parameters. One optimizer step covers
+ddp: each process (rank) holds a full copy of the frozen base and the adapter; DistributedDataParallel
+all-reduces only the gradients of trainable (adapter) parameters.
+fsdp2: `torch.distributed.fsdp.fully_shard` on every transformer block and on the root shards the
+frozen base (4-bit weights too, stored in a float dtype) and the adapter over the ranks; each block is
+gathered for its forward and backward, and adapter gradients are reduce-scattered. Checkpoints and the
+saved adapter hold full tensors, gathered from every rank and written by rank 0, so they resume with
+any world size and mode.
+
+One optimizer step covers
 `batch_size * grad_accum * world_size` rows: micro-batch k of the run (see `fit.micro_batch`) goes
 to rank k % world_size, so the step reads exactly the micro-batches a single process with
 `grad_accum * world_size` reads, and ends with the same adapter (up to fp32 reduction order).
@@ -12,11 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 MODES = ("none", "ddp", "fsdp2")
 
@@ -27,6 +36,7 @@ class World:
 
     rank: int = 0
     size: int = 1
+    mode: str = "none"
 
     @property
     def main(self) -> bool:
@@ -52,7 +62,6 @@ def init(mode: str) -> World:
             raise ValueError(f"launched with {launched_size()} processes but distributed=none; "
                              "add distributed=ddp")
         return SINGLE
-    refuse_unimplemented(mode)
     if "RANK" not in os.environ and not dist.is_initialized():
         raise ValueError(f"distributed={mode} needs a launcher: torchrun --nproc-per-node N -m lorakit train ...")
     if not dist.is_initialized():
@@ -64,22 +73,110 @@ def current(mode: str) -> World:
     """The World for `mode` in an already-initialised process group (World() for "none")."""
     if mode == "none":
         return SINGLE
-    refuse_unimplemented(mode)
     if not dist.is_initialized():
         raise ValueError(f"distributed={mode} but no process group is initialised (launch with torchrun)")
-    return World(dist.get_rank(), dist.get_world_size())
-
-
-def refuse_unimplemented(mode: str) -> None:
-    if mode == "fsdp2":
-        raise ValueError("distributed=fsdp2 is not implemented yet; use distributed=ddp")
+    return World(dist.get_rank(), dist.get_world_size(), mode)
 
 
 def wrap(model: nn.Module, world: World) -> nn.Module:
-    """The module the training step calls: DDP around `model` when distributed, else `model`."""
+    """The module the training step calls: DDP around `model`, or `model` itself sharded in place by
+    FSDP2 (which replaces its parameters: build the optimizer after this), or `model` alone."""
+    if world.mode == "fsdp2":
+        return shard(model, world)
     if world.size == 1:
         return model
     return nn.parallel.DistributedDataParallel(model)
+
+
+def shard(model: nn.Module, world: World) -> nn.Module:
+    """FSDP2 in place: `fully_shard` each transformer block (the model's `_no_split_modules` classes, else
+    the entries of its longest ModuleList), then the root, which takes what is left (embeddings, head)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from lorakit.adapters.layer import lora_layers
+
+    if any(type(m).__name__.startswith("AdaLora") for m in model.modules()):
+        raise ValueError("distributed=fsdp2 does not support AdaLoRA (its rank allocator reads whole "
+                         "matrices); use distributed=ddp")
+    mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (world.size,))
+    for block in blocks(model):
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    for _, layer in lora_layers(model):  # the hidden base modules let go of the whole tensors too
+        layer.sync_base_parameters()
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether FSDP2 shards `model`: only a call of the whole model then gathers its root's parameters
+    (embeddings, head)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def blocks(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks of `model`, in order."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    found = [m for m in model.modules() if type(m).__name__ in names]
+    if found:
+        return found
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        raise ValueError(f"distributed=fsdp2: found no transformer blocks in {type(model).__name__}")
+    return list(max(lists, key=len))
+
+
+def regroup(groups: list[dict] | None, names: dict[int, str], model: nn.Module) -> list[dict] | None:
+    """Optimizer parameter groups made before `wrap`, over the parameters `model` holds now (FSDP2
+    replaces them); `names` maps id(parameter) to its name from before."""
+    if groups is None:
+        return None
+    now = dict(model.named_parameters())
+    return [{**g, "params": [now[names[id(p)]] for p in g["params"]]} for g in groups]
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP2 shard (a collective: every rank calls it), or `t` itself."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def like(value: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """A whole tensor laid out as `ref`: this rank's shard of it when `ref` is an FSDP2 DTensor."""
+    if not isinstance(ref, DTensor):
+        return value
+    return distribute_tensor(value.to(ref.device), ref.device_mesh, ref.placements, src_data_rank=None)
+
+
+def full_state(state: dict) -> dict:
+    """An optimizer state dict with every FSDP2-sharded tensor gathered whole (every rank calls it)."""
+    return {**state, "state": {i: {k: full(v) for k, v in s.items()} for i, s in state["state"].items()}}
+
+
+def sharded_state(state: dict, optimizer: torch.optim.Optimizer) -> dict:
+    """The inverse of `full_state` for `optimizer`: the moments of a sharded parameter become this
+    rank's shards."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # the state dict's numbering
+    return {**state, "state": {i: {k: like(v, params[i]) if v.shape == params[i].shape else v for k, v in s.items()}
+                               for i, s in state["state"].items()}}
+
+
+@contextlib.contextmanager
+def gathered(model: nn.Module) -> Iterator[nn.Module]:
+    """`model` with its trainable FSDP2-sharded parameters replaced by whole ones while inside (every rank
+    enters; the frozen base stays sharded), so that an adapter can be read and saved; nothing without FSDP2."""
+    swapped = []
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if isinstance(p, DTensor) and p.requires_grad:
+                swapped.append((module, name, p))
+                module._parameters[name] = nn.Parameter(p.full_tensor())
+    try:
+        yield model
+    finally:
+        for module, name, p in swapped:
+            module._parameters[name] = p
 
 
 def micro_indices(step: int, grad_accum: int, world: World) -> list[int]:
@@ -105,7 +202,15 @@ def finish(world: World) -> None:
 
 
 def sync_gradients(net: nn.Module, last: bool):
-    """DDP all-reduces on the last micro-batch of a step only (`no_sync` before it)."""
+    """DDP all-reduces, FSDP2 reduce-scatters, on the last micro-batch of a step only."""
     if isinstance(net, nn.parallel.DistributedDataParallel) and not last:
         return net.no_sync()
+    if hasattr(net, "set_requires_gradient_sync"):  # an FSDPModule
+        net.set_requires_gradient_sync(last)
     return contextlib.nullcontext()
+
+
+def grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
+    """Clip the gradients of `params` to total norm `max_norm`; their norm before clipping."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return float(full(norm))

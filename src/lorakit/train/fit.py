@@ -95,15 +95,15 @@ def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
 
 def save_checkpoint(out: Path, step: int, model: nn.Module, optimizer, schedule, cfg: TrainConfig,
                     save_adapter: Callable[[Path], None] | None, params: dict[str, nn.Parameter] | None = None,
-                    extra: dict | None = None) -> Path:
+                    extra: dict | None = None, write: bool = True) -> Path:
     """output_dir/checkpoint-STEP: trainer state (+ the adapter in PEFT format), atomically. `params`: the
     parameters this run trains (default: every trainable one of the model); `extra`: more state to keep
-    (AdaLoRA's allocator)."""
+    (AdaLoRA's allocator). Under FSDP2 every rank calls this (to gather the shards); only `write` writes."""
     params = trainable(model) if params is None else params
     state = {
         "step": step,
-        "params": {n: p.detach().clone() for n, p in params.items()},
-        "optimizer": optimizer.state_dict(),
+        "params": {n: distributed.full(p).detach().clone() for n, p in params.items()},  # FSDP2: gathered
+        "optimizer": distributed.full_state(optimizer.state_dict()),
         "schedule": schedule.state_dict(),
         "torch_rng": torch.get_rng_state(),
         "python_rng": random.getstate(),
@@ -116,8 +116,10 @@ def save_checkpoint(out: Path, step: int, model: nn.Module, optimizer, schedule,
             save_adapter(tmp / "adapter")
 
     path = out / f"checkpoint-{step}"
-    atomic_dir(path, fill)
-    prune_checkpoints(out, cfg.keep_checkpoints)
+    with distributed.gathered(model):  # FSDP2: the adapter whole, for save_adapter
+        if write:
+            atomic_dir(path, fill)
+            prune_checkpoints(out, cfg.keep_checkpoints)
     return path
 
 
@@ -160,8 +162,8 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, schedule,
         raise ValueError(f"{path}: the checkpoint's trainable parameters differ from the model's (first: {missing})")
     with torch.no_grad():
         for name, value in state["params"].items():
-            params[name].copy_(value)
-    optimizer.load_state_dict(state["optimizer"])
+            params[name].copy_(distributed.like(value, params[name]))  # FSDP2: this rank's shard
+    optimizer.load_state_dict(distributed.sharded_state(state["optimizer"], optimizer))
     schedule.load_state_dict(state["schedule"])
     torch.set_rng_state(state["torch_rng"])
     random.setstate(state["python_rng"])
@@ -198,7 +200,7 @@ class Run:
     def __init__(self, model: nn.Module, params: dict[str, nn.Parameter], cfg: TrainConfig, n_rows: int,
                  out: Path | None = None, write: bool = True, evaluate: Callable[[nn.Module], dict] | None = None,
                  save_adapter: Callable[[Path], None] | None = None, param_groups: list[dict] | None = None,
-                 log: Callable[[str], None] = print) -> None:
+                 log: Callable[[str], None] = print, world: distributed.World = distributed.SINGLE) -> None:
         if not params:
             raise ValueError("the model has no trainable parameters (inject an adapter first)")
         self.model, self.params, self.cfg, self.log = model, params, cfg, log
@@ -216,6 +218,7 @@ class Run:
             log(f"resumed from {path} at step {self.step}")
         self.start_step = self.step
         self.out = out if write else None
+        self.out_dir, self.world = out, world  # FSDP2: every rank takes part in a checkpoint, rank 0 writes it
         self.metrics = open(out / "metrics.jsonl", "a" if self.step else "w") if self.out else None  # noqa: SIM115
         self.tensorboard = open_tensorboard(out / "tensorboard") if self.out and cfg.tensorboard else None
         self.result = FitResult(self.steps, float("nan"), float("nan"), 0.0)
@@ -260,7 +263,8 @@ class Run:
             self.metrics.flush()
             if self.tensorboard is not None:
                 write_scalars(self.tensorboard, record)
-        if self.out is not None and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+        collective = self.world.mode == "fsdp2" and self.out_dir is not None
+        if (self.out is not None or collective) and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
             self.checkpoint()
         if cfg.early_stopping_patience and self.since_best >= cfg.early_stopping_patience:
             self.log(f"early stop at step {self.step}: no better val_loss in {self.since_best} evaluations")
@@ -269,12 +273,13 @@ class Run:
 
     def checkpoint(self) -> Path:
         extra = {"allocator": self.allocator.state_dict()} if self.allocator is not None else None
-        return save_checkpoint(self.out, self.step, self.model, self.optimizer, self.schedule, self.cfg,
-                               self.save_adapter, self.params, extra)
+        return save_checkpoint(self.out_dir, self.step, self.model, self.optimizer, self.schedule, self.cfg,
+                               self.save_adapter, self.params, extra, write=self.out is not None)
 
     def interrupted(self) -> None:
-        """Ctrl-C: write a checkpoint of the steps done, to resume from."""
-        if self.out is not None:
+        """Ctrl-C: write a checkpoint of the steps done, to resume from (not under FSDP2: gathering the
+        shards needs every rank, and they are stopping)."""
+        if self.out is not None and self.world.mode != "fsdp2":
             path = self.checkpoint()
             self.log(f"interrupted: checkpoint written to {path}; resume with resume=auto")
 
@@ -315,15 +320,18 @@ def fit(
     """
     torch.manual_seed(cfg.seed)
     world = distributed.current(cfg.distributed)  # distributed: one step reads world.size x the rows
+    names = {id(p): n for n, p in model.named_parameters()}
+    net = distributed.wrap(model, world)  # DDP all-reduces adapter gradients; FSDP2 shards the model in place,
+    param_groups = distributed.regroup(param_groups, names, model)  # with new parameter objects: the optimizer after
     run = Run(model, trainable(model), cfg, len(rows) // world.size, out=out, write=world.main, evaluate=evaluate,
-              save_adapter=save_adapter, param_groups=param_groups, log=log)  # metrics, checkpoints: rank 0
+              save_adapter=save_adapter, param_groups=param_groups, log=log,
+              world=world)  # metrics, checkpoints: rank 0
     params = list(run.params.values())
     allocator = make_allocator(model, run.steps)  # AdaLoRA: rank allocation and orthogonal regularization; else None
     if allocator is not None:
         run.allocator = allocator
         if run.resumed_from is not None:
             resume_allocator(allocator, run.resumed_from)
-    net = distributed.wrap(model, world)  # distributed: DDP all-reduces the adapter's gradients
     model.train()
     bar = tqdm(range(run.start_step, run.steps), desc="train", dynamic_ncols=True, initial=run.start_step,
                total=run.steps, disable=not world.main)
@@ -375,7 +383,7 @@ def train_step(model, rows, cfg: TrainConfig, pad_id: int, step: int, params, op
             (loss * world.size).backward()
         total += loss.item()
     total = distributed.all_sum(total, world)
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+    grad_norm = distributed.grad_norm(params, cfg.max_grad_norm)
     if math.isfinite(total) and math.isfinite(grad_norm):
         optimizer.step()
         if allocator is not None:  # AdaLoRA: update importance, mask to the budget (PEFT: after the step)

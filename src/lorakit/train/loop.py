@@ -11,6 +11,7 @@ from torch import nn
 
 from lorakit.data.encode import IGNORE
 from lorakit.kernels.linear_ce import linear_cross_entropy
+from lorakit.train.distributed import is_sharded
 
 # model types whose logits are exactly lm_head(last hidden state): the head runs only where loss is taken
 PLAIN_HEAD_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gpt2", "phi3", "smollm3", "olmo2"}
@@ -42,6 +43,8 @@ def plain_head(model: nn.Module) -> nn.Module | None:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
+    if is_sharded(model):  # FSDP2: only the root's forward gathers the head's weight
+        return None
     return head if model_type in PLAIN_HEAD_TYPES and head is not None else None
 
 

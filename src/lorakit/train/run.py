@@ -54,7 +54,9 @@ def prepare_base(model: nn.Module, cfg: TrainConfig) -> None:
     """QLoRA's k-bit preparation: 4-bit linears, norms in fp32, gradient checkpointing (default on)."""
     if cfg.quant is not None:
         q = cfg.quant
-        quantize_model(model, q.type, q.blocksize, q.double_quant, getattr(torch, q.compute_dtype))
+        storage = model.dtype if cfg.distributed == "fsdp2" else torch.uint8  # FSDP2 shards float parameters
+        quantize_model(model, q.type, q.blocksize, q.double_quant, getattr(torch, q.compute_dtype),
+                       quant_storage=storage)
         for module in model.modules():
             if "norm" in type(module).__name__.lower():
                 module.float()
@@ -112,19 +114,24 @@ def run(cfg: TrainConfig, log=print) -> tuple[nn.Module, dict]:
     results.update(steps=fitted.steps, first_loss=fitted.first_loss, last_loss=fitted.last_loss,
                    train_seconds=round(fitted.seconds, 1), skipped_steps=fitted.skipped_steps,
                    best_val_loss=fitted.best_val_loss, stopped_early=fitted.stopped_early)
-    if not world.main:
+    sharded = world.mode == "fsdp2"  # every rank takes part in gathering the adapter and in forward passes
+    if not world.main and not sharded:
         distributed.finish(world)
         return model, results
-    plot_run(out, log=log)
-    save_adapter(model, out / "adapter")
+    with distributed.gathered(model):
+        if world.main:
+            plot_run(out, log=log)
+            save_adapter(model, out / "adapter")
     log(f"adapter saved to {out / 'adapter'} ({fitted.steps} steps in {fitted.seconds:.0f}s, "
         f"loss {fitted.first_loss:.3f} -> {fitted.last_loss:.3f})")
     if cfg.eval and held_out:
         t = time.perf_counter()
         results["exact_match_after"] = score_rows(model, tokenizer, held_out, cfg.max_new_tokens)
         results["eval_seconds_after"] = round(time.perf_counter() - t, 1)
-        log(f"held-out exact match after training: {results['exact_match_after']:.1%} "
-            f"(before: {results['exact_match_before']:.1%})")
-    atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+        if world.main:
+            log(f"held-out exact match after training: {results['exact_match_after']:.1%} "
+                f"(before: {results['exact_match_before']:.1%})")
+    if world.main:
+        atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
     distributed.finish(world)
     return model, results
