@@ -210,7 +210,7 @@ class TrainConfig:
     max_new_tokens: int = 12
     log_every: int = 1
     tensorboard: bool = False  # mirror metrics.jsonl into output_dir/tensorboard (needs the tensorboard package)
-    distributed: str = "none"  # "ddp" under torchrun (see docs/DISTRIBUTED.md); "fsdp2" is planned
+    distributed: str = "none"  # "ddp" or "fsdp2" under torchrun (see docs/DISTRIBUTED.md)
 
     def __post_init__(self) -> None:
         if self.schedule not in ("cosine", "linear", "constant"):
