@@ -1,0 +1,45 @@
+"""`lorakit bench multi --quick`: every record present, well formed, and its ratios = ours / peer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lorakit.bench.multi import settings
+from lorakit.cli import main
+
+
+def test_quick_suite_records_and_ratios(tmp_path, capsys):
+    out = tmp_path / "multi.jsonl"
+    assert main(["bench", "multi", "--quick", "--reps", "1", "--warmup", "0", "--threads", "1", "--no-memory",
+                 "--json", str(out)]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["scenario"] for r in records] == ["mixed-prefill", "mixed-generate", "train-parallel", "adapter-switch"]
+    for r in records:
+        assert r["suite"] == "multi" and r["config"]["model"] == "tiny" and r["env"]["threads"] == 1
+        assert "loadavg_1m_before" in r["env"]
+        ours, peer = r["ours"], r["peer"]
+        assert ours["seconds"] > 0 and peer["seconds"] > 0
+        for key in ("seconds", "tokens_per_s", "mixed_over_single", "single_seconds"):
+            if key in ours:
+                assert r["ratios"][key] == pytest.approx(ours[key] / peer[key])
+    prefill, generate, train, switch = records
+    for r in (prefill, generate):
+        assert r["peer"]["name"] == "peft adapter_names"
+        for side in (r["ours"], r["peer"]):
+            assert side["mixed_over_single"] == pytest.approx(side["seconds"] / side["single_seconds"])
+            assert side["tokens_per_s"] == pytest.approx(r["tokens"] / side["seconds"])
+    assert prefill["tokens"] == 6 * 8 and generate["tokens"] == 6 * 3  # rows x prompt, rows x new tokens
+    assert train["tokens"] == 2 * 1 * 2 * 16 and "tokens_per_s" in train["ratios"]
+    assert switch["attach_seconds"] == pytest.approx(switch["ours"]["seconds"] - switch["peer"]["seconds"])
+    assert switch["store"]["device_misses"] >= 1 and switch["store"]["device_hits"] >= 1  # both cases happened
+    assert "| mixed-generate | lorakit route |" in capsys.readouterr().out
+
+
+def test_settings_refuse_unknown_keys_and_bad_values():
+    assert settings(["adapters=4", "model=tiny"], quick=False)["adapters"] == 4
+    with pytest.raises(ValueError, match="KEY one of model, adapters"):
+        settings(["adaptors=4"], quick=False)
+    with pytest.raises(ValueError, match="rows must be a positive integer"):
+        settings(["rows=0"], quick=True)
