@@ -1,7 +1,14 @@
 """lorakit: LoRA-family fine-tuning on PyTorch with PEFT-format adapters."""
 
 from lorakit.adapters.combine import combine
-from lorakit.adapters.inject import active_adapters, inject, match_targets, set_active, trainable_report
+from lorakit.adapters.inject import (
+    active_adapters,
+    inject,
+    match_targets,
+    set_active,
+    set_parent,
+    trainable_report,
+)
 from lorakit.adapters.io import AdapterFileError, load_adapter, read_adapter, save_adapter
 from lorakit.adapters.layer import LoraLayer
 from lorakit.adapters.loraplus import loraplus_param_groups
@@ -31,6 +38,7 @@ __all__ = [
     "route",
     "save_adapter",
     "set_active",
+    "set_parent",
     "trainable_report",
     "unmerge",
 ]

@@ -146,12 +146,16 @@ def train_biases(model: nn.Module, mode: str) -> None:
             bias.requires_grad_(True)
 
 
-def inject(model: nn.Module, spec: LoraSpec, name: str = "default", trainable: bool = True) -> nn.Module:
-    """Add LoRA adapter `name` to every module `spec` selects; the base is frozen. Returns `model`."""
+def inject(model: nn.Module, spec: LoraSpec, name: str = "default", trainable: bool = True,
+           parent: str | None = None) -> nn.Module:
+    """Add LoRA adapter `name` to every module `spec` selects; the base is frozen. Returns `model`.
+    `parent`: an adapter `name` stacks on (see `set_parent`); the new adapter and its chain are active."""
     if not name or "." in name:
         raise ValueError(f"adapter name {name!r} must be non-empty and contain no '.'")
     if name in adapter_names(model):
         raise ValueError(f"model already has an adapter named {name!r}")
+    if parent is not None and parent not in adapter_names(model):
+        raise ValueError(f"parent adapter {parent!r} is not on the model; it has {adapter_names(model)}")
     targets = match_targets(model, spec)
     saved = resolve_modules_to_save(model, spec.modules_to_save or [])
     clash = set(targets) & set(saved)
@@ -171,6 +175,8 @@ def inject(model: nn.Module, spec: LoraSpec, name: str = "default", trainable: b
     freeze_base(model)
     if trainable:
         train_biases(model, spec.bias)
+    if parent is not None:
+        set_parent(model, name, parent)
     return model
 
 
@@ -204,12 +210,52 @@ def resolve_modules_to_save(model: nn.Module, names: list[str]) -> list[str]:
     return found
 
 
+# ----------------------------------------------------------------------------- stacks
+# An adapter may sit on top of a parent adapter (`inject`/`load_adapter(..., parent=...)`): the parents
+# form a forest, and an adapter is only ever active with its whole chain (root first), like a path in a
+# tree of adapters. The relation is `model.lorakit_parents` {child: parent}; saving records it in
+# adapter_config.json under "lorakit_parent" (PEFT ignores the key).
+
+
+def adapter_chain(model: nn.Module, name: str) -> list[str]:
+    """`name`'s chain of parents, root first, ending with `name` itself."""
+    parents = getattr(model, "lorakit_parents", {})
+    chain = [name]
+    while chain[0] in parents:
+        chain.insert(0, parents[chain[0]])
+    return chain
+
+
+def adapter_children(model: nn.Module, name: str) -> list[str]:
+    """Every adapter stacked on `name`, directly or not."""
+    return [n for n in getattr(model, "lorakit_parents", {}) if name in adapter_chain(model, n)[:-1]]
+
+
+def set_parent(model: nn.Module, name: str, parent: str | None) -> None:
+    """Stack adapter `name` on `parent` (None: make it a root); active, `name` now brings its chain."""
+    known = adapter_names(model)
+    for n in (name, parent):
+        if n is not None and n not in known:
+            raise ValueError(f"unknown adapter {n!r}; the model has {known}")
+    parents = {k: v for k, v in getattr(model, "lorakit_parents", {}).items() if k != name}
+    if parent is not None:
+        if parent == name or name in adapter_chain(model, parent):
+            raise ValueError(f"adapter {parent!r} cannot be the parent of {name!r}: the chain would be a cycle")
+        parents[name] = parent
+    model.lorakit_parents = parents
+    active = active_adapters(model)
+    if name in active:
+        set_active(model, active)
+
+
 def set_active(model: nn.Module, names: list[str]) -> None:
-    """Make exactly these adapters active everywhere (their deltas add up); [] = base only."""
+    """Make exactly these adapters active everywhere (their deltas add up); [] = base only. An adapter
+    stacked on a parent brings its whole chain (root first)."""
     known = adapter_names(model)
     for n in names:
         if n not in known:
             raise ValueError(f"unknown adapter {n!r}; the model has {known}")
+    names = list(dict.fromkeys(c for n in names for c in adapter_chain(model, n)))
     for _, layer in lora_layers(model):
         layer.active = [n for n in names if n in layer.adapters]
     for _, copies in module_copies(model):
@@ -244,6 +290,9 @@ def remove_adapter(model: nn.Module, name: str) -> None:
     """Take adapter `name` off every layer (and its module copies); wrappers stay, possibly empty."""
     if name not in adapter_names(model):
         raise ValueError(f"unknown adapter {name!r}; the model has {adapter_names(model)}")
+    children = adapter_children(model, name)
+    if children:
+        raise ValueError(f"adapter {name!r} is the parent of {children}; remove those first")
     layers = [(path, layer) for path, layer in lora_layers(model) if name in layer.adapters]
     merged = [path for path, layer in layers if name in layer.merged]
     if merged:
@@ -256,3 +305,4 @@ def remove_adapter(model: nn.Module, name: str) -> None:
             del copies.copies[name]
             copies.active = [n for n in copies.active if n != name]
     model.lorakit_specs = {k: v for k, v in model.lorakit_specs.items() if k != name}
+    model.lorakit_parents = {k: v for k, v in getattr(model, "lorakit_parents", {}).items() if k != name}

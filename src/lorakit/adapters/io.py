@@ -31,6 +31,7 @@ from lorakit.adapters.inject import (
     name_matches,
     new_adapter,
     pattern_value,
+    set_parent,
     train_biases,
     wrap,
 )
@@ -119,6 +120,8 @@ def save_adapter(model: nn.Module, path: str | Path, name: str = "default", conv
     config = peft_config(model, pissa_converted_spec(spec) if convert else spec, sorted(base_shapes), saved_modules)
     if spec.kind == "adalora":
         config = adalora.peft_config(config, model, name, spec)
+    if name in getattr(model, "lorakit_parents", {}):  # an adapter stack: the parent's name (PEFT ignores the key)
+        config["lorakit_parent"] = model.lorakit_parents[name]
     folder = Path(path)
     atomic_write_bytes(folder / WEIGHTS_FILE, sorted_header(safetensors_bytes(tensors, metadata=metadata)))
     atomic_write_text(folder / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -231,6 +234,7 @@ class AdapterFile:
     metadata: dict[str, str] = field(default_factory=dict)
     base: str | None = None  # the base it was saved for: lorakit's metadata, else PEFT's config
     masks: dict[str, torch.Tensor] = field(default_factory=dict)  # AdaLoRA: module -> kept triplets [init_r]
+    parent: str | None = None  # the adapter it was saved stacked on ("lorakit_parent")
 
     @property
     def quant(self) -> dict | None:
@@ -267,6 +271,10 @@ def read_adapter(path: str | Path) -> AdapterFile:
     adapter.base = metadata.get("lorakit.base") or config.get("base_model_name_or_path")
     if spec.kind == "adalora":
         adapter.masks = adalora.masks_from_peft(config)
+    adapter.parent = config.get("lorakit_parent")
+    if adapter.parent is not None and (not isinstance(adapter.parent, str) or not adapter.parent
+                                       or "." in adapter.parent):
+        raise AdapterFileError(f"{config_file}: lorakit_parent must be an adapter name, got {adapter.parent!r}")
     return adapter
 
 
@@ -422,14 +430,19 @@ def check_fits(model: nn.Module, adapter: AdapterFile, force: bool = False) -> N
 
 def load_adapter(
     model: nn.Module, path: str | Path | AdapterFile, name: str | None = None, trainable: bool = False,
-    force: bool = False,
+    force: bool = False, parent: str | None = None,
 ) -> str:
     """Load a PEFT-format adapter (a folder, or one already read) onto `model`, wrapping layers
     where needed; returns its name. Everything is checked before the model is touched. The loaded
-    adapter becomes active."""
+    adapter becomes active. `parent` (default: the one its file records, if any) stacks it on an adapter
+    already on the model: it is then active with its whole chain."""
     adapter = path if isinstance(path, AdapterFile) else read_adapter(path)
     check_fits(model, adapter, force=force)
     existing = adapter_names(model)
+    parent = parent if parent is not None else adapter.parent
+    if parent is not None and parent not in existing:
+        raise ValueError(f"{adapter.folder}: parent adapter {parent!r} is not on the model (load it first); "
+                         f"it has {existing}")
     if name is None:
         name = "default" if "default" not in existing else re.sub(r"\W", "_", adapter.folder.resolve().name)
     if name in existing:
@@ -458,5 +471,7 @@ def load_adapter(
     freeze_base(model)
     if trainable:
         train_biases(model, spec.bias)
+    if parent is not None:
+        set_parent(model, name, parent)
     return name
 

@@ -15,6 +15,7 @@ confined the same way (relative, no `..`, no symlink out), and only safetensors 
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import weakref
@@ -25,7 +26,7 @@ from pathlib import Path, PurePosixPath
 
 from torch import nn
 
-from lorakit.adapters.inject import active_adapters, remove_adapter, set_active
+from lorakit.adapters.inject import active_adapters, adapter_children, remove_adapter, set_active
 from lorakit.adapters.io import CONFIG_FILE, WEIGHTS_FILE, AdapterFile, load_adapter, read_adapter
 
 NAME = re.compile(r"[A-Za-z0-9_-]+")
@@ -217,8 +218,9 @@ class AdapterStore:
 
     def attach(self, model: nn.Module, names: Iterable[str]) -> None:
         """Make all of `names` present on `model` (e.g. the adapters of one routed batch), evicting the
-        least recently used others beyond `max_device`. The set of active adapters is kept."""
-        wanted = list(dict.fromkeys(names))
+        least recently used others beyond `max_device`. The set of active adapters is kept. An adapter
+        saved stacked on a parent brings its chain of parents (named as in the store), loaded first."""
+        wanted = list(dict.fromkeys(c for n in names for c in self.chain(n)))
         if len(wanted) > self.max_device:
             raise ValueError(f"{len(wanted)} adapters requested at once but the model has {self.max_device} slots")
         slots = self.slots.setdefault(model, OrderedDict())
@@ -245,9 +247,36 @@ class AdapterStore:
         return name
 
     def detach(self, model: nn.Module, name: str) -> None:
-        """Take adapter `name` off `model`."""
+        """Take adapter `name` off `model`, and first the adapters stacked on it (useless without it)."""
+        if name not in getattr(model, "lorakit_specs", {}):
+            return  # already taken off with its parent
+        for child in reversed(adapter_children(model, name)):
+            remove_adapter(model, child)
+            self.slots.get(model, OrderedDict()).pop(child, None)
         remove_adapter(model, name)
         self.slots.get(model, OrderedDict()).pop(name, None)
+
+    def chain(self, name: str) -> list[str]:
+        """`name` after its parents (root first), as their files record them ("lorakit_parent")."""
+        chain = [name]
+        while (parent := self.parent_of(chain[0])) is not None:
+            if parent in chain:
+                raise ValueError(f"adapter {name!r}: its parents form a cycle {[parent, *chain]}")
+            chain.insert(0, parent)
+        return chain
+
+    def parent_of(self, name: str) -> str | None:
+        """The parent adapter_config.json records for `name` (from RAM if there; not counted in `stats`). An
+        unreadable config says None here: loading the adapter reports what is wrong with it."""
+        with self.lock:
+            cached = self.ram.get(name)
+        if cached is not None:
+            return cached.parent
+        try:
+            parent = json.loads((self.folder(name) / CONFIG_FILE).read_text()).get("lorakit_parent")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return parent if isinstance(parent, str) else None
 
     # ------------------------------------------------------------------------- report
 
