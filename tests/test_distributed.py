@@ -206,3 +206,26 @@ def test_fsdp2_shards_the_hidden_base_weights_and_gathers_exact_4bit_codes(tmp_p
         assert got["before"] == held_bytes(reference)
         assert got["sharded"] <= 0.55 * got["before"] and got["after_step"] <= 0.55 * got["before"]
         torch.testing.assert_close(got["logits"], want, atol=1e-5, rtol=1e-5)
+
+
+def test_bench_ddp_quick_counts_the_adapter_gradients_it_all_reduces(tmp_path):
+    """`lorakit bench ddp --quick`: the bytes DDP's buckets carry per step (a comm hook) are the adapter's
+    fp32 gradients, r x (in + out) x 4 bytes per adapted linear, counted here from the model's shapes."""
+    import argparse
+
+    from lorakit.bench import ddp
+    from lorakit.bench.workload import tiny_model
+
+    args = argparse.Namespace(reps=2, warmup=1, threads=1, json=str(tmp_path / "ddp.jsonl"), quick=True,
+                              no_memory=True, set=[])
+    one, two = ddp.run(args)
+    model = tiny_model(0)
+    r = ddp.QUICK["r"]
+    linears = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    want = sum(r * (m.in_features + m.out_features) * 4 for m in linears)
+    assert one["processes"] == 1 and one["allreduce_bytes"] == 0 and one["grad_accum"] == 2
+    assert two["processes"] == 2 and two["grad_accum"] == 1 and two["allreduce_calls"] >= 1
+    assert two["allreduce_bytes"] == want == two["adapter_grad_bytes"]
+    assert two["all_param_bytes"] == sum(p.numel() * 4 for p in model.parameters()) + want
+    assert ddp.ring_bytes(want, 8) == pytest.approx(2 * 7 / 8 * want)
+    assert len((tmp_path / "ddp.jsonl").read_text().splitlines()) == 2
