@@ -19,10 +19,19 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from lorakit.kernels.triton_nf4 import cast_rtne, dequant_values, dequantize_4bit_triton, dot, interpreting, kernel_args
+from lorakit.kernels.triton_nf4 import (
+    cast_rtne,
+    dequant_values,
+    dequantize_4bit_triton,
+    dot,
+    interpreting,
+    kernel_args,
+    launch,
+)
 from lorakit.quant.nf4 import QuantState, dequantize_4bit
 
 GEMV_MAX_ROWS = 4  # up to this many rows: `gemv` (one pass over W per row); more: `tiled`
+# Block sizes: picked so that ptxas (sm_90) compiles every kernel without register spills; untuned for speed
 FUSED_MAX_ROWS = 16  # `linear_4bit` above this: dequantize once (Triton), then cuBLAS
 
 
@@ -88,16 +97,17 @@ def matmul_4bit(x: Tensor, packed: Tensor, state: QuantState, bias: Tensor | Non
     common = dict(NESTED=args[8], HAS_BIAS=bias is not None)
     bias_arg = bias if bias is not None else out
     if not (rows > GEMV_MAX_ROWS if tiled is None else tiled):
-        grid = (triton.cdiv(n_out, 64), rows)
+        grid = (triton.cdiv(n_out, 32), rows)
         _gemv_kernel[grid](x2, *args[:8], bias_arg, out, n_out, k_in, x2.stride(0), out.stride(0),
-                           BLOCK_N=64, BLOCK_K=64, **common)  # fmt: skip
+                           BLOCK_N=32, BLOCK_K=128, **common, **launch(num_warps=8))  # fmt: skip
     else:
-        block_m = 16 if rows <= 16 else 64
+        # fp32 (no tensor cores for exact fp32): small tiles, or the registers spill (ptxas, sm_90)
+        block_m, block_k = (16, 16) if x.dtype == torch.float32 else (16 if rows <= 16 else 64, 32)
         grid = (triton.cdiv(rows, block_m), triton.cdiv(n_out, 64))
         precision = "ieee" if x.dtype == torch.float32 else "tf32"  # fp32: no TF32, like torch's default matmul
         _tiled_kernel[grid](x2, *args[:8], bias_arg, out, rows, n_out, k_in, x2.stride(0), out.stride(0),
                             PRECISION=precision, INTERPRET=interpreting(),
-                            BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=32, **common)  # fmt: skip
+                            BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=block_k, **common)  # fmt: skip
     return out.view(*x.shape[:-1], n_out)
 
 

@@ -3,8 +3,8 @@
 Element i of the flat weight is nibble (i % 2) of byte i // 2 (even element in the high nibble),
 scaled by the absmax of block i // blocksize; with double quantization that absmax is itself
 `nested_code[absmax[b]] * nested_absmax[b // nested_blocksize] + offset`. Everything is computed
-in fp32 in the reference's order and cast once, so the bits equal the reference's (exactly under
-the interpreter; on the GPU up to the compiler's fused multiply-add in the nested absmax).
+in fp32 in the reference's order and cast once (bf16 rounded to nearest even by hand), so the bits
+equal the reference's; the kernel is compiled without fused multiply-adds for that.
 
 `dequant_values` is the same arithmetic as a Triton function, shared with the fused matmuls
 (`triton_matmul4bit`), which call it on a tile of weight indices and never write W.
@@ -72,6 +72,11 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
 
 
+def launch(**options) -> dict:
+    """Compiler options (num_warps, enable_fp_fusion, ...) for a launch; the interpreter takes none."""
+    return {} if interpreting() else options
+
+
 @triton.jit
 def _dequant_kernel(packed_ptr, code_ptr, absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, out_ptr, n,
                     blocksize, nested_blocksize, NESTED: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
@@ -100,5 +105,6 @@ def dequantize_4bit_triton(packed: Tensor, state: QuantState, dtype: torch.dtype
     args = kernel_args(packed, state)
     n = state.numel
     out = torch.empty(n, dtype=dtype or state.dtype, device=packed.device)
-    _dequant_kernel[(triton.cdiv(n, BLOCK),)](*args[:6], out, n, *args[6:8], NESTED=args[8], BLOCK=BLOCK)
+    exact = launch(enable_fp_fusion=False)  # no FMA in the nested absmax: the reference's bits
+    _dequant_kernel[(triton.cdiv(n, BLOCK),)](*args[:6], out, n, *args[6:8], NESTED=args[8], BLOCK=BLOCK, **exact)
     return out.view(state.shape)
