@@ -195,6 +195,8 @@ def run(args: argparse.Namespace) -> list[dict]:
             env = {**environment(threads), "loadavg_1m_before": load_before[0], "loadavg_1m_after": os.getloadavg()[0]}
             records.append({"scenario": "serve", "adapters": n, "max_batch": max_batch, **result,
                             "config": {**cfg, "reps": args.reps}, "env": env})
+            print(f"adapters={n} max_batch={max_batch}: {result['tokens_per_s']:.1f} tokens/s "
+                  f"({result['completion_tokens']} tokens in {result['seconds']:.1f} s)", flush=True)
     base = next((r["tokens_per_s"] for r in records if r["adapters"] == min(cfg["adapters"])
                  and r["max_batch"] > 1), None)
     print(table(records, base))

@@ -49,7 +49,7 @@ class Sequence:
         """The next token from logits [vocab]: argmax at temperature 0, else a top-p sample from own generator."""
         if self.temperature == 0:
             return int(logits.argmax())
-        probs = torch.softmax(logits.float() / self.temperature, dim=-1)  # [V]
+        probs = torch.softmax(logits.float().cpu() / self.temperature, dim=-1)  # [V], sampled on the CPU
         if self.top_p < 1:
             sorted_p, order = probs.sort(descending=True)
             drop = sorted_p.cumsum(0) - sorted_p >= self.top_p  # keep the smallest head reaching top_p
@@ -79,7 +79,7 @@ class RowCache:
     def add(self, cache: DynamicCache, length: int) -> None:
         """Append the one-row cache of a prompt of `length` tokens as the last row."""
         new = self.layers(cache)
-        row_mask = torch.ones(1, length, dtype=torch.long)
+        row_mask = torch.ones(1, length, dtype=torch.long, device=new[0].keys.device)
         if self.cache is None:
             self.cache, self.mask = cache, row_mask
             return
@@ -95,7 +95,7 @@ class RowCache:
         if not rows:
             self.cache = self.mask = None
             return
-        index = torch.tensor(rows, dtype=torch.long)
+        index = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
         mask = self.mask.index_select(0, index)
         start = int((mask.sum(0) > 0).nonzero()[0])  # first column some row uses
         self.mask = mask[:, start:]
@@ -126,6 +126,7 @@ class Batcher:
                  attach: Callable[[list[str]], bool] = lambda names: True,
                  idle: Callable[[list[str]], None] = lambda running: None) -> None:
         self.model, self.eos, self.max_batch, self.max_queue = model, eos, max_batch, max_queue
+        self.device = next(model.parameters()).device
         self.ready, self.attach, self.idle = ready, attach, idle
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -223,7 +224,7 @@ class Batcher:
     @torch.no_grad()
     def prefill(self, seq: Sequence) -> None:
         """Run the prompt alone, emit its first token, and add its KV row to the batch."""
-        ids = torch.tensor([seq.prompt], dtype=torch.long)  # [1, T]
+        ids = torch.tensor([seq.prompt], dtype=torch.long, device=self.device)  # [1, T]
         cache = DynamicCache()
         with route(self.model, [seq.adapter]):
             out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
@@ -233,9 +234,10 @@ class Batcher:
         self.rows.add(out.past_key_values, ids.shape[1])
         self.push(seq, out.logits[0, -1])
 
-    def push(self, seq: Sequence, logits: torch.Tensor) -> None:
-        """Choose and emit the next token; end the sequence at the end token or at max_tokens."""
-        token = seq.sample(logits)
+    def push(self, seq: Sequence, logits: torch.Tensor, greedy: int | None = None) -> None:
+        """Choose (`greedy`: the argmax, already known) and emit the next token; end the sequence at the end
+        token or at max_tokens."""
+        token = greedy if greedy is not None and seq.temperature == 0 else seq.sample(logits)
         seq.tokens.append(token)
         seq.emit(token)
         if token == self.eos or len(seq.tokens) >= seq.max_tokens:
@@ -249,9 +251,10 @@ class Batcher:
         if not self.running:
             return
         rows = self.running
-        ids = torch.tensor([[s.tokens[-1]] for s in rows], dtype=torch.long)  # [B, 1]
-        positions = torch.tensor([[len(s.prompt) + len(s.tokens) - 1] for s in rows], dtype=torch.long)  # [B, 1]
-        mask = torch.cat([self.rows.mask, torch.ones(len(rows), 1, dtype=torch.long)], dim=1)  # [B, L + 1]
+        device = self.device
+        ids = torch.tensor([[s.tokens[-1]] for s in rows], dtype=torch.long, device=device)  # [B, 1]
+        positions = torch.tensor([[len(s.prompt) + len(s.tokens) - 1] for s in rows], device=device)  # [B, 1]
+        mask = torch.cat([self.rows.mask, torch.ones(len(rows), 1, dtype=torch.long, device=device)], 1)  # [B, L+1]
         with route(self.model, [s.adapter for s in rows]):
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                              past_key_values=self.rows.cache, use_cache=True)
@@ -259,6 +262,7 @@ class Batcher:
         self.steps += 1
         self.peak = max(self.peak, len(rows))
         logits = out.logits[:, -1]  # [B, V]
+        greedy = logits.argmax(-1).tolist()  # one transfer for the greedy rows
         for i, seq in enumerate(rows):
             if not seq.cancelled:
-                self.push(seq, logits[i])
+                self.push(seq, logits[i], greedy[i])

@@ -15,7 +15,7 @@ import hmac
 import json
 import threading
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
@@ -36,7 +36,19 @@ def make_app(engine: Engine, api_key: str | None = None, allow_runtime_adapters:
     """The ASGI app answering for `engine`."""
     if allow_runtime_adapters and not api_key:
         raise ValueError("runtime adapter loading needs an API key (--api-key or LORAKIT_API_KEY)")
-    app = FastAPI(title="lorakit", docs_url=None, redoc_url=None, openapi_url=None)
+
+    async def authorize(request: Request) -> None:
+        """With an API key, every /v1 route needs it as a bearer token (a dependency, not a middleware, so that
+        a streaming client's disconnect still reaches the answer)."""
+        if not api_key or not request.url.path.startswith("/v1"):
+            return
+        header = request.headers.get("authorization", "")
+        if not header.startswith("Bearer "):
+            raise RequestError(401, "missing API key: send 'Authorization: Bearer KEY'")
+        if not hmac.compare_digest(header[len("Bearer "):].encode(), api_key.encode()):
+            raise RequestError(403, "wrong API key")
+
+    app = FastAPI(title="lorakit", docs_url=None, redoc_url=None, openapi_url=None, dependencies=[Depends(authorize)])
 
     @app.exception_handler(RequestError)
     async def request_error(request: Request, e: RequestError) -> JSONResponse:
@@ -46,16 +58,6 @@ def make_app(engine: Engine, api_key: str | None = None, allow_runtime_adapters:
     async def http_error(request: Request, e: HTTPException) -> JSONResponse:
         message = f"no route {request.method} {request.url.path}" if e.status_code in (404, 405) else str(e.detail)
         return JSONResponse(error_body(e.status_code, message), status_code=e.status_code)
-
-    @app.middleware("http")
-    async def authorize(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1"):
-            header = request.headers.get("authorization", "")
-            if not header.startswith("Bearer "):
-                return JSONResponse(error_body(401, "missing API key: send 'Authorization: Bearer KEY'"), 401)
-            if not hmac.compare_digest(header[len("Bearer "):].encode(), api_key.encode()):
-                return JSONResponse(error_body(403, "wrong API key"), 403)
-        return await call_next(request)
 
     @app.get("/health")
     async def health() -> dict:
