@@ -136,3 +136,14 @@ def test_checkpointing_is_set_on_both_training_sides_and_keeps_the_loss(monkeypa
     assert len(enabled) == 2  # lorakit's and PEFT's model; not the references
     assert record["config"]["checkpointing"] is True
     assert record["ours"]["first_loss"] == pytest.approx(record["peer"]["first_loss"], rel=1e-5)
+
+
+@pytest.mark.slow  # compiling the tiny model's blocks takes tens of seconds on the CPU
+def test_compiled_side_and_floor_keep_the_loss():
+    (record,) = run_bench(["train-lora"], reps=1, warmup=1, threads=1, quick=True, memory=False, compile=True,
+                          log=lambda s: None)
+    check_record(record)
+    ref = record["reference"]
+    assert set(ref) == {"forward", "floor", "floor_compiled"}
+    assert ref["floor_compiled"]["first_loss"] == pytest.approx(ref["floor"]["first_loss"], rel=1e-5)
+    assert record["ours"]["first_loss"] == pytest.approx(record["peer"]["first_loss"], rel=1e-5)

@@ -91,3 +91,38 @@ def test_epochs_bound_the_run_when_max_steps_is_unset():
     assert total_steps(TrainConfig(max_steps=7, epochs=2), n_rows=20) == 7
     with pytest.raises(ValueError, match="set max_steps or epochs"):
         total_steps(TrainConfig(max_steps=None, epochs=None), n_rows=20)
+
+
+@pytest.mark.slow  # compiling takes tens of seconds on the CPU, even for a tiny model
+def test_compiled_blocks_give_the_eager_loss_and_gradients():
+    from conftest import randomize_adapters
+    from lorakit.train.run import compile_blocks
+
+    model = lorakit.inject(tiny_llama(), lorakit.LoraSpec(r=4, alpha=8, targets="all-linear"))
+    randomize_adapters(model)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :8] = IGNORE
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+    def loss_and_grads():
+        loss = loss_sum(model, batch)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        return loss.detach(), grads
+
+    eager_loss, eager = loss_and_grads()
+    assert compile_blocks(model) == model.config.num_hidden_layers
+    loss, grads = loss_and_grads()
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=0)
+    assert grads.keys() == eager.keys()
+    for name, grad in grads.items():
+        assert (grad - eager[name]).norm() <= 1e-5 * eager[name].norm(), name
+
+
+def test_compile_refuses_a_model_without_named_blocks():
+    from lorakit.train.run import compile_blocks
+
+    with pytest.raises(ValueError, match="_no_split_modules"):
+        compile_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2)))

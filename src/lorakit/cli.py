@@ -201,7 +201,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             return 0
         run_bench(args.scenarios, reps=args.reps, warmup=args.warmup, threads=args.threads, json_out=args.json,
                   quick=args.quick, memory=not args.no_memory, profile=args.profile,
-                  plain=args.plain, checkpointing=args.checkpointing)
+                  plain=args.plain, checkpointing=args.checkpointing, compile=args.compile)
     except (ImportError, ValueError) as e:
         print(f"lorakit: error: {e}", file=sys.stderr)
         return 2
@@ -329,6 +329,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--checkpointing", action="store_true",
                    help="gradient checkpointing in both sides' training steps (lorakit's QLoRA default; PEFT's "
                    "prepare_model_for_kbit_training default); the forward/floor references stay without")
+    b.add_argument("--compile", action="store_true",
+                   help="lorakit's training step with compiled blocks (compile: true), the floor both ways")
     b.add_argument("--plain", action="store_true",
                    help="also measure lorakit with its fast paths off (LORAKIT_KERNELS=0) in the same run")
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

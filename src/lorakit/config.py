@@ -186,6 +186,7 @@ class TrainConfig:
     longlora: LongLoraConfig | None = None
     optim: str = "adamw"
     gradient_checkpointing: bool | None = None  # None: on with a 4-bit base, off otherwise
+    compile: bool = False  # torch.compile each transformer block (optional; compiling takes a while at start)
     lr: float = 2e-3
     loraplus_ratio: float | None = None  # LoRA+: B's lr = ratio x A's lr
     loraplus_embedding_lr: float | None = None  # LoRA+: embedding adapters' lr (default 1e-6, as PEFT)

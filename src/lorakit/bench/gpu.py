@@ -230,9 +230,8 @@ def bench_train(s: dict, quick: bool, reps: int, warmup: int, memory: bool) -> l
     return records
 
 
-def lorakit_task(w, quantized: bool):
-    """One lorakit LoRA/QLoRA (NF4 + double quant, bf16 compute) training step on CUDA, as `lorakit train`."""
-
+def lorakit_task(w, quantized: bool, device: str = "cuda"):
+    """One lorakit LoRA/QLoRA (NF4 + double quant) training step on `device`, as `lorakit train` sets it up."""
     import lorakit
     from lorakit.bench.ours import lora_spec
     from lorakit.bench.workload import load_base, make_batch, supervised_tokens
@@ -242,16 +241,16 @@ def lorakit_task(w, quantized: bool):
 
     model = load_base(w)
     quant = QuantConfig(type="nf4", double_quant=True, blocksize=64, compute_dtype=w.dtype) if quantized else None
-    prepare_base(model, TrainConfig(quant=quant))
+    prepare_base(model, TrainConfig(quant=quant, gradient_checkpointing=w.checkpointing))  # off, as PEFT's side
     lorakit.inject(model, lora_spec(w))
-    model.to("cuda").train()
-    batch = {k: v.cuda() for k, v in make_batch(w, model.config.vocab_size).items()}
+    model.to(device).train()
+    batch = {k: v.to(device) for k, v in make_batch(w, model.config.vocab_size).items()}
     n = supervised_tokens(batch)
     return step_fn(model, lambda: loss_sum(model, batch) / n, w.lr)
 
 
-def peft_task(w, quantized: bool):
-    """PEFT's LoRA step (on transformers' bitsandbytes NF4 + double-quant base when `quantized`), on CUDA."""
+def peft_task(w, quantized: bool, device: str = "cuda"):
+    """PEFT's LoRA step (on transformers' bitsandbytes NF4 + double-quant base when `quantized`) on `device`."""
     from lorakit.bench.peers import need, peft_config
     from lorakit.bench.workload import load_base, make_batch
 
@@ -263,13 +262,13 @@ def peft_task(w, quantized: bool):
         config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                     bnb_4bit_compute_dtype=w.torch_dtype)
         model = AutoModelForCausalLM.from_pretrained(w.model_dir, dtype=w.torch_dtype, quantization_config=config,
-                                                     device_map={"": 0})
+                                                     device_map={"": device})
         model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     else:
-        model = load_base(w).to("cuda")
+        model = load_base(w).to(device)
     model = peft.get_peft_model(model, peft_config(w))
     model.train()
-    batch = {k: v.cuda() for k, v in make_batch(w, model.config.vocab_size).items()}
+    batch = {k: v.to(device) for k, v in make_batch(w, model.config.vocab_size).items()}
     return step_fn(model, lambda: model(**batch, use_cache=False).loss, w.lr)
 
 

@@ -43,8 +43,11 @@ def base_forward(w: Workload) -> Task:
 def floor(w: Workload) -> Task:
     """Frozen forward + backward to the inputs; the head and loss at supervised positions, chunked."""
     from lorakit.train.loop import head_loss_sum
+    from lorakit.train.run import compile_blocks
 
     model = load_base(w)
+    if w.compile:
+        compile_blocks(model)
     batch = make_batch(w, model.config.vocab_size)
     labels = batch["labels"][:, 1:]
     keep = labels != IGNORE
@@ -97,7 +100,7 @@ def lorakit_train(w: Workload, quantized: bool = False) -> Task:
 
     model = load_base(w)
     quant = QuantConfig(type="nf4", double_quant=True, blocksize=64, compute_dtype=w.dtype) if quantized else None
-    prepare_base(model, TrainConfig(quant=quant, gradient_checkpointing=w.checkpointing))  # as `lorakit train`
+    prepare_base(model, TrainConfig(quant=quant, gradient_checkpointing=w.checkpointing, compile=w.compile))
     lorakit.inject(model, lora_spec(w))
     model.train()
     batch = make_batch(w, model.config.vocab_size)

@@ -15,7 +15,8 @@ from lorakit.bench.workload import Workload
 
 MIB = 1 << 20
 REFERENCE_NAMES = {"forward": "frozen base, no grad", "floor": "frozen fwd + bwd to inputs, supervised head",
-                   "plain": "lorakit, LORAKIT_KERNELS=0", "lora": "lorakit LoRA, fp32 base"}
+                   "plain": "lorakit, LORAKIT_KERNELS=0", "lora": "lorakit LoRA, fp32 base",
+                   "floor_compiled": "the floor, blocks compiled"}
 UNITS = ("forward", "floor")  # references every other side is also given as a multiple of
 
 

@@ -70,9 +70,14 @@ SCENARIOS: dict[str, Scenario] = {
 
 def sides_of(name: str, w: Workload) -> dict[str, Callable[[Workload], Task]]:
     """The builders of scenario `name`; with `w.plain`, lorakit with LORAKIT_KERNELS=0 is measured too
-    (side "plain"), so what the fast paths give is a ratio within one run."""
+    (side "plain"), so what the fast paths give is a ratio within one run. With `w.compile` (lorakit's
+    blocks compiled), the floor is measured both ways ("floor" eager, "floor_compiled")."""
     scenario = SCENARIOS[name]
-    if not (w.plain and scenario.has_plain):
-        return dict(scenario.sides)
-    ours_builder = scenario.sides["ours"]
-    return {**scenario.sides, "plain": lambda w: ours_builder(dataclasses.replace(w, kernels=False))}
+    sides = dict(scenario.sides)
+    if w.plain and scenario.has_plain:
+        ours_builder = sides["ours"]
+        sides["plain"] = lambda w: ours_builder(dataclasses.replace(w, kernels=False))
+    if w.compile and "floor" in sides:
+        sides["floor"] = lambda w: ours.floor(dataclasses.replace(w, compile=False))
+        sides["floor_compiled"] = ours.floor
+    return sides

@@ -35,6 +35,7 @@ class Workload:
     threads: int = 2
     kernels: bool = True  # lorakit's fast paths (lorakit.kernels); False = LORAKIT_KERNELS=0
     checkpointing: bool = False  # gradient checkpointing on both sides' training steps (not the references)
+    compile: bool = False  # lorakit's training side with compiled blocks (and the floor both ways)
     plain: bool = False  # also measure lorakit with LORAKIT_KERNELS=0 (side "plain") in the same run
     model_dir: str = ""  # the resolved folder both sides load (filled in by `resolve_model`)
 
