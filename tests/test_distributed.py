@@ -229,3 +229,14 @@ def test_bench_ddp_quick_counts_the_adapter_gradients_it_all_reduces(tmp_path):
     assert two["all_param_bytes"] == sum(p.numel() * 4 for p in model.parameters()) + want
     assert ddp.ring_bytes(want, 8) == pytest.approx(2 * 7 / 8 * want)
     assert len((tmp_path / "ddp.jsonl").read_text().splitlines()) == 2
+
+
+def test_float_quant_storage_refuses_a_layer_it_cannot_hold_and_names_it():
+    """FSDP2's QLoRA stores the packed bytes as floats: 3 weights (2 bytes) do not make an fp32 element."""
+    from lorakit.quant.linear4bit import quantize_model
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Linear(4, 3))
+    with pytest.raises(ValueError, match=r"^1: 6 packed bytes cannot be viewed as torch.float32"):
+        quantize_model(model, quant_storage=torch.float32)
+    held = quantize_model(torch.nn.Sequential(torch.nn.Linear(8, 4)), quant_storage=torch.float32)
+    assert held[0].weight.dtype == torch.float32 and held[0].weight.shape == (4, 1)  # 32 weights: 16 bytes

@@ -213,8 +213,11 @@ def quantize_model(
     ]  # fmt: skip
     for name, module in targets:
         if id(module) not in replaced:
-            replaced[id(module)] = Linear4bit.from_linear(module, quant_type, blocksize, double_quant, compute_dtype,
-                                                          quant_storage)
+            try:
+                replaced[id(module)] = Linear4bit.from_linear(module, quant_type, blocksize, double_quant,
+                                                              compute_dtype, quant_storage)
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from e
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, replaced[id(module)])
     return model
