@@ -53,7 +53,8 @@ if not (CUDA or INTERPRETED):
         """This file's kernel tests in a fresh process where triton starts interpreted; they must all pass."""
         env = {**os.environ, "TRITON_INTERPRET": "1"}
         env.pop("LORAKIT_KERNELS", None)
-        args = ["-q", "-p", "no:cacheprovider", "-m", "not slow", "-k", "not without_triton and not compiles", __file__]
+        parent_only = "not without_triton and not compiles and not first_loss"  # no kernels in them
+        args = ["-q", "-p", "no:cacheprovider", "-m", "not slow", "-k", parent_only, __file__]
         done = subprocess.run([sys.executable, "-m", "pytest", *args],
                               cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
                               timeout=600)  # fmt: skip
@@ -388,6 +389,19 @@ def test_kernel_compiles_for_h100_without_spills(tk, tmp_path, module, kernel, c
     usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", str(tmp_path / "k.cubin")], capture_output=True,
                            text=True, check=True).stdout  # fmt: skip
     assert "STACK:0 " in usage, usage  # no local-memory spills
+
+
+@pytest.mark.skipif(INTERPRETED, reason="no kernels in it: in the parent process")
+def test_bench_gpu_training_sides_agree_on_the_first_loss():
+    """The bench's lorakit and PEFT (+ bitsandbytes) training steps train the same thing: a fresh adapter
+    changes nothing, so the first losses match (here on the tiny model; the bench runs them on CUDA)."""
+    from lorakit.bench import gpu
+    from lorakit.bench.workload import QUICK, Workload, resolve_model
+
+    w = resolve_model(Workload(**{**QUICK, "dtype": "float32"}))
+    for quantized in (False, True):
+        ours, peer = gpu.lorakit_task(w, quantized, DEVICE)(), gpu.peft_task(w, quantized, DEVICE)()
+        assert ours == pytest.approx(peer, rel=2e-3 if quantized else 1e-5), quantized
 
 
 @pytest.mark.skipif(CUDA, reason="checks the error without a GPU")

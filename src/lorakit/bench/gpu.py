@@ -10,7 +10,8 @@ Parts (each a record; a table with ratios is printed):
   multi       LoRA delta for 16 rows through 8 adapters (BGMV decode, SGMV prefill) vs all rows
               through one adapter (target <= 1.1x)
   train       LoRA and QLoRA training steps on the default model (bf16): tokens/s and peak CUDA
-              memory, lorakit vs PEFT (+ bitsandbytes), each side built, timed and freed alone
+              memory, lorakit vs PEFT (+ bitsandbytes), each side built, timed and freed alone;
+              AdamW, r=16 on every linear, no gradient checkpointing on either side
 
 Settings (`--set KEY=VALUE`): size (4096; --quick 1024), rank (16), adapters (8), rows (16),
 prefill (128: tokens per row for SGMV), inner (20: calls per timed repetition of a kernel),
