@@ -43,13 +43,17 @@ def test_plain_run_refuses_a_torchrun_launch_and_distributed_needs_a_launcher(mo
         load_train_config(None, ["distributed=dp"])
 
 
-def test_train_nproc_execs_torchrun(monkeypatch):
+def test_train_nproc_execs_torchrun(monkeypatch, tmp_path):
     calls = []
     monkeypatch.setattr(os, "execv", lambda path, argv: calls.append(argv))
     exec_torchrun(2, None, ["max_steps=3"])
     argv = calls[0]
     assert argv[1:7] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m"]
     assert argv[-2:] == ["max_steps=3", "distributed=ddp"]
+    yaml_file = tmp_path / "sharded.yaml"
+    yaml_file.write_text("distributed: fsdp2\nmax_steps: 3\n")
+    exec_torchrun(2, str(yaml_file), ["lr=0.01"])
+    assert calls[1][-2:] == [str(yaml_file), "lr=0.01"]  # the file's fsdp2 stands
 
 
 @pytest.mark.parametrize("extra", [[], ["quant={}"]], ids=["lora", "qlora"])

@@ -15,10 +15,12 @@ from lorakit.config import load_train_config, to_dict
 
 def exec_torchrun(nproc: int, config: str | None, overrides: list[str]) -> None:
     """`lorakit train --nproc N ...` = `torchrun --standalone --nproc-per-node N -m lorakit train ... distributed=ddp`
-    (one machine; across machines, call torchrun with rendezvous flags: docs/DISTRIBUTED.md)."""
+    (unless the config or an override sets `distributed`); one machine; across machines, call torchrun with
+    rendezvous flags: docs/DISTRIBUTED.md."""
     import os
 
-    if not any(o.startswith("distributed=") for o in overrides):
+    file, items = (None, [config, *overrides]) if config is not None and "=" in config else (config, overrides)
+    if load_train_config(file, items).distributed == "none":  # a file or override may say fsdp2
         overrides = [*overrides, "distributed=ddp"]
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
             "-m", "lorakit", "train", *([config] if config else []), *overrides]
