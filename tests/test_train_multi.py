@@ -105,3 +105,25 @@ def test_defaults_and_overrides_reach_every_job(tiny_model_dir, tmp_path):
     assert [c.lr for c in cfgs] == [0.02, 0.5, 0.01]
     assert [(c.lora.r, c.lora.alpha, c.lora.dropout) for c in cfgs] == [(2, 4, 0.1), (8, 8, 0.1), (4, 16, 0.1)]
     assert cfgs[1].lora.targets == ["q_proj", "v_proj", "down_proj"] and cfgs[0].lora.targets == "all-linear"
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_combined_batches_give_each_batch_its_own_loss(packed):
+    """Batches of different widths, right-padded into one: each span's loss is that batch's loss alone."""
+    from conftest import tiny_llama
+    from lorakit.data.encode import collate
+    from lorakit.data.packing import collate_packed, pack
+    from lorakit.multi.train import combine, job_losses
+    from lorakit.train.loop import loss_sum
+    from test_train import toy_rows
+
+    model = tiny_llama()
+    rows = [toy_rows(4, seed=1), toy_rows(6, seed=2)[:3]]
+    rows[1] = [(ids + ids[:5], labels + labels[:5]) for ids, labels in rows[1]]  # longer rows: a wider batch
+    batches = [collate_packed(pack(r, 40), pad_id=1) if packed else collate(r, pad_id=1) for r in rows]
+    assert batches[0]["input_ids"].shape[1] != batches[1]["input_ids"].shape[1]
+    batch, spans = combine(batches, pad_id=1)
+    with torch.no_grad():
+        together = job_losses(model, batch, spans)
+        for b, loss in zip(batches, together, strict=True):
+            torch.testing.assert_close(loss, loss_sum(model, b), rtol=1e-5, atol=1e-4)
