@@ -127,3 +127,45 @@ def test_combined_batches_give_each_batch_its_own_loss(packed):
         together = job_losses(model, batch, spans)
         for b, loss in zip(batches, together, strict=True):
             torch.testing.assert_close(loss, loss_sum(model, b), rtol=1e-5, atol=1e-4)
+
+
+def test_interrupted_parallel_run_resumes_to_the_same_adapters(tiny_model_dir, tmp_path, monkeypatch):
+    """Ctrl-C checkpoints every unfinished job; resume=auto continues each to the adapter of an unbroken run."""
+    from lorakit.multi import train as multi_train
+
+    spec = write_jobs(tmp_path, tiny_model_dir)
+    spec["jobs"] = spec["jobs"][:2]
+    for job in spec["jobs"]:
+        job.pop("checkpoint_every", None)
+
+    def jobs_in(folder: str, *overrides: str):
+        path = tmp_path / f"{folder}.yaml"
+        data = {**spec, "jobs": [{**j, "output_dir": str(tmp_path / folder / str(i))} for i, j in
+                                 enumerate(spec["jobs"])]}
+        path.write_text(yaml.safe_dump(data))
+        return load_jobs_config(path, list(overrides))
+
+    run_multi(jobs_in("whole"), log=lambda *_: None)
+    real, calls = multi_train.multi_step, []
+
+    def interrupt_third(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(multi_train, "multi_step", interrupt_third)
+    with pytest.raises(KeyboardInterrupt):
+        run_multi(jobs_in("broken"), log=lambda *_: None)
+    assert all((tmp_path / "broken" / str(i) / "checkpoint-2").is_dir() for i in range(2))
+    resumed_steps, messages = [], []
+    monkeypatch.setattr(multi_train, "multi_step", lambda *args: resumed_steps.append(1) or real(*args))
+    run_multi(jobs_in("broken", "resume=auto"), log=messages.append)
+    assert len(resumed_steps) == 6 - 2  # the longer job's remaining steps (from scratch: 6)
+    assert sum("resumed from" in m and "at step 2" in m for m in messages) == 2
+    for i in range(2):
+        a = load_file(tmp_path / "whole" / str(i) / "adapter" / "adapter_model.safetensors")
+        b = load_file(tmp_path / "broken" / str(i) / "adapter" / "adapter_model.safetensors")
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-6, atol=1e-7, msg=f"job {i}: {key}")
