@@ -13,8 +13,9 @@ process (alternating repetitions, the same batch): the issue's target is lorakit
 lorakit LoRA.
 
 Settings (`--set KEY=VALUE`): steps (default 30, the demo's), variants (comma list, default all),
-n_train (1000), n_eval (100), plot (PNG path, default variants-loss.png), peft (1: time the DoRA
-step against PEFT; 0: skip), seq (128: tokens per row of the DoRA step timing).
+n_train (1000), n_eval (100), plot (PNG path, default variants-loss.png), dora (1: time the DoRA
+step; 0: skip), peft (1: with PEFT's sides; 0: lorakit only), seq (128: tokens per row of the DoRA
+step timing). `variants=` (empty) runs the DoRA timing alone.
 """
 
 from __future__ import annotations
@@ -45,14 +46,14 @@ MIB = 1 << 20
 
 def settings(args: argparse.Namespace) -> dict:
     known = {"steps": 30, "variants": ",".join(VARIANTS), "n_train": 1000, "n_eval": 100,
-             "plot": "variants-loss.png", "peft": 1, "seq": 128}
+             "plot": "variants-loss.png", "dora": 1, "peft": 1, "seq": 128}
     out = dict(known)
     for item in getattr(args, "set", None) or []:
         key, sep, value = item.partition("=")
         if not sep or key not in known:
             raise ValueError(f"--set {item!r}: expected KEY=VALUE with KEY one of {sorted(known)}")
         out[key] = type(known[key])(value)
-    names = out["variants"].split(",")
+    names = [n for n in out["variants"].split(",") if n]
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise ValueError(f"--set variants: unknown {unknown}; known: {list(VARIANTS)}")
@@ -253,9 +254,10 @@ def plot_losses(records: list[dict], path: Path, title: str) -> Path | None:
 
 
 def table(records: list[dict], dora: dict[str, float]) -> str:
-    base = next((r for r in records if r["variant"] == "lora"), records[0])
-    lines = ["| variant | lr | held-out exact match | trainable params | % of model | step s | x LoRA step "
-             "| peak RSS MiB | loss first -> last |", "|" + "---|" * 9]
+    base = next((r for r in records if r["variant"] == "lora"), records[0] if records else None)
+    header = ["| variant | lr | held-out exact match | trainable params | % of model | step s | x LoRA step "
+              "| peak RSS MiB | loss first -> last |", "|" + "---|" * 9]
+    lines = header if records else []
     for r in records:
         lines.append(f"| {r['label']} | {r['lr']:g} | {r['exact_match']:.0%} | {r['trainable_params']:,} "
                      f"| {100 * r['trainable_params'] / r['total_params']:.2f} | {r['step_s']:.3f} "
@@ -286,15 +288,17 @@ def run(args: argparse.Namespace) -> list[dict]:
         print(f"{record['label']}: exact match {record['exact_match']:.0%}, {record['step_s']:.3f} s/step, "
               f"peak RSS {record['peak_rss'] / MIB:.0f} MiB (load {os.getloadavg()[0]:.1f})", flush=True)
         records.append(record)
-    dora = dora_step_times(bool(args.quick), threads, args.reps, args.warmup, s["seq"], bool(s["peft"]))
+    dora = dora_step_times(bool(args.quick), threads, args.reps, args.warmup, s["seq"], bool(s["peft"])) \
+        if s["dora"] else {}
     env["loadavg_after"] = list(os.getloadavg())
     config = {k: v for k, v in s.items() if k != "plot"} | {"model": "tiny" if args.quick else "default"}
     title = f"demo task, {s['steps']} steps, batch 8, seed 0 ({config['model']} model)"
-    plot = plot_losses(records, Path(s["plot"]), title)
+    plot = plot_losses(records, Path(s["plot"]), title) if records else None
     print(table(records, dora))
     print(f"\nloss plot: {plot}; load average before {env['loadavg_before']}, after {env['loadavg_after']}")
     out = [{"suite": "variants", **r, "config": config, "env": env} for r in records]
-    out.append({"suite": "variants", "dora_step_s": dora, "config": config, "env": env})
+    if dora:
+        out.append({"suite": "variants", "dora_step_s": dora, "config": config, "env": env})
     if args.json:
         Path(args.json).write_text("".join(json.dumps(r) + "\n" for r in out))
     return out
