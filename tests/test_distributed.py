@@ -134,8 +134,9 @@ def test_fsdp2_on_two_processes_equals_one_process_on_the_same_global_batch(tiny
 
 def test_fsdp2_resumes_a_checkpoint_and_writes_one_that_resumes_in_one_process(tiny_model_dir, jsonl, tmp_path):
     """One process checkpoints at step 2; FSDP2 on 2 processes resumes there (the adapter and Adam's
-    moments become shards), checkpoints at step 3 (gathered whole), and one process resumes that."""
-    data = [f"base={tiny_model_dir}", f"dataset={jsonl}", *COMMON]
+    moments become shards), checkpoints at step 3 (gathered whole), and one process resumes that.
+    LoRA+ gives the optimizer two parameter groups (A, B), built before sharding and mapped to the shards."""
+    data = [f"base={tiny_model_dir}", f"dataset={jsonl}", *COMMON, "loraplus_ratio=4"]
     one = load_train_config(None, [*data, "grad_accum=2", "checkpoint_every=2", f"output_dir={tmp_path / 'one'}"])
     run(one, log=lambda _m: None)
     torchrun([*data, "grad_accum=1", "distributed=fsdp2", "checkpoint_every=3", f"output_dir={tmp_path / 'two'}",
