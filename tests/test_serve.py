@@ -54,7 +54,7 @@ def make_adapter(folder: Path, seed: int, kind: str = "lora", prepare=None) -> P
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory) -> dict[str, Path]:
     """"alpha" attached at start; in the store root: "beta" (DoRA), s0..s7, "nested/gamma", a 4-bit one,
-    a LongLoRA one, a pickle-only one; outside the root, "outside" (reached by a symlink)."""
+    a LongLoRA one, a pickle-only one, a broken one; outside the root, "outside" (reached by a symlink)."""
     top = tmp_path_factory.mktemp("serve")
     root = top / "store"
     out = {"alpha": make_adapter(top / "alpha", 1), "beta": make_adapter(root / "beta", 2, kind="dora")}
@@ -66,6 +66,9 @@ def adapters(tmp_path_factory) -> dict[str, Path]:
     pickled = root / "pickled"
     shutil.copytree(out["s0"], pickled)
     (pickled / WEIGHTS_FILE).rename(pickled / "adapter_model.bin")
+    broken = root / "broken"
+    shutil.copytree(out["s0"], broken)
+    (broken / WEIGHTS_FILE).write_bytes(b"not a safetensors file")
     out["outside"] = make_adapter(top / "outside", 33)
     (root / "escape").symlink_to(out["outside"])
     return out
@@ -140,7 +143,7 @@ def direct(adapter: Path | None, max_tokens: int, prompt: str = PROMPT, messages
 
 def test_models_lists_base_and_adapters(url):
     ids = [m.id for m in client(url).models.list().data]
-    assert ids == ["tiny", "alpha", "beta", "long", "q4", *(f"s{i}" for i in range(8))]
+    assert ids == ["tiny", "alpha", "beta", "broken", "long", "q4", *(f"s{i}" for i in range(8))]
 
 
 def test_greedy_completions_equal_direct_generation(url, adapters):
@@ -311,6 +314,8 @@ def test_a_client_leaving_mid_stream_frees_its_row(url, engine, monkeypatch):
     ({"model": "tiny", "prompt": "x", "stop": [""]}, 400, "'stop'"),
     ({"model": "q4", "prompt": "x"}, 400, "trained on a 4-bit base"),
     ({"model": "long", "prompt": "x"}, 400, "positional setup"),
+    ({"model": "broken", "prompt": "x"}, 500, "adapter 'broken' cannot be read"),
+    ({"model": "pickled", "prompt": "x"}, 404, "does not exist"),
     (b"{not json", 400, "not valid JSON"),
     (b"[1, 2]", 400, "must be a JSON object"),
     (b"x" * 5000, 413, "over the limit of 4096"),

@@ -111,6 +111,8 @@ class AdapterStore:
             raise ValueError(f"adapter {name!r} resolves outside the store root {self.root}")
         if not (path / CONFIG_FILE).is_file():
             raise UnknownAdapterError(f"no adapter {name!r} under {self.root}")
+        if not (path / WEIGHTS_FILE).is_file():
+            raise UnknownAdapterError(f"adapter {name!r} has no {WEIGHTS_FILE} (only safetensors is served)")
         return path
 
     def read(self, name: str) -> AdapterFile:

@@ -18,6 +18,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,6 +98,7 @@ class Engine:
         self.context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         self.lock = threading.Lock()  # held while the model's adapters change or are checked
         self.retired: set[str] = set()  # unloaded, still on the model until no running row uses them
+        self.reading: dict[str, Future] = {}  # store adapters being read into RAM for waiting requests
         self.fixed = []
         for name, path in (adapters or {}).items():
             adapter = read_adapter(path)
@@ -136,13 +138,25 @@ class Engine:
             raise RequestError(404, f"model {name!r} does not exist") from None
 
     def ready(self, name: str) -> bool:
-        """(Engine loop) Whether adapter `name` can be attached without waiting for the disk; starts its read."""
+        """(Engine loop) Whether adapter `name` can be attached without waiting for the disk; starts its read
+        on the store's thread, and raises what that read raised (a broken file)."""
         if name in self.fixed:
             return True
         self.check_model(name)
         if self.store.cached(name):
+            self.reading.pop(name, None)
             return True
-        self.store.prefetch([name])
+        future = self.reading.get(name)
+        if future is not None and future.done():
+            del self.reading[name]
+            if future.exception() is not None:
+                e = future.exception()
+                raise RequestError(500, f"adapter {name!r} cannot be read: {type(e).__name__}: {e}")
+            return self.store.cached(name)
+        if future is None:
+            self.reading.update(zip([name], self.store.prefetch([name]), strict=False))
+            if name not in self.reading:  # a read started elsewhere: wait for it through `get` on the next call
+                self.reading[name] = self.store.pool.submit(self.store.get, name)
         return False
 
     def attach(self, names: list[str]) -> bool:
@@ -246,8 +260,6 @@ class Engine:
         """Queue `job`; `emit` gets (on the engine's thread) each token id, then None, or an exception."""
         p = job.params
         adapter = None if job.name == self.base_id else job.name
-        if adapter is not None and adapter not in self.fixed:
-            self.store.prefetch([adapter])  # read from disk now, while the request waits for its turn
         seq = Sequence(adapter, job.ids, p["max_tokens"], emit, p["temperature"], p["top_p"], p["seed"])
         try:
             return self.batcher.submit(seq)
