@@ -39,7 +39,10 @@ def test_quick_suite_records_and_ratios(tmp_path, capsys):
 
 def test_settings_refuse_unknown_keys_and_bad_values():
     assert settings(["adapters=4", "model=tiny"], quick=False)["adapters"] == 4
-    with pytest.raises(ValueError, match="KEY one of model, adapters"):
+    assert settings(["parts=train,mixed"], quick=True)["parts"] == ["train", "mixed"]
+    with pytest.raises(ValueError, match="parts are some of mixed, train, switch"):
+        settings(["parts=mixed,serve"], quick=True)
+    with pytest.raises(ValueError, match="KEY one of parts, model, adapters"):
         settings(["adaptors=4"], quick=False)
     with pytest.raises(ValueError, match="rows must be a positive integer"):
         settings(["rows=0"], quick=True)

@@ -11,9 +11,10 @@ Records (each `ours`, `peer`, `ratios` = ours / peer for every number both have)
   adapter-switch                 time to first token for an adapter only in the AdapterStore's RAM
                                  cache (attach + prefill + 1 token) vs one already on the model (peer).
 
-Settings (--set KEY=VALUE): model=default, adapters=8, rows=16, prompt=64, new_tokens=16, r=16,
-train_jobs=4, train_rows=4, train_seq=64, train_steps=2. All sides time in one process, alternating
-(`measure.time_sides`); the load average before and after each record is in its env.
+Settings (--set KEY=VALUE): parts=mixed,train,switch (which records), model=default, adapters=8,
+rows=16, prompt=64, new_tokens=16, r=16, train_jobs=4, train_rows=4, train_seq=64, train_steps=2.
+All sides time in one process, alternating (`measure.time_sides`); the load average before and
+after each record is in its env.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ import statistics
 import tempfile
 from pathlib import Path
 
-DEFAULTS = {"model": "default", "adapters": 8, "rows": 16, "prompt": 64, "new_tokens": 16, "r": 16,
-            "train_jobs": 4, "train_rows": 4, "train_seq": 64, "train_steps": 2}
+PARTS = ("mixed", "train", "switch")
+DEFAULTS = {"parts": list(PARTS), "model": "default", "adapters": 8, "rows": 16, "prompt": 64, "new_tokens": 16,
+            "r": 16, "train_jobs": 4, "train_rows": 4, "train_seq": 64, "train_steps": 2}
 QUICK = {"model": "tiny", "adapters": 3, "rows": 6, "prompt": 8, "new_tokens": 3, "r": 4, "train_jobs": 2,
          "train_rows": 2, "train_seq": 16, "train_steps": 1}
 TARGETS = {"mixed-prefill": {"mixed_over_single_max": 1.15, "tokens_per_s_ratio_min": 1.2},
@@ -44,6 +46,11 @@ def settings(items: list[str], quick: bool) -> dict:
             raise ValueError(f"bench multi: --set {item!r}: expected KEY=VALUE, KEY one of {', '.join(DEFAULTS)}")
         if key == "model":
             found[key] = raw
+            continue
+        if key == "parts":
+            found[key] = raw.split(",")
+            if not found[key] or not set(found[key]) <= set(PARTS):
+                raise ValueError(f"bench multi: --set {item!r}: parts are some of {', '.join(PARTS)}")
             continue
         if not raw.isdigit() or int(raw) < 1:
             raise ValueError(f"bench multi: --set {item!r}: {key} must be a positive integer")
@@ -65,7 +72,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     w = resolve_model(Workload(model=cfg["model"], r=cfg["r"], alpha=2.0 * cfg["r"], threads=threads))
     records = []
     try:
-        for measure in (mixed_records, train_record, switch_record):
+        chosen = {"mixed": mixed_records, "train": train_record, "switch": switch_record}
+        for measure in [chosen[part] for part in PARTS if part in cfg["parts"]]:
             before = os.getloadavg()[0]
             found = measure(w, cfg, args)
             env = {**environment(threads), "loadavg_1m_before": before, "loadavg_1m_after": os.getloadavg()[0]}
