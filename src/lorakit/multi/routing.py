@@ -3,7 +3,7 @@
     y[rows_a] = base(x)[rows_a] + contribution_a(x[rows_a], base(x)[rows_a])    for each adapter a
 
 Every wrapped layer runs the base once on the whole batch, then adds each row's own low-rank
-product, in a few operations whatever the number of adapters:
+product, computed in one of two ways:
 
     decoding (few tokens a row): the layer's plain LoRA adapters stacked along the rank,
         y = base + ((x A_cat^T) * mask) B_cat^T,   mask: 1 on the ranks of each row's own adapter
@@ -11,9 +11,10 @@ product, in a few operations whatever the number of adapters:
         grouped, each adapter's contribution once on its gathered rows, scatter-added back
         (the segmented gather of Punica's SGMV and S-LoRA); DoRA reads the gathered base output.
 
-Decoding's stacked product reads every adapter's factors once and multiplies each row by all of
-them, which costs less than one small product per adapter when a row has few tokens; with many
-tokens a row the extra products cost more than the per-group operations.
+Decoding's stacked product takes a few operations per layer whatever the number of adapters: it
+reads every adapter's factors once and multiplies each row by all of them, which costs less than
+one small product per adapter when a row has few tokens; with many tokens a row the extra products
+cost more than the grouped path's few operations per adapter.
 
 In no-grad mode the stacks are built once per `route` block and reused by every decoding step:
 change no adapter weights inside one. The routing belongs to the rows of the batch, so it holds
@@ -32,7 +33,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit import kernels
 from lorakit.adapters.copies import module_copies
 from lorakit.adapters.inject import adapter_names
 from lorakit.adapters.layer import LoraLayer, lora_layers
@@ -110,12 +110,6 @@ class RowRouting:
         if x.shape[0] != self.rows:
             raise ValueError(f"the batch was routed for {self.rows} rows but a layer got {x.shape[0]} "
                              "(beam search or num_return_sequences change the batch: route the expanded rows)")
-        if not torch.is_grad_enabled() and kernels.use_triton(x):  # CUDA serving: segmented kernels (SGMV/BGMV)
-            from lorakit.kernels.triton_lora import routed_lora
-
-            y = routed_lora(self.groups_on(x.device), layer, x, base_out)  # None: not all plain LoRA here
-            if y is not None:
-                return y
         groups = [(n, i) for n, i in self.groups_on(x.device) if n in layer.adapters]  # adapters of this layer
         if not groups:
             return base_out
