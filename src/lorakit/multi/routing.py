@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit import kernels
 from lorakit.adapters.copies import module_copies
 from lorakit.adapters.inject import adapter_names
 from lorakit.adapters.layer import LoraLayer, lora_layers
@@ -110,6 +111,12 @@ class RowRouting:
         if x.shape[0] != self.rows:
             raise ValueError(f"the batch was routed for {self.rows} rows but a layer got {x.shape[0]} "
                              "(beam search or num_return_sequences change the batch: route the expanded rows)")
+        if not torch.is_grad_enabled() and kernels.use_triton(x):  # CUDA serving: segmented kernels (SGMV/BGMV)
+            from lorakit.kernels.triton_lora import routed_lora
+
+            y = routed_lora(self.groups_on(x.device), layer, x, base_out)  # None: not all plain LoRA here
+            if y is not None:
+                return y
         groups = [(n, i) for n, i in self.groups_on(x.device) if n in layer.adapters]  # adapters of this layer
         if not groups:
             return base_out
