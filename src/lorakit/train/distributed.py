@@ -79,13 +79,27 @@ def current(mode: str) -> World:
 
 
 def wrap(model: nn.Module, world: World) -> nn.Module:
-    """The module the training step calls: DDP around `model`, or `model` itself sharded in place by
-    FSDP2 (which replaces its parameters: build the optimizer after this), or `model` alone."""
+    """The module the training step calls: DDP around `model`'s loss (`StepLoss`), or `model` itself
+    sharded in place by FSDP2 (which replaces its parameters: build the optimizer after this), or `model`."""
     if world.mode == "fsdp2":
         return shard(model, world)
     if world.size == 1:
         return model
-    return nn.parallel.DistributedDataParallel(model)
+    return nn.parallel.DistributedDataParallel(StepLoss(model))
+
+
+class StepLoss(nn.Module):
+    """`loss_sum(model, batch)` as a module, for DDP to wrap: DDP's forward then runs lorakit's loss
+    (the head only at supervised positions, no [tokens, vocab] logits) instead of the model's."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        from lorakit.train.loop import loss_sum  # late: loop imports this module
+
+        return loss_sum(self.model, batch)
 
 
 def shard(model: nn.Module, world: World) -> nn.Module:

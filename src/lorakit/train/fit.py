@@ -377,7 +377,8 @@ def train_step(model, rows, cfg: TrainConfig, pad_id: int, step: int, params, op
     for i, b in enumerate(micro):
         with distributed.sync_gradients(model, last=i == len(micro) - 1):
             with torch.autocast(params[0].device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-                loss = loss_sum(model, b) / max(1, n_tokens)
+                ddp = isinstance(model, nn.parallel.DistributedDataParallel)  # around a StepLoss (loss_sum)
+                loss = (model(b) if ddp else loss_sum(model, b)) / max(1, n_tokens)
             if allocator is not None:  # AdaLoRA: the orthogonal regularization, once per step over all micro-batches
                 loss = loss + allocator.orth_loss() / (len(micro) * world.size)
             (loss * world.size).backward()
