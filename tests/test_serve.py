@@ -221,6 +221,27 @@ def test_stop_strings_and_finish_reasons(url, adapters):
     assert whole.choices[0].finish_reason == "length"
 
 
+def test_ignore_eos_makes_max_tokens(engine):
+    """vLLM's `ignore_eos`: generation runs past the end token; the text skips it."""
+    out = {}
+    for ignore in (False, True):
+        done, tokens = threading.Event(), []
+        job = engine.prepare({"model": "tiny", "prompt": PROMPT, "max_tokens": 30, "temperature": 0,
+                              "ignore_eos": ignore}, chat=False)
+        seq = engine.submit(job, lambda item, d=done, t=tokens: d.set() if item is None else t.append(item))
+        assert done.wait(30)
+        out[ignore] = seq.tokens
+    eos = tiny_tokenizer().eos_token_id
+    model = reference_model(None)
+    ids = torch.tensor([tiny_tokenizer()(PROMPT)["input_ids"]])
+    with torch.no_grad():  # plain greedy decoding without any end token, as the reference
+        full = model.generate(ids, max_new_tokens=30, do_sample=False, eos_token_id=None, pad_token_id=0,
+                              attention_mask=torch.ones_like(ids))[0, ids.shape[1]:].tolist()
+    assert out[True] == full and len(full) == 30
+    cut = full[: full.index(eos) + 1] if eos in full else full
+    assert out[False] == cut
+
+
 def test_sampling_seed_repeats_and_top_p_keeps_the_head(url, adapters):
     c = client(url)
     first = c.completions.create(model="s1", prompt=PROMPT, max_tokens=10, temperature=1.0, seed=3)
@@ -463,6 +484,6 @@ def test_bench_serve_quick_run(tmp_path):
                  "--set", "serial=1"]) == 0
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["adapters"], r["max_batch"]) for r in records] == [(4, 8), (1, 1)]
-    for r in records:
-        assert r["failures"] == 0 and 0 < r["completion_tokens"] <= 8 * 4 and r["tokens_per_s"] > 0
+    for r in records:  # ignore_eos: every request makes exactly max_tokens=4
+        assert r["failures"] == 0 and r["completion_tokens"] == 8 * 4 and r["tokens_per_s"] > 0
     assert records[0]["peak_rows"] > 1 and records[1]["peak_rows"] == 1

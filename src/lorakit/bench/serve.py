@@ -2,12 +2,13 @@
 
 A real server (FastAPI + uvicorn on 127.0.0.1, one process with the engine) serves `clients`
 concurrent streaming `/v1/completions` requests, spread round-robin over 1, 8 and 64 adapters (random
-LoRA factors, rank `r`, every linear, in a store folder), greedy, `max_tokens` each. Throughput is
-completion tokens (from each stream's usage chunk) / wall time from the first request sent to the
-last stream ended; also reported: mean time to first token, median request latency, the most rows
-decoded together, failures. A round of one short request per adapter runs untimed first (it reads
-the adapters into RAM and attaches them). The clients are threads of the same process (stdlib
-http.client), so they share the CPU with the server: figures are for this one machine.
+LoRA factors, rank `r`, every linear, in a store folder), greedy, exactly `max_tokens` each (vLLM's
+`ignore_eos`, as its serving benchmark does). Throughput is completion tokens (from each stream's
+usage chunk) / wall time from the first request sent to the last stream ended; also reported: mean
+time to first token, median request latency, the most rows decoded together, failures. A round of
+one short request per adapter runs untimed first (it reads the adapters into RAM and attaches
+them). The clients are threads of the same process (stdlib http.client), so they share the CPU with
+the server: figures are for this one machine.
 
 Settings (--set KEY=VALUE): adapters=1,8,64; clients=64; max_tokens=16; r=16; model=default (or an
 HF folder); serial=0 (1: also the 1-adapter load with --max-batch 1, i.e. one request at a time).
@@ -131,7 +132,7 @@ def load_round(host: str, port: int, names: list[str], clients: int, max_tokens:
     """`clients` concurrent streams over `names` (round-robin); totals and per-request figures."""
     bodies = [{"model": names[i % len(names)], "prompt": f"Write a few words about {TOPICS[i % len(TOPICS)]}"
                f"{'.' * (i // len(TOPICS) % 4)}", "max_tokens": max_tokens, "temperature": 0, "stream": True,
-               "stream_options": {"include_usage": True}} for i in range(clients)]
+               "ignore_eos": True, "stream_options": {"include_usage": True}} for i in range(clients)]
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=clients) as pool:
         results = list(pool.map(lambda b: stream_one(host, port, b), bodies))

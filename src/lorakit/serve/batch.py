@@ -41,6 +41,7 @@ class Sequence:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    stop_at_eos: bool = True
     tokens: list[int] = field(default_factory=list)
     cancelled: bool = False
     generator: torch.Generator | None = None
@@ -240,7 +241,7 @@ class Batcher:
         token = greedy if greedy is not None and seq.temperature == 0 else seq.sample(logits)
         seq.tokens.append(token)
         seq.emit(token)
-        if token == self.eos or len(seq.tokens) >= seq.max_tokens:
+        if (token == self.eos and seq.stop_at_eos) or len(seq.tokens) >= seq.max_tokens:
             seq.cancelled = True
             seq.emit(None)
 

@@ -260,7 +260,8 @@ class Engine:
         """Queue `job`; `emit` gets (on the engine's thread) each token id, then None, or an exception."""
         p = job.params
         adapter = None if job.name == self.base_id else job.name
-        seq = Sequence(adapter, job.ids, p["max_tokens"], emit, p["temperature"], p["top_p"], p["seed"])
+        seq = Sequence(adapter, job.ids, p["max_tokens"], emit, p["temperature"], p["top_p"], p["seed"],
+                       stop_at_eos=not p["ignore_eos"])
         try:
             return self.batcher.submit(seq)
         except QueueFull as e:
@@ -297,17 +298,20 @@ class Engine:
         seed = request.get("seed")
         if seed is not None and not is_int(seed):
             raise RequestError(400, "'seed' must be an integer")
+        ignore_eos = request.get("ignore_eos", False)  # vLLM's extension: always max_tokens (benchmarks)
+        if not isinstance(ignore_eos, bool):
+            raise RequestError(400, "'ignore_eos' must be true or false")
         options = request.get("stream_options") or {}
         if not isinstance(options, dict):
             raise RequestError(400, "'stream_options' must be an object")
         return name, {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": seed,
-                      "stop": request_stops(request), "stream": stream,
+                      "stop": request_stops(request), "stream": stream, "ignore_eos": ignore_eos,
                       "usage": bool(options.get("include_usage", False))}
 
-    def text(self, tokens: list[int]) -> tuple[str, bool]:
+    def text(self, tokens: list[int], ignore_eos: bool = False) -> tuple[str, bool]:
         """(text of the new tokens up to the end token, whether the end token came)."""
         eos = self.tokenizer.eos_token_id
-        ended = eos is not None and eos in tokens
+        ended = eos is not None and eos in tokens and not ignore_eos
         return self.tokenizer.decode(tokens[: tokens.index(eos)] if ended else tokens, skip_special_tokens=True), ended
 
 
@@ -359,7 +363,7 @@ class Answer:
     def add(self, token: int) -> str:
         """Take one token; the new text that is safe to send ('' if none)."""
         self.tokens.append(token)
-        text, ended = self.engine.text(self.tokens)
+        text, ended = self.engine.text(self.tokens, self.job.params["ignore_eos"])
         text, hit = cut_at_stop(text, self.job.params["stop"])
         if hit or ended:
             self.done = True
@@ -372,7 +376,7 @@ class Answer:
 
     def finish(self) -> tuple[str, str]:
         """(the text not yet sent, OpenAI's finish_reason), once no more tokens come."""
-        text, ended = self.engine.text(self.tokens)
+        text, ended = self.engine.text(self.tokens, self.job.params["ignore_eos"])
         text, hit = cut_at_stop(text, self.job.params["stop"])
         reason = "stop" if hit or ended or len(self.tokens) < self.job.params["max_tokens"] else "length"
         rest, self.sent = text[self.sent :], len(text)
