@@ -11,8 +11,14 @@ Stages (each writes OUT/<stage>.json; `all` runs before, train, after):
 Evaluation: perplexity of every token of --eval-docs held-out sequences of --eval-length tokens, by
 position bucket of --bucket tokens; passkey retrieval (greedy) at each --passkey LENGTH@DEPTH.
 
-    python scripts/longlora_extend.py --out runs/longlora all
+    python scripts/longlora_extend.py --out runs/longlora all            # before, train, after
+    python scripts/longlora_extend.py --out runs/longlora pi             # optional baseline
     python scripts/longlora_extend.py --out runs/longlora report
+
+Stages can run in separate processes (e.g. the passkeys of `after` beside its perplexity:
+`--out runs/pk --adapter runs/longlora/adapter after --eval-docs 0`, then `report --more runs/pk`).
+A 16k-token forward of the default model takes minutes on a CPU; on a GPU, raise --steps,
+--train-length (up to --target-context) and --eval-docs.
 """
 
 from __future__ import annotations
@@ -46,7 +52,8 @@ def evaluate(model, tokenizer, args: argparse.Namespace, name: str) -> dict:
 
     result = {"stage": name, "env_start": env(args), "perplexity": [], "passkey": []}
     edges = list(range(0, args.eval_length + 1, args.bucket))
-    for i, ids in enumerate(long_sequences(tokenizer, args.eval_length, args.eval_docs, split="held-out")):
+    docs = long_sequences(tokenizer, args.eval_length, args.eval_docs, split="held-out") if args.eval_docs else []
+    for i, ids in enumerate(docs):
         t = time.perf_counter()
         nll = token_nll(model, ids)
         ppl = bucket_perplexity(nll, edges)
@@ -98,6 +105,7 @@ def train(args: argparse.Namespace) -> dict:
     inject(model, dataclasses.replace(cfg.lora, modules_to_save=extra))
     log(trainable_report(model))
     start = env(args)
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     fitted = fit(model, rows, cfg, tokenizer.pad_token_id, out=Path(cfg.output_dir), log=log)
     save_adapter(model, args.out / "adapter")
     log(f"adapter saved to {args.out / 'adapter'}: {fitted.steps} steps in {fitted.seconds:.0f}s, "
@@ -113,32 +121,52 @@ def load_stage(args: argparse.Namespace, stage: str):
     from lorakit.models import load
 
     if stage == "after":
-        return load_with_adapter(None, str(args.out / "adapter"))
+        return load_with_adapter(None, str(args.adapter or args.out / "adapter"))
     model, tokenizer = load(args.base)
     if stage == "pi":
         interpolate_positions(model, args.target_context)
     return model, tokenizer
 
 
+def gather(folders: list[Path]) -> dict[str, dict]:
+    """Each stage's results from OUT and any --more folders (e.g. passkeys run in a separate process)."""
+    found: dict[str, dict] = {}
+    for folder in folders:
+        for stage in STAGES:
+            path = folder / f"{stage}.json"
+            if not path.exists():
+                continue
+            r = json.loads(path.read_text())
+            if stage in found and stage != "train":
+                found[stage]["perplexity"] += r["perplexity"]
+                found[stage]["passkey"] += r["passkey"]
+                found[stage].setdefault("runs", []).append(r["env_start"])
+            else:
+                found[stage] = r
+    return found
+
+
 def report(args: argparse.Namespace) -> str:
-    found = {s: json.loads((args.out / f"{s}.json").read_text()) for s in STAGES if (args.out / f"{s}.json").exists()}
+    found = gather([args.out, *args.more])
     evals = {s: r for s, r in found.items() if s != "train"}
     lines = []
-    if evals:
-        buckets = list(next(iter(evals.values()))["perplexity"][0]["buckets"])
-        lines += ["| model | " + " | ".join(f"ppl @ {b}" for b in buckets) + " | passkey |",
-                  "|---|" + "---|" * (len(buckets) + 1)]
-        for stage, r in evals.items():
+    scored = {s: r for s, r in evals.items() if r["perplexity"]}
+    if scored:
+        buckets = list(next(iter(scored.values()))["perplexity"][0]["buckets"])
+        lines += ["| model | " + " | ".join(f"ppl @ {b}" for b in buckets) + " |", "|---|" + "---|" * len(buckets)]
+        for stage, r in scored.items():
             ppl = [sum(d["buckets"][b] for d in r["perplexity"]) / len(r["perplexity"]) for b in buckets]
-            hits = sum(p["retrieved"] for p in r["passkey"])
-            lines.append(f"| {LABELS[stage]} | " + " | ".join(f"{p:.2f}" for p in ppl)
-                         + f" | {hits}/{len(r['passkey'])} |")
-        lines += ["", "| model | " + " | ".join(f"{p['length']} @ {p['depth']}" for p in r["passkey"]) + " |",
-                  "|---|" + "---|" * len(r["passkey"])]
-        for stage, r in evals.items():
+            lines.append(f"| {LABELS[stage]} | " + " | ".join(f"{p:.2f}" for p in ppl) + " |")
+    keyed = {s: r for s, r in evals.items() if r["passkey"]}
+    if keyed:
+        trials = next(iter(keyed.values()))["passkey"]
+        lines += ["", "| model | " + " | ".join(f"passkey {p['length']} @ {p['depth']}" for p in trials)
+                  + " | retrieved |", "|---|" + "---|" * (len(trials) + 1)]
+        for stage, r in keyed.items():
             cells = [f"{'yes' if p['retrieved'] else 'no'} ({p['predicted'].strip()!r} for {p['key']})"
                      for p in r["passkey"]]
-            lines.append(f"| {LABELS[stage]} | " + " | ".join(cells) + " |")
+            hits = sum(p["retrieved"] for p in r["passkey"])
+            lines.append(f"| {LABELS[stage]} | " + " | ".join(cells) + f" | {hits}/{len(r['passkey'])} |")
     if "train" in found:
         t = found["train"]
         lines += ["", f"training: {t['steps']} steps in {t['seconds']:.0f}s, loss {t['first_loss']:.3f} -> "
@@ -157,7 +185,7 @@ LABELS = {"before": "base (native RoPE)", "pi": "base + interpolation, untrained
 
 def trials(text: str) -> list[tuple[int, float]]:
     found = []
-    for item in text.split(","):
+    for item in filter(None, text.split(",")):
         length, sep, depth = item.partition("@")
         if not sep:
             raise argparse.ArgumentTypeError(f"passkey trial {item!r} is not LENGTH@DEPTH")
@@ -169,13 +197,15 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("stages", nargs="+", choices=[*STAGES, "all", "report"])
     p.add_argument("--out", type=Path, default=Path("runs/longlora-extend"))
+    p.add_argument("--more", type=Path, action="append", default=[], help="report: another result folder to merge in")
     p.add_argument("--base", default="default")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--target-context", type=int, default=16384, help="RoPE interpolated to this (factor = / native)")
     p.add_argument("--eval-length", type=int, default=16384)
-    p.add_argument("--eval-docs", type=int, default=1)
+    p.add_argument("--eval-docs", type=int, default=1, help="held-out sequences for perplexity (0: none)")
     p.add_argument("--bucket", type=int, default=4096, help="perplexity per bucket of this many positions")
+    p.add_argument("--adapter", type=Path, help="the adapter the after stage evaluates (default: OUT/adapter)")
     p.add_argument("--passkey", type=trials, default=trials("2048@0.25,2048@0.75,10240@0.5"),
                    help="passkey trials LENGTH@DEPTH,... (depth 0 = start of the filler, 1 = end)")
     p.add_argument("--train-length", type=int, default=4096)

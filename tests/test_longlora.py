@@ -212,3 +212,8 @@ def test_bench_longlora_quick(tmp_path):
     [record] = [json.loads(line) for line in out2.read_text().splitlines()]
     assert "max_rss_gib=0.01" in record["full"]["skipped"] and "seconds" not in record["s2"]
     assert main([*common, "--set", "lengths=30"]) == 2  # 30 x 0.25 is no even group
+    out3 = tmp_path / "attention.jsonl"
+    assert main([*common, "--set", "lengths=32", "--set", "attention_only=1", "--json", str(out3)]) == 0
+    [record] = [json.loads(line) for line in out3.read_text().splitlines()]
+    for side in ("full", "s2"):
+        assert record[side]["attention_only"] and record[side]["seconds"] == record[side]["attn_seconds"] > 0

@@ -13,6 +13,7 @@ attention's forward once more, which this leaves out: the share is a lower bound
 
 Settings (--set KEY=VALUE): lengths=2048,4096,8192,16384; group_size_ratio=0.25; r=8;
 targets=q_proj,k_proj,v_proj,o_proj; layers=N (keep the first N decoder layers; default: all);
+attention_only=1 (time one layer's attention function alone, forward + backward, instead of a step);
 max_rss_gib=6; model=default (or an HF folder).
 """
 
@@ -27,8 +28,8 @@ import time
 
 SIDES = ("full", "s2")
 DEFAULTS = {"lengths": [2048, 4096, 8192, 16384], "group_size_ratio": 0.25, "r": 8,
-            "targets": ["q_proj", "k_proj", "v_proj", "o_proj"], "layers": None, "max_rss_gib": 6.0,
-            "model": "default"}
+            "targets": ["q_proj", "k_proj", "v_proj", "o_proj"], "layers": None, "attention_only": 0,
+            "max_rss_gib": 6.0, "model": "default"}
 QUICK = {"lengths": [32, 64], "r": 4, "model": "tiny"}
 GIB = 1 << 30
 
@@ -75,7 +76,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             for side in SIDES:
                 request = {"model_dir": w.model_dir, "side": side, "length": length, "reps": args.reps,
                            "warmup": args.warmup, "threads": threads, **{k: cfg[k] for k in
-                           ("group_size_ratio", "r", "targets", "layers")}}  # fmt: skip
+                           ("group_size_ratio", "r", "targets", "layers", "attention_only")}}  # fmt: skip
                 point[side] = run_point(request, cfg["max_rss_gib"], memory=not args.no_memory)
             env = {**environment(threads), "loadavg_1m_before": load_before[0], "loadavg_1m_after": os.getloadavg()[0]}
             record = {"suite": "longlora", **point, "ratios": ratios(point), "config": {**cfg, "reps": args.reps,
@@ -191,6 +192,13 @@ def measure_point(request: dict) -> dict:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     length = request["length"]
+    group = int(length * request["group_size_ratio"]) if request["side"] == "s2" else length
+    if request["attention_only"]:  # one layer's attention alone, forward + backward
+        setup = peak_rss_bytes()
+        reset_peak_rss()
+        attn = attention_seconds(model, length, request["reps"])
+        return {"seconds": attn, "attn_seconds": attn, "attn_implementation": model.config._attn_implementation,
+                "group": group, "attention_only": True, "peak_rss": peak_rss_bytes(), "setup_peak_rss": setup}
     ids = torch.randint(0, model.config.vocab_size, (length,), generator=torch.Generator().manual_seed(0)).tolist()
     batch = collate([(ids, ids)], model.config.pad_token_id or 0)
 
@@ -213,8 +221,7 @@ def measure_point(request: dict) -> dict:
     attn = attention_seconds(model, length, request["reps"]) * len(model.model.layers)
     return {"seconds": sorted(seconds)[len(seconds) // 2], "seconds_min": min(seconds), "loss": loss,
             "attn_seconds": attn, "attn_implementation": model.config._attn_implementation,
-            "group": int(length * request["group_size_ratio"]) if request["side"] == "s2" else length,
-            "peak_rss": peak, "setup_peak_rss": setup}
+            "group": group, "peak_rss": peak, "setup_peak_rss": setup}
 
 
 def attention_seconds(model, length: int, reps: int) -> float:
