@@ -41,6 +41,8 @@ def test_plain_run_refuses_a_torchrun_launch_and_distributed_needs_a_launcher(mo
             init(mode)
     with pytest.raises(ValueError, match="distributed must be"):
         load_train_config(None, ["distributed=dp"])
+    with pytest.raises(ValueError, match="fsdp2 supports optim=adamw only"):
+        load_train_config(None, ["distributed=fsdp2", "optim=adamw8bit"])
 
 
 def test_train_nproc_execs_torchrun(monkeypatch, tmp_path):

@@ -228,6 +228,8 @@ class TrainConfig:
             raise ValueError(f"distributed must be none, ddp or fsdp2, got {self.distributed!r}")
         if self.optim not in OPTIMIZERS:
             raise ValueError(f"optim must be one of {OPTIMIZERS}, got {self.optim!r}")
+        if self.distributed == "fsdp2" and self.optim != "adamw":  # 8-bit states are not shaped like the shards
+            raise ValueError(f"distributed=fsdp2 supports optim=adamw only, got {self.optim!r}")
 
 
 def from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
