@@ -180,7 +180,8 @@ def table(records: list[dict]) -> str:
         lines.append(f"| {r['side']} | {r['threads_per_process']} | {r['step_s']:.4f} | {r['tokens_per_s']:.0f} | "
                      f"{r['step_s'] / one['step_s']:.2f} | {r['allreduce_bytes'] / MIB:.3f} | "
                      f"{r['adapter_grad_bytes'] / MIB:.3f} | {r['allreduce_s']:.4f} |")
-    adapter, full = many["adapter_grad_bytes"], many["all_param_bytes"]
+    adapter = many["adapter_grad_bytes"]
+    full = many["all_param_bytes"] - adapter  # a full fine-tune's gradients: every base parameter
     lines += ["", f"N GPUs, ring all-reduce per GPU per step: adapters ({adapter / MIB:.3f} MiB) vs a full "
               f"fine-tune ({full / MIB:.2f} MiB, {full / adapter:.0f}x more)", "",
               "| GPUs | adapter MiB sent/GPU | " + " | ".join(f"s at {k}" for k in LINKS) + " | full FT MiB sent/GPU | "
