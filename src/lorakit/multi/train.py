@@ -47,7 +47,7 @@ from lorakit.train.plot import plot_run
 from lorakit.train.run import datasets, prepare_base
 
 # keys that build or change the one base model, or the batch layout, so every job must agree on them
-SHARED = ("base", "quant", "longlora", "gradient_checkpointing", "precision", "chat_template", "packing")
+SHARED = ("base", "quant", "longlora", "gradient_checkpointing", "compile", "precision", "chat_template", "packing")
 
 
 def check_jobs(jobs: list[TrainConfig], where: str = "config") -> None:
