@@ -57,7 +57,8 @@ def evaluate(model, tokenizer, args: argparse.Namespace, name: str) -> dict:
         t = time.perf_counter()
         nll = token_nll(model, ids)
         ppl = bucket_perplexity(nll, edges)
-        result["perplexity"].append({"doc": i, "buckets": ppl, "seconds": round(time.perf_counter() - t, 1)})
+        result["perplexity"].append({"doc": i, "buckets": ppl, "seconds": round(time.perf_counter() - t, 1),
+                                     "nll": [round(x, 4) for x in nll.tolist()]})  # to re-bucket later
         log(f"{name}: doc {i} perplexity by position {ppl} ({time.perf_counter() - t:.0f}s)")
     rng = random.Random(args.seed)
     for length, depth in args.passkey:
