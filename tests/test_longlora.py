@@ -217,3 +217,16 @@ def test_bench_longlora_quick(tmp_path):
     [record] = [json.loads(line) for line in out3.read_text().splitlines()]
     for side in ("full", "s2"):
         assert record[side]["attention_only"] and record[side]["seconds"] == record[side]["attn_seconds"] > 0
+
+
+def test_bench_longlora_settings():
+    from lorakit.bench.longlora import DEFAULTS, settings
+
+    assert settings([], quick=False)["lengths"] == DEFAULTS["lengths"] == [2048, 4096, 8192, 16384]
+    found = settings(["lengths=64,128", "group=16", "targets=q_proj", "max_rss_gib=2.5"], quick=True)
+    assert found["lengths"] == [64, 128] and found["group"] == 16 and found["targets"] == ["q_proj"]
+    assert found["max_rss_gib"] == 2.5 and found["model"] == "tiny"
+    with pytest.raises(ValueError, match="KEY one of"):
+        settings(["lenghts=64"], quick=True)
+    with pytest.raises(ValueError, match="divides the length"):
+        settings(["lengths=100", "group=16"], quick=True)

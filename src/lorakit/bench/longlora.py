@@ -14,6 +14,7 @@ attention's forward once more, which this leaves out: the share is a lower bound
 Settings (--set KEY=VALUE): lengths=2048,4096,8192,16384; group_size_ratio=0.25; r=8;
 targets=q_proj,k_proj,v_proj,o_proj; layers=N (keep the first N decoder layers; default: all);
 attention_only=1 (time one layer's attention function alone, forward + backward, instead of a step);
+group=N (a fixed S2 group of N tokens instead of the ratio: attention cost linear in the length);
 max_rss_gib=6; model=default (or an HF folder).
 """
 
@@ -28,7 +29,7 @@ import time
 
 SIDES = ("full", "s2")
 DEFAULTS = {"lengths": [2048, 4096, 8192, 16384], "group_size_ratio": 0.25, "r": 8,
-            "targets": ["q_proj", "k_proj", "v_proj", "o_proj"], "layers": None, "attention_only": 0,
+            "targets": ["q_proj", "k_proj", "v_proj", "o_proj"], "layers": None, "attention_only": 0, "group": 0,
             "max_rss_gib": 6.0, "model": "default"}
 QUICK = {"lengths": [32, 64], "r": 4, "model": "tiny"}
 GIB = 1 << 30
@@ -52,7 +53,7 @@ def settings(items: list[str], quick: bool) -> dict:
             raise ValueError(f"bench longlora: --set {item!r}: {raw!r} is not a valid {key}") from None
         found[key] = value
     for length in found["lengths"]:
-        group = length * found["group_size_ratio"]
+        group = found["group"] or length * found["group_size_ratio"]
         if group != int(group) or int(group) % 2 or length % int(group):
             raise ValueError(f"bench longlora: length {length} x group_size_ratio {found['group_size_ratio']} "
                              "must give an even group that divides the length")
@@ -77,6 +78,8 @@ def run(args: argparse.Namespace) -> list[dict]:
                 request = {"model_dir": w.model_dir, "side": side, "length": length, "reps": args.reps,
                            "warmup": args.warmup, "threads": threads, **{k: cfg[k] for k in
                            ("group_size_ratio", "r", "targets", "layers", "attention_only")}}  # fmt: skip
+                if cfg["group"]:  # a fixed group size: the ratio follows the length
+                    request["group_size_ratio"] = min(1.0, cfg["group"] / length)
                 point[side] = run_point(request, cfg["max_rss_gib"], memory=not args.no_memory)
             env = {**environment(threads), "loadavg_1m_before": load_before[0], "loadavg_1m_after": os.getloadavg()[0]}
             record = {"suite": "longlora", **point, "ratios": ratios(point), "config": {**cfg, "reps": args.reps,
