@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # Triton kernels are tested on the CPU through Triton's interpreter, which
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must be on before triton is imported (transformers does)
+
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 
