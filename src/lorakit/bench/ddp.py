@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from lorakit.bench.settings import parse_settings
+
 KNOWN = {"batch": 8, "seq": 128, "r": 16, "nproc": 2}
 QUICK = {"batch": 4, "seq": 16, "r": 4}
 MIB = 1 << 20
@@ -35,13 +37,8 @@ GPUS = (2, 8, 64)
 
 
 def settings(args: argparse.Namespace) -> dict:
-    out = dict(KNOWN)
-    for item in getattr(args, "set", None) or []:
-        key, sep, value = item.partition("=")
-        if not sep or key not in KNOWN:
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE with KEY one of {sorted(KNOWN)}")
-        out[key] = int(value)
-    if args.quick:
+    out = parse_settings("ddp", getattr(args, "set", None), KNOWN)
+    if args.quick:  # --quick wins over --set here
         out.update(QUICK)
     if out["nproc"] < 2 or out["batch"] % out["nproc"]:
         raise ValueError(f"--set nproc={out['nproc']}: need at least 2 processes dividing batch={out['batch']}")

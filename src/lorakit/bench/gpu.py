@@ -29,21 +29,16 @@ import statistics
 import subprocess
 import time
 
+from lorakit.bench.settings import parse_settings
+
 MIB = 1 << 20
 DEFAULTS = {"size": 4096, "rank": 16, "adapters": 8, "rows": 16, "prefill": 128, "inner": 20, "train": 1,
             "batch": 8, "seq": 512}
 
 
 def settings(args: argparse.Namespace) -> dict:
-    out = dict(DEFAULTS)
-    if args.quick:
-        out.update(size=1024, prefill=16, inner=5, batch=2, seq=64)
-    for item in getattr(args, "set", None) or []:
-        key, sep, value = item.partition("=")
-        if not sep or key not in DEFAULTS:
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE with KEY one of {sorted(DEFAULTS)}")
-        out[key] = int(value)
-    return out
+    quick = dict(size=1024, prefill=16, inner=5, batch=2, seq=64) if args.quick else None
+    return parse_settings("gpu", getattr(args, "set", None), DEFAULTS, quick)
 
 
 def run(args: argparse.Namespace) -> list[dict]:

@@ -27,6 +27,8 @@ import subprocess
 import sys
 import time
 
+from lorakit.bench.settings import parse_settings
+
 SIDES = ("full", "s2")
 DEFAULTS = {"lengths": [2048, 4096, 8192, 16384], "group_size_ratio": 0.25, "r": 8,
             "targets": ["q_proj", "k_proj", "v_proj", "o_proj"], "layers": None, "attention_only": 0, "group": 0,
@@ -37,21 +39,7 @@ GIB = 1 << 30
 
 def settings(items: list[str], quick: bool) -> dict:
     """DEFAULTS, then QUICK's under --quick, then each --set KEY=VALUE (lists comma-separated)."""
-    found = {**DEFAULTS, **(QUICK if quick else {})}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or key not in DEFAULTS:
-            raise ValueError(f"bench longlora: --set {item!r}: expected KEY=VALUE, KEY one of {', '.join(DEFAULTS)}")
-        try:
-            if key in ("lengths", "targets"):
-                value = [int(x) if key == "lengths" else x for x in raw.split(",") if x]
-            elif key == "model":
-                value = raw
-            else:
-                value = float(raw) if key in ("group_size_ratio", "max_rss_gib") else int(raw)
-        except ValueError:
-            raise ValueError(f"bench longlora: --set {item!r}: {raw!r} is not a valid {key}") from None
-        found[key] = value
+    found = parse_settings("longlora", items, DEFAULTS, QUICK if quick else None, parsers={"layers": int})
     for length in found["lengths"]:
         group = found["group"] or length * found["group_size_ratio"]
         if group != int(group) or int(group) % 2 or length % int(group):

@@ -27,6 +27,8 @@ import statistics
 import tempfile
 from pathlib import Path
 
+from lorakit.bench.settings import parse_settings
+
 PARTS = ("mixed", "train", "switch")
 DEFAULTS = {"parts": list(PARTS), "model": "default", "adapters": 8, "rows": 16, "prompt": 64, "new_tokens": 16,
             "r": 16, "train_jobs": 4, "train_rows": 4, "train_seq": 64, "train_steps": 2}
@@ -39,22 +41,12 @@ TARGETS = {"mixed-prefill": {"mixed_over_single_max": 1.15, "tokens_per_s_ratio_
 
 def settings(items: list[str], quick: bool) -> dict:
     """DEFAULTS, then QUICK's under --quick, then each --set KEY=VALUE."""
-    found = {**DEFAULTS, **(QUICK if quick else {})}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or key not in DEFAULTS:
-            raise ValueError(f"bench multi: --set {item!r}: expected KEY=VALUE, KEY one of {', '.join(DEFAULTS)}")
-        if key == "model":
-            found[key] = raw
-            continue
-        if key == "parts":
-            found[key] = raw.split(",")
-            if not found[key] or not set(found[key]) <= set(PARTS):
-                raise ValueError(f"bench multi: --set {item!r}: parts are some of {', '.join(PARTS)}")
-            continue
-        if not raw.isdigit() or int(raw) < 1:
-            raise ValueError(f"bench multi: --set {item!r}: {key} must be a positive integer")
-        found[key] = int(raw)
+    found = parse_settings("multi", items, DEFAULTS, QUICK if quick else None)
+    if not found["parts"] or not set(found["parts"]) <= set(PARTS):
+        raise ValueError(f"bench multi: --set parts={','.join(found['parts'])}: parts are some of {', '.join(PARTS)}")
+    for key, value in found.items():
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"bench multi: --set {key}={value}: {key} must be a positive integer")
     return found
 
 

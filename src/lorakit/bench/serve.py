@@ -26,6 +26,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from lorakit.bench.settings import parse_settings
+
 DEFAULTS = {"adapters": [1, 8, 64], "clients": 64, "max_tokens": 16, "r": 16, "model": "default", "serial": 0}
 QUICK = {"adapters": [1, 4], "clients": 8, "max_tokens": 4, "r": 4, "model": "tiny"}
 TOPICS = ["a cat", "the sea", "a city", "winter", "a robot", "the moon", "a garden", "music"]
@@ -33,16 +35,7 @@ TOPICS = ["a cat", "the sea", "a city", "winter", "a robot", "the moon", "a gard
 
 def settings(items: list[str], quick: bool) -> dict:
     """DEFAULTS, then QUICK's under --quick, then each --set KEY=VALUE (adapters comma-separated)."""
-    found = {**DEFAULTS, **(QUICK if quick else {})}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or key not in DEFAULTS:
-            raise ValueError(f"bench serve: --set {item!r}: expected KEY=VALUE, KEY one of {', '.join(DEFAULTS)}")
-        try:
-            found[key] = raw if key == "model" else [int(x) for x in raw.split(",") if x] if key == "adapters" \
-                else int(raw)
-        except ValueError:
-            raise ValueError(f"bench serve: --set {item!r}: {raw!r} is not a valid {key}") from None
+    found = parse_settings("serve", items, DEFAULTS, QUICK if quick else None)
     if not found["adapters"] or min(found["adapters"]) < 1 or found["clients"] < 1 or found["max_tokens"] < 1:
         raise ValueError("bench serve: adapters, clients and max_tokens must be at least 1")
     return found

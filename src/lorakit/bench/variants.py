@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+from lorakit.bench.settings import parse_settings
+
 # name -> (what trains, settings). Learning rates: the demo's 2e-3 for the adapters and BitFit; full
 # fine-tuning at 5e-5 (2e-3 diverges on every weight); LoRA+ at 1e-3 with B at 16x (the paper's ratio).
 VARIANTS: dict[str, dict] = {
@@ -47,12 +49,7 @@ MIB = 1 << 20
 def settings(args: argparse.Namespace) -> dict:
     known = {"steps": 30, "variants": ",".join(VARIANTS), "n_train": 1000, "n_eval": 100,
              "plot": "variants-loss.png", "dora": 1, "peft": 1, "seq": 128}
-    out = dict(known)
-    for item in getattr(args, "set", None) or []:
-        key, sep, value = item.partition("=")
-        if not sep or key not in known:
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE with KEY one of {sorted(known)}")
-        out[key] = type(known[key])(value)
+    out = parse_settings("variants", getattr(args, "set", None), known)
     names = [n for n in out["variants"].split(",") if n]
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
