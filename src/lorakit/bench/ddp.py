@@ -47,7 +47,7 @@ def settings(args: argparse.Namespace) -> dict:
 
 def run(args: argparse.Namespace) -> list[dict]:
     """Time both sides (each in fresh processes), print the table, return one record per side."""
-    from lorakit.bench.report import environment
+    from lorakit.bench.report import environment, write_records
     from lorakit.bench.workload import Workload, resolve_model
 
     s = settings(args)
@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     print(table(out))
     print(f"\nload average before {env['loadavg_before']}, after {env['loadavg_after']} (shared machine)")
     if args.json:
-        Path(args.json).write_text("".join(json.dumps(r) + "\n" for r in out))
+        write_records(args.json, out)
     return out
 
 

@@ -50,8 +50,7 @@ def settings(items: list[str], quick: bool) -> dict:
 
 def run(args: argparse.Namespace) -> list[dict]:
     """Every length, both sides, each in its own subprocess; prints the table, returns the records."""
-    from lorakit.atomic import atomic_write_text
-    from lorakit.bench.report import environment
+    from lorakit.bench.report import measured_environment, write_records
     from lorakit.bench.workload import Workload, resolve_model
 
     cfg = settings(args.set, args.quick)
@@ -60,7 +59,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     records = []
     try:
         for length in cfg["lengths"]:
-            load_before = os.getloadavg()
+            load_before = os.getloadavg()[0]
             point = {"length": length}
             for side in SIDES:
                 request = {"model_dir": w.model_dir, "side": side, "length": length, "reps": args.reps,
@@ -69,12 +68,12 @@ def run(args: argparse.Namespace) -> list[dict]:
                 if cfg["group"]:  # a fixed group size: the ratio follows the length
                     request["group_size_ratio"] = min(1.0, cfg["group"] / length)
                 point[side] = run_point(request, cfg["max_rss_gib"], memory=not args.no_memory)
-            env = {**environment(threads), "loadavg_1m_before": load_before[0], "loadavg_1m_after": os.getloadavg()[0]}
+            env = measured_environment(threads, load_before)
             record = {"suite": "longlora", **point, "ratios": ratios(point), "config": {**cfg, "reps": args.reps,
                       "warmup": args.warmup}, "env": env}  # fmt: skip
             records.append(record)
             if args.json:
-                atomic_write_text(args.json, "".join(json.dumps(r) + "\n" for r in records))
+                write_records(args.json, records)
     finally:
         if w.model == "tiny":
             import shutil

@@ -20,7 +20,6 @@ after each record is in its env.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -54,8 +53,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     """Every record of the suite; prints the table, writes --json, returns the records."""
     import torch
 
-    from lorakit.atomic import atomic_write_text
-    from lorakit.bench.report import environment
+    from lorakit.bench.report import measured_environment, write_records
     from lorakit.bench.workload import Workload, resolve_model
 
     cfg = settings(args.set, args.quick)
@@ -68,14 +66,14 @@ def run(args: argparse.Namespace) -> list[dict]:
         for measure in [chosen[part] for part in PARTS if part in cfg["parts"]]:
             before = os.getloadavg()[0]
             found = measure(w, cfg, args)
-            env = {**environment(threads), "loadavg_1m_before": before, "loadavg_1m_after": os.getloadavg()[0]}
+            env = measured_environment(threads, before)
             for record in found if isinstance(found, list) else [found]:
                 record.update(suite="multi", config={**cfg, "reps": args.reps, "warmup": args.warmup}, env=env)
                 if record["scenario"] in TARGETS:
                     record["targets"] = TARGETS[record["scenario"]]
                 records.append(record)
             if args.json:
-                atomic_write_text(args.json, "".join(json.dumps(r) + "\n" for r in records))
+                write_records(args.json, records)
     finally:
         if w.model == "tiny":
             shutil.rmtree(Path(w.model_dir).parent, ignore_errors=True)

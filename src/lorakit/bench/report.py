@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 from pathlib import Path
 
 import torch
 
+from lorakit.atomic import atomic_write_text
 from lorakit.bench.peers import version
 from lorakit.bench.scenarios import Scenario
 from lorakit.bench.workload import Workload
@@ -57,6 +59,16 @@ def make_record(name: str, scenario: Scenario, timings: dict[str, dict[str, floa
         "config": {**w.to_dict(), **config, "summary": scenario.summary},
         "env": env,
     }
+
+
+def measured_environment(threads: int, load_before: float) -> dict:
+    """`environment` plus the 1-minute load average before (given) and after (now) a measurement."""
+    return {**environment(threads), "loadavg_1m_before": load_before, "loadavg_1m_after": os.getloadavg()[0]}
+
+
+def write_records(path: str | Path, records: list[dict]) -> None:
+    """The records as JSON lines, written atomically (a reader never sees half a file)."""
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 def environment(threads: int) -> dict:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import json
 import os
 import shutil
 from collections.abc import Callable
@@ -11,9 +10,8 @@ from pathlib import Path
 
 import torch
 
-from lorakit.atomic import atomic_write_text
 from lorakit.bench.measure import measure_memory, medians, profile_sides, time_sides
-from lorakit.bench.report import environment, make_record, table
+from lorakit.bench.report import make_record, measured_environment, table, write_records
 from lorakit.bench.scenarios import SCENARIOS, sides_of
 from lorakit.bench.workload import QUICK, Workload, resolve_model
 
@@ -43,7 +41,7 @@ def run_bench(
             records.append(run_scenario(name, w, reps, warmup, memory, profile))
             log(table(records[-1]) + "\n")
             if json_out:
-                atomic_write_text(json_out, "".join(json.dumps(r) + "\n" for r in records))
+                write_records(json_out, records)
     finally:
         if w.model == "tiny":
             shutil.rmtree(Path(w.model_dir).parent, ignore_errors=True)
@@ -53,7 +51,7 @@ def run_bench(
 def run_scenario(name: str, w: Workload, reps: int, warmup: int, memory: bool, profile: int = 0) -> dict:
     """Time every side in this process, alternating; then measure each side's memory alone."""
     scenario = SCENARIOS[name]
-    load_before = os.getloadavg()
+    load_before = os.getloadavg()[0]
     torch.manual_seed(w.seed)
     builders = sides_of(name, w)
     kernels_env = os.environ.get("LORAKIT_KERNELS")  # lorakit's sides switch it before each run
@@ -68,7 +66,7 @@ def run_scenario(name: str, w: Workload, reps: int, warmup: int, memory: bool, p
     del tasks
     gc.collect()
     mem = {side: measure_memory(name, side, w, scenario.memory_runs) for side in builders} if memory else {}
-    env = {**environment(w.threads), "loadavg_1m_before": load_before[0], "loadavg_1m_after": os.getloadavg()[0]}
+    env = measured_environment(w.threads, load_before)
     config = {"reps": reps, "warmup": warmup, "memory_runs": scenario.memory_runs if memory else 0}
     record = make_record(name, scenario, timings, mem, w, config, env)
     if profiles:

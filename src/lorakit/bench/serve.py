@@ -170,7 +170,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     """Every adapter count under the same load; prints the table, returns one record per point."""
     import torch
 
-    from lorakit.bench.report import environment
+    from lorakit.bench.report import measured_environment, write_records
 
     cfg = settings(args.set, args.quick)
     threads = args.threads or 2
@@ -184,9 +184,9 @@ def run(args: argparse.Namespace) -> list[dict]:
         if cfg["serial"]:
             points.append((1, 1))
         for n, max_batch in points:
-            load_before = os.getloadavg()
+            load_before = os.getloadavg()[0]
             result = measure(model, tokenizer, root, all_names[:n], cfg, max(1, args.reps), max_batch)
-            env = {**environment(threads), "loadavg_1m_before": load_before[0], "loadavg_1m_after": os.getloadavg()[0]}
+            env = measured_environment(threads, load_before)
             records.append({"scenario": "serve", "adapters": n, "max_batch": max_batch, **result,
                             "config": {**cfg, "reps": args.reps}, "env": env})
             print(f"adapters={n} max_batch={max_batch}: {result['tokens_per_s']:.1f} tokens/s "
@@ -197,9 +197,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     if any(r["failures"] for r in records):
         print(f"failures: {[(r['adapters'], r['errors']) for r in records if r['failures']]}")
     if args.json:
-        from lorakit.atomic import atomic_write_text
-
-        atomic_write_text(args.json, "".join(json.dumps(r) + "\n" for r in records))
+        write_records(args.json, records)
     return records
 
 

@@ -272,7 +272,7 @@ def table(records: list[dict], dora: dict[str, float]) -> str:
 
 def run(args: argparse.Namespace) -> list[dict]:
     """Train every variant (one process each), time DoRA's step, print the table, draw the loss plot."""
-    from lorakit.bench.report import environment
+    from lorakit.bench.report import environment, write_records
 
     s = settings(args)
     threads = args.threads or int(os.environ.get("OMP_NUM_THREADS", 0)) or 2
@@ -297,7 +297,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     if dora:
         out.append({"suite": "variants", "dora_step_s": dora, "config": config, "env": env})
     if args.json:
-        Path(args.json).write_text("".join(json.dumps(r) + "\n" for r in out))
+        write_records(args.json, out)
     return out
 
 
