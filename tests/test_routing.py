@@ -10,6 +10,7 @@ from torch import nn
 import lorakit
 from conftest import tiny_llama
 from lorakit.adapters.dora import DoraAdapter
+from lorakit.adapters.inject import adapter_chain
 from lorakit.adapters.layer import lora_layers
 from lorakit.multi import routing
 from lorakit.quant.linear4bit import quantize_model
@@ -191,3 +192,17 @@ def test_module_copies_are_refused_for_routed_rows_and_off_for_others():
     with torch.no_grad():  # d's head copy reached no row
         torch.testing.assert_close(mixed[0], alone(model, "a", ids[:1])[0], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(mixed[1], alone(model, None, ids[1:])[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("all_adapters_max", [0, 10**6], ids=["grouped", "stacked-masked"])
+def test_stacked_adapter_row_takes_its_parent_chain(monkeypatch, all_adapters_max):
+    """A row routed to an adapter stacked on a parent (on a grandparent) gets the whole chain's deltas, as
+    activating that adapter alone does; rows of the parent alone get the parent only."""
+    monkeypatch.setattr(routing, "ALL_ADAPTERS_MAX", all_adapters_max)
+    model = with_adapters(tiny_llama(), {"a": lorakit.LoraSpec(r=2, alpha=4), "b": lorakit.LoraSpec(r=5, alpha=3),
+                                         "c": lorakit.LoraSpec(r=3, alpha=6, targets=["q_proj", "down_proj"])})
+    lorakit.set_parent(model, "b", "a")
+    lorakit.set_parent(model, "c", "b")
+    assert routing.group_rows(["c", None, "a"], lambda n: adapter_chain(model, n))[0][0] == "a"
+    check_rows_equal_alone(model, ["c", "a", None, "b", "c"])
+    check_rows_equal_alone(model, ["c", "c"])  # every row takes a, b and c: three whole-batch groups

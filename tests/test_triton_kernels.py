@@ -268,6 +268,26 @@ def test_routed_batch_through_kernels_equals_plain_routing(tk, forced, monkeypat
     assert all((prefill[i] - base[i]).abs().max() > 1e-2 for i in (0, 1, 3, 4))  # the adapters change their rows
 
 
+@kernel_test
+def test_routed_stacked_adapter_through_kernels_equals_plain_routing(tk, forced, monkeypatch):
+    """A row routed to an adapter stacked on a parent takes two adapters, which BGMV/SGMV (one adapter a
+    row) cannot: such a batch takes the plain routing."""
+    model = three_adapters(tiny_llama())
+    lorakit.set_parent(model, "b", "a")  # both plain LoRA on the MLP: the kernels' layers
+    rows = ["b", "c", None, "a"]
+    ids = torch.randint(3, 128, (len(rows), 4), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    with torch.no_grad(), lorakit.route(model, rows):
+        prefill = model(ids).logits
+        decode = model(ids[:, :1]).logits
+    monkeypatch.setenv("LORAKIT_KERNELS", "0")
+    with torch.no_grad(), lorakit.route(model, rows):
+        torch.testing.assert_close(prefill, model(ids).logits, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(decode, model(ids[:, :1]).logits, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        lorakit.set_active(model, ["b"])  # with its parent a
+        torch.testing.assert_close(prefill[0], model(ids[:1]).logits[0], rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.skipif(CUDA, reason="the CPU path (this machine has CUDA)")
 def test_cpu_path_is_unchanged(tk, monkeypatch):
     """By default CPU tensors never reach a Triton kernel, and give what they gave before (bit for bit)."""

@@ -25,7 +25,7 @@ on its own rows.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -35,7 +35,7 @@ from torch import nn
 
 from lorakit import kernels
 from lorakit.adapters.copies import module_copies
-from lorakit.adapters.inject import adapter_names
+from lorakit.adapters.inject import adapter_chain, adapter_names
 from lorakit.adapters.layer import LoraLayer, lora_layers
 from lorakit.adapters.lora import LoraAdapter
 from lorakit.kernels.lora_linear import lora_linear
@@ -59,7 +59,7 @@ class Stack:
     names: list[str]
     A: torch.Tensor  # [r_1 + ... + r_k, in]
     B: torch.Tensor  # [out, r_1 + ... + r_k], each adapter's scale folded in
-    mask: torch.Tensor  # [rows, r_1 + ... + r_k]: 1 on the ranks of each row's own adapter, else 0
+    mask: torch.Tensor  # [rows, r_1 + ... + r_k]: 1 on the ranks of each row's own adapters, else 0
 
     @classmethod
     def build(cls, layer: LoraLayer, names: list[str], groups: list[tuple[str, torch.Tensor | None]],
@@ -67,13 +67,14 @@ class Stack:
         adapters = [layer.adapters[n] for n in names]
         A = torch.cat([a.lora_A for a in adapters])
         B = torch.cat([a.lora_B * a.scale for a in adapters], dim=1)
-        slots = torch.full((rows,), -1, dtype=torch.long)  # -1: none of these adapters
-        for name, index in groups:
+        ranks = [a.lora_A.shape[0] for a in adapters]
+        starts = [sum(ranks[:i]) for i in range(len(ranks))]
+        mask = torch.zeros(rows, sum(ranks), dtype=A.dtype)
+        for name, index in groups:  # a row may take several adapters: a stacked adapter's chain
             if name in names:
-                slots[slice(None) if index is None else index.cpu()] = names.index(name)
-        ranks = torch.tensor([a.lora_A.shape[0] for a in adapters])
-        rank_slot = torch.repeat_interleave(torch.arange(len(names)), ranks)  # [sum r]: whose rank each is
-        mask = (slots[:, None] == rank_slot[None]).to(device=device, dtype=A.dtype)
+                k = names.index(name)
+                mask[slice(None) if index is None else index.cpu(), starts[k]:starts[k] + ranks[k]] = 1
+        mask = mask.to(device)
         return cls(names, A, B, mask)
 
     def add_to(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
@@ -90,6 +91,7 @@ class RowRouting:
 
     rows: int  # batch size the routing was made for
     groups: list[tuple[str, torch.Tensor | None]]  # (adapter, row indices [n]); None = every row
+    chained: bool = False  # some row takes several adapters (a stacked adapter's chain)
     on_device: dict[torch.device, list[tuple[str, torch.Tensor | None]]] = field(default_factory=dict)
     stacks: dict[LoraLayer, Stack] = field(default_factory=dict)  # no-grad mode: built once per layer
 
@@ -111,7 +113,8 @@ class RowRouting:
         if x.shape[0] != self.rows:
             raise ValueError(f"the batch was routed for {self.rows} rows but a layer got {x.shape[0]} "
                              "(beam search or num_return_sequences change the batch: route the expanded rows)")
-        if not torch.is_grad_enabled() and kernels.use_triton(x):  # CUDA serving: segmented kernels (SGMV/BGMV)
+        if not torch.is_grad_enabled() and not self.chained and kernels.use_triton(x):
+            # CUDA serving: segmented kernels (SGMV/BGMV), one adapter a row
             from lorakit.kernels.triton_lora import routed_lora
 
             y = routed_lora(self.groups_on(x.device), layer, x, base_out)  # None: not all plain LoRA here
@@ -131,20 +134,23 @@ class RowRouting:
             if name in stacked:
                 continue
             adapter = layer.adapters[name]
-            if index is None:  # the only group: every row
-                return y + adapter.contribution(x, base_out, layer).to(base_out.dtype)
+            if index is None:  # every row (the routed adapter or one of its parents)
+                y = y + adapter.contribution(x, base_out, layer).to(base_out.dtype)
+                continue
             delta = adapter.contribution(x.index_select(0, index), base_out.index_select(0, index), layer)
             delta = delta.to(base_out.dtype)  # [n, ..., out]
             y = y.index_add(0, index, delta) if y is base_out else y.index_add_(0, index, delta)
         return y
 
 
-def group_rows(adapter_per_row: Sequence[str | None]) -> list[tuple[str, torch.Tensor | None]]:
-    """(adapter, row indices) per distinct adapter, in order of first appearance; base rows get none."""
+def group_rows(adapter_per_row: Sequence[str | None],
+               chain: Callable[[str], list[str]] = lambda name: [name]) -> list[tuple[str, torch.Tensor | None]]:
+    """(adapter, row indices) per distinct adapter, in order of first appearance; base rows get none. A row
+    takes every adapter of `chain(its adapter)`: a stacked adapter brings its parents, root first."""
     rows: dict[str, list[int]] = {}
     for i, name in enumerate(adapter_per_row):
-        if name is not None:
-            rows.setdefault(name, []).append(i)
+        for link in chain(name) if name is not None else []:
+            rows.setdefault(link, []).append(i)
     n = len(adapter_per_row)
     return [(name, None if len(idx) == n else torch.tensor(idx, dtype=torch.long)) for name, idx in rows.items()]
 
@@ -171,11 +177,14 @@ def check_routable(model: nn.Module, names: set[str]) -> None:
 
 @contextmanager
 def route(model: nn.Module, adapter_per_row: Sequence[str | None]) -> Iterator[RowRouting]:
-    """Within the block, row i of every batch goes through adapter `adapter_per_row[i]` only
-    (None = the base model), whatever adapters are active; module copies are switched off."""
+    """Within the block, row i of every batch goes through adapter `adapter_per_row[i]` only, with its
+    parents if it is stacked on any (None = the base model), whatever adapters are active; module
+    copies are switched off."""
     adapter_per_row = list(adapter_per_row)
     check_routable(model, {n for n in adapter_per_row if n is not None})
-    routing = RowRouting(len(adapter_per_row), group_rows(adapter_per_row))
+    chained = any(len(adapter_chain(model, n)) > 1 for n in set(adapter_per_row) - {None})
+    routing = RowRouting(len(adapter_per_row), group_rows(adapter_per_row, lambda n: adapter_chain(model, n)),
+                         chained)
     layers = [layer for _, layer in lora_layers(model)]
     copies = [c for _, c in module_copies(model)]
     saved_active = [c.active for c in copies]
