@@ -230,3 +230,31 @@ def test_bench_longlora_settings():
         settings(["lenghts=64"], quick=True)
     with pytest.raises(ValueError, match="divides the length"):
         settings(["lengths=100", "group=16"], quick=True)
+
+
+def test_train_on_standard_library_long_text(tiny_model_dir, tmp_path, monkeypatch):
+    """`dataset: stdlib` trains on rows of exactly max_length tokens of the training files (as many as the
+    steps take) and validates on held-out files; no exact match (there are no answers)."""
+    from lorakit.config import load_train_config
+    from lorakit.data.longtext import long_sequences
+    from lorakit.models import load
+    from lorakit.train import run as run_module
+
+    seen = {}
+    real_fit = run_module.fit
+
+    def spy(model, rows, cfg, *args, evaluate=None, **kw):
+        seen["rows"], seen["val"] = rows, evaluate(model)
+        return real_fit(model, rows, cfg, *args, evaluate=evaluate, **kw)
+
+    monkeypatch.setattr(run_module, "fit", spy)
+    settings = [f"base={tiny_model_dir}", "dataset=stdlib", f"output_dir={tmp_path / 'run'}", "max_steps=2",
+                "batch_size=2", "max_length=40", "eval_every=1", "longlora.group_size_ratio=0.5"]
+    _, results = run_module.run(load_train_config(None, settings), log=lambda *_: None)
+    _, tokenizer = load(str(tiny_model_dir))
+    expected = long_sequences(tokenizer, 40, 4, split="train", seed=0)
+    assert [ids for ids, _ in seen["rows"]] == expected and [labels for _, labels in seen["rows"]] == expected
+    assert "exact_match" not in seen["val"] and seen["val"]["val_loss"] > 0
+    assert "exact_match_after" not in results and results["steps"] == 2
+    with pytest.raises(ValueError, match="set max_steps"):
+        run_module.run(load_train_config(None, [*settings, "max_steps=null", "epochs=1"]), log=lambda *_: None)

@@ -32,6 +32,8 @@ from lorakit.train.plot import plot_run
 def datasets(cfg: TrainConfig) -> tuple[list[Row], list[Row]]:
     """(train, held-out) rows: the demo's splits or the dataset files, held-out from `eval_dataset`
     or split off by `val_size` (a fraction or a count, chosen with the seed)."""
+    if cfg.dataset == LONG_TEXT:
+        return [], []  # token rows, made with the tokenizer: `long_text_rows`
     if cfg.dataset == "demo":
         from lorakit.data.demo import make_demo
 
@@ -48,6 +50,25 @@ def datasets(cfg: TrainConfig) -> tuple[list[Row], list[Row]]:
         random.Random(cfg.seed).shuffle(order)
         held_out, train = [train[i] for i in order[:n]], [train[i] for i in order[n:]]
     return train, held_out
+
+
+LONG_TEXT = "stdlib"  # `dataset: stdlib`: long real text, the Python standard library's source files
+
+
+def long_text_rows(cfg: TrainConfig, tokenizer) -> tuple[list[tuple[list[int], list[int]]], list]:
+    """(training, validation) rows of exactly `max_length` tokens of the standard library's source
+    (`lorakit.data.longtext`: files split by path into training and held-out, packed end to end): as many
+    training rows as `max_steps` consumes, shuffled by the seed, and `val_size` held-out rows (default 1
+    when `eval_every` is set) for validation loss. There are no answers to score: no exact match."""
+    from lorakit.data.longtext import as_rows, long_sequences
+
+    if cfg.max_steps is None:
+        raise ValueError(f"dataset: {LONG_TEXT} is an open stream of text: set max_steps (not epochs)")
+    count = cfg.max_steps * cfg.batch_size * cfg.grad_accum
+    train = as_rows(long_sequences(tokenizer, cfg.max_length, count, split="train", seed=cfg.seed))
+    n_val = int(cfg.val_size) if cfg.val_size and cfg.val_size >= 1 else (1 if cfg.eval_every else 0)
+    val = as_rows(long_sequences(tokenizer, cfg.max_length, n_val, split="held-out")) if n_val else []
+    return train, val
 
 
 def prepare_base(model: nn.Module, cfg: TrainConfig) -> None:
@@ -95,7 +116,11 @@ def run(cfg: TrainConfig, log=print) -> tuple[nn.Module, dict]:
     prepare_base(model, cfg)
     if cfg.chat_template is not None:
         tokenizer.chat_template = CHAT_TEMPLATES.get(cfg.chat_template, cfg.chat_template)
-    rows = encode_all(tokenizer, train, cfg.max_length, cfg.train_on_prompt, cfg.truncation, warn=log)
+    if cfg.dataset == LONG_TEXT:
+        rows, long_val_rows = long_text_rows(cfg, tokenizer)
+        log(f"{len(rows)} rows of {cfg.max_length} tokens of standard-library source ({len(long_val_rows)} held out)")
+    else:
+        rows = encode_all(tokenizer, train, cfg.max_length, cfg.train_on_prompt, cfg.truncation, warn=log)
     if cfg.packing:
         rows = pack(rows, cfg.max_length)
         log(f"packed {len(train)} examples into {len(rows)} rows of at most {cfg.max_length} tokens")
@@ -115,11 +140,13 @@ def run(cfg: TrainConfig, log=print) -> tuple[nn.Module, dict]:
     out.mkdir(parents=True, exist_ok=True)
     val_rows = encode_all(tokenizer, held_out, cfg.max_length, cfg.train_on_prompt, cfg.truncation,
                           warn=log) if held_out and cfg.eval_every else []
+    if cfg.dataset == LONG_TEXT:
+        val_rows = long_val_rows
 
     def evaluate(m: nn.Module) -> dict:
         """Validation loss and perplexity, and the task's own metric (exact match) when `eval` is on."""
         metrics = validation_loss(m, val_rows, cfg.batch_size, tokenizer.pad_token_id)
-        if cfg.eval:
+        if cfg.eval and held_out:
             metrics["exact_match"] = score_rows(m, tokenizer, held_out, cfg.max_new_tokens)
         return metrics
     groups = loraplus_param_groups(model, cfg.lr, cfg.loraplus_ratio, cfg.loraplus_embedding_lr,
