@@ -15,7 +15,8 @@ def test_quick_suite_records_and_ratios(tmp_path, capsys):
     assert main(["bench", "multi", "--quick", "--reps", "1", "--warmup", "0", "--threads", "1", "--no-memory",
                  "--json", str(out)]) == 0
     records = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["scenario"] for r in records] == ["mixed-prefill", "mixed-generate", "train-parallel", "adapter-switch"]
+    assert [r["scenario"] for r in records] == ["mixed-prefill", "mixed-generate", "mixed-decode", "train-parallel",
+                                                "adapter-switch"]
     for r in records:
         assert r["suite"] == "multi" and r["config"]["model"] == "tiny" and r["env"]["threads"] == 1
         assert "loadavg_1m_before" in r["env"]
@@ -24,13 +25,13 @@ def test_quick_suite_records_and_ratios(tmp_path, capsys):
         for key in ("seconds", "tokens_per_s", "mixed_over_single", "single_seconds"):
             if key in ours:
                 assert r["ratios"][key] == pytest.approx(ours[key] / peer[key])
-    prefill, generate, train, switch = records
-    for r in (prefill, generate):
+    prefill, generate, decode, train, switch = records
+    for r in (prefill, generate, decode):
         assert r["peer"]["name"] == "peft adapter_names"
         for side in (r["ours"], r["peer"]):
             assert side["mixed_over_single"] == pytest.approx(side["seconds"] / side["single_seconds"])
             assert side["tokens_per_s"] == pytest.approx(r["tokens"] / side["seconds"])
-    assert prefill["tokens"] == 6 * 8 and generate["tokens"] == 6 * 3  # rows x prompt, rows x new tokens
+    assert prefill["tokens"] == 6 * 8 and generate["tokens"] == decode["tokens"] == 6 * 3  # rows x prompt, x new
     assert train["tokens"] == 2 * 1 * 2 * 16 and "tokens_per_s" in train["ratios"]
     assert switch["attach_seconds"] == pytest.approx(switch["ours"]["seconds"] - switch["peer"]["seconds"])
     assert switch["store"]["device_misses"] >= 1 and switch["store"]["device_hits"] >= 1  # both cases happened
@@ -46,3 +47,27 @@ def test_settings_refuse_unknown_keys_and_bad_values():
         settings(["adaptors=4"], quick=False)
     with pytest.raises(ValueError, match="rows must be a positive integer"):
         settings(["rows=0"], quick=True)
+
+
+def test_decode_loop_makes_the_tokens_generate_makes():
+    """The decode record times real decoding: from the prefilled cache, the same greedy tokens as `generate`."""
+    import torch
+
+    import lorakit
+    from conftest import tiny_llama
+    from lorakit.bench.multi import decode, prefilled
+
+    model = tiny_llama()
+    for i, r in enumerate((2, 4)):
+        lorakit.inject(model, lorakit.LoraSpec(r=r, alpha=2 * r), name=f"a{i}")
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.3)
+    ids = torch.randint(3, 128, (3, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), lorakit.route(model, ["a0", None, "a1"]):
+        tokens = decode(model, prefilled(model, ids), 4)
+        expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, min_new_tokens=5,
+                                  do_sample=False, pad_token_id=0, eos_token_id=None)[:, 5:]
+    assert tokens.shape == (3, 5) and torch.equal(tokens, expected)
+    assert len({tuple(row) for row in tokens.tolist()}) > 1  # the rows really differ

@@ -1,10 +1,12 @@
 """`lorakit bench multi`: many adapters over one base, lorakit beside PEFT, in one run.
 
 Records (each `ours`, `peer`, `ratios` = ours / peer for every number both have):
-  mixed-prefill, mixed-generate  a batch of `rows` prompts over `adapters` different adapters (r, all
-                                 linears) vs the same batch through one adapter, lorakit's `route`
+  mixed-prefill, mixed-generate, a batch of `rows` prompts over `adapters` different adapters (r, all
+  mixed-decode                   linears) vs the same batch through one adapter, lorakit's `route`
                                  beside PEFT's `adapter_names=`; prefill = one forward of the prompts
-                                 (last-position logits), generate = `new_tokens` greedy tokens.
+                                 (last-position logits), generate = `new_tokens` greedy tokens with
+                                 `generate` (prefill included), decode = `new_tokens` greedy steps from
+                                 the prompts' KV cache (the prefill before each run is untimed).
                                  `mixed_over_single` is each library's cost of mixing.
   train-parallel                 `train_jobs` adapters trained together (train-multi's step: one batch
                                  of every job's rows) vs the same steps one job after another (peer).
@@ -35,6 +37,7 @@ QUICK = {"model": "tiny", "adapters": 3, "rows": 6, "prompt": 8, "new_tokens": 3
          "train_rows": 2, "train_seq": 16, "train_steps": 1}
 TARGETS = {"mixed-prefill": {"mixed_over_single_max": 1.15, "tokens_per_s_ratio_min": 1.2},
            "mixed-generate": {"mixed_over_single_max": 1.15, "tokens_per_s_ratio_min": 2.0},
+           "mixed-decode": {"mixed_over_single_max": 1.15, "tokens_per_s_ratio_min": 2.0},
            "train-parallel": {"tokens_per_s_ratio_min": 2.5}}  # issue 10's bars
 
 
@@ -112,23 +115,54 @@ def mixed_records(w, cfg: dict, args: argparse.Namespace) -> list[dict]:
     greedy = {"attention_mask": torch.ones_like(ids), "max_new_tokens": n, "min_new_tokens": n, "do_sample": False,
               "pad_token_id": 0, "eos_token_id": None}
     prefill = {"logits_to_keep": 1, "use_cache": False}
+    calls = {"prefill": lambda m, **kw: m(input_ids=ids, **prefill, **kw),
+             "generate": lambda m, **kw: m.generate(ids, **greedy, **kw)}
+    through = {"ours_mixed": lambda call: lorakit_routed(ours, per_row, call),  # each side's way to run a call
+               "ours_single": lambda call: lorakit_single(ours, names[0], call),
+               "peer_mixed": lambda call: no_grad(call, peer, adapter_names=per_row),
+               "peer_single": lambda call: no_grad(call, peer)}
     records = []
-    for kind, count, call in (("prefill", ids.numel(), lambda m, **kw: m(input_ids=ids, **prefill, **kw)),
-                              ("generate", cfg["rows"] * n, lambda m, **kw: m.generate(ids, **greedy, **kw))):
-        tasks = {"ours_mixed": Task(lambda call=call: lorakit_routed(ours, per_row, call)),
-                 "ours_single": Task(lambda call=call: lorakit_single(ours, names[0], call)),
-                 "peer_mixed": Task(lambda call=call: no_grad(call, peer, adapter_names=per_row)),
-                 "peer_single": Task(lambda call=call: no_grad(call, peer))}
+    for kind, count in (("prefill", ids.numel()), ("generate", cfg["rows"] * n), ("decode", cfg["rows"] * n)):
+        tasks = {}
+        for side, run_call in through.items():
+            if kind == "decode":  # the prefill (untimed) before each run gives the run a fresh KV cache
+                state: dict = {}
+                tasks[side] = Task(lambda run_call=run_call, state=state: run_call(
+                                       lambda m, **kw: decode(m, state, n, **kw)),
+                                   reset=lambda run_call=run_call, state=state: run_call(
+                                       lambda m, **kw: state.update(prefilled(m, ids, **kw))))  # fmt: skip
+            else:
+                tasks[side] = Task(lambda run_call=run_call, call=calls[kind]: run_call(call))
         seconds = timed(tasks, args)
         found = {}
         for side, name in (("ours", "lorakit route"), ("peer", "peft adapter_names")):
             mixed, single = seconds[f"{side}_mixed"], seconds[f"{side}_single"]
             found[side] = {"name": name, "seconds": mixed, "single_seconds": single,
                            "mixed_over_single": mixed / single, "tokens_per_s": count / mixed}
+        what = {"prefill": "", "generate": f"; {n} greedy new tokens, prefill included",
+                "decode": f"; {n} greedy decoding steps from the prompts' KV cache (prefill untimed)"}[kind]
         summary = (f"{cfg['rows']} rows x {cfg['prompt']} tokens over {cfg['adapters']} adapters (r={w.r}, all "
-                   f"linears) vs one adapter" + (f"; {n} greedy new tokens" if kind == "generate" else ""))
+                   f"linears) vs one adapter{what}")
         records.append({**record(f"mixed-{kind}", summary, found["ours"], found["peer"]), "tokens": count})
     return records
+
+
+def prefilled(model, ids, **kw) -> dict:
+    """The prompts' KV cache and each row's first greedy token [rows, 1]: a decode run's starting point."""
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **kw)
+    return {"cache": out.past_key_values, "token": out.logits[:, -1:].argmax(-1)}
+
+
+def decode(model, state: dict, steps: int, **kw):
+    """`steps` greedy decoding steps, one token a row through the KV cache (as `generate` decodes).
+    Returns the tokens [rows, 1 + steps], the prefill's first one included."""
+    import torch
+
+    tokens = [state["token"]]
+    for _ in range(steps):
+        out = model(input_ids=tokens[-1], past_key_values=state["cache"], use_cache=True, **kw)
+        tokens.append(out.logits[:, -1:].argmax(-1))
+    return torch.cat(tokens, dim=1)
 
 
 def lorakit_model(w, cfg: dict):
