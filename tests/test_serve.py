@@ -299,6 +299,43 @@ def test_rows_join_a_running_batch_and_slots_limit_the_adapters(adapters):
         engine.close()
 
 
+def test_waiting_prompts_are_prefilled_together_and_a_bad_one_fails_alone(adapters):
+    """Batcher level: prompts of different lengths over different adapters (and the base) admitted at once
+    run in one left-padded forward, then decode to exactly single-request greedy generation; a prompt the
+    model cannot take fails alone; `max_prefill_tokens` caps one prefill's padded tokens."""
+    from lorakit.serve.batch import Batcher, Sequence
+
+    model = llama()
+    for name in ("alpha", "s1", "beta"):
+        lorakit.load_adapter(model, adapters[name], name=name)
+    tok = tiny_tokenizer()
+    jobs = [("alpha", "say cat", 6), (None, "say a longer thing", 5), ("s1", "dog", 7), ("beta", "say moon!", 4)]
+    out = {i: [] for i in range(len(jobs) + 1)}
+    seqs = [Sequence(name, tok(prompt)["input_ids"], n, out[i].append) for i, (name, prompt, n) in enumerate(jobs)]
+    seqs.append(Sequence("s1", [10**6], 3, out[len(jobs)].append))  # no such token: the forward fails
+    forwards = []
+    model.register_forward_pre_hook(lambda m, args, kw: forwards.append(kw["input_ids"].shape), with_kwargs=True)
+    batcher = Batcher(model.eval(), eos=1)  # not started: this thread drives it
+    for seq in seqs:
+        batcher.submit(seq)
+    batcher.admit()
+    lengths = [len(s.prompt) for s in seqs]
+    assert forwards[0] == (5, max(lengths))  # all five in one prefill, then each alone to find the bad one
+    assert forwards[1:] == [(1, n) for n in lengths]
+    assert isinstance(out[len(jobs)][-1], IndexError) and len(batcher.running) == len(jobs)
+    while batcher.running:
+        batcher.step()
+    for i, (name, prompt, n) in enumerate(jobs):
+        assert out[i][-1] is None
+        assert tok.decode([t for t in out[i][:-1] if t != 1], skip_special_tokens=True) == direct(
+            None if name is None else adapters[name], n, prompt)
+    small = Batcher(model, eos=1, max_prefill_tokens=2 * max(lengths[:4]))
+    for name, prompt, n in jobs:
+        small.submit(Sequence(name, tok(prompt)["input_ids"], n, lambda item: None))
+    small.admit()
+    assert len(small.running) == 2 and len(small.waiting) == 2
+
+
 def test_a_client_leaving_mid_stream_frees_its_row(url, engine, monkeypatch):
     """The client hangs up after the first event: its row is cancelled long before its 32 tokens."""
     seqs, submit, step = [], engine.submit, engine.batcher.step

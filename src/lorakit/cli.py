@@ -252,7 +252,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     store = AdapterStore(args.store, max_ram=args.max_ram, max_device=args.max_device) if args.store else None
     engine = Engine(model, tokenizer, base_id=args.base_name or args.base, adapters=adapters, store=store,
                     max_tokens_limit=args.max_tokens_limit, max_prompt_tokens=args.max_prompt_tokens,
-                    max_batch=args.max_batch, max_queue=args.max_queue)
+                    max_batch=args.max_batch, max_queue=args.max_queue, max_prefill_tokens=args.max_prefill_tokens)
     app = make_app(engine, api_key=api_key, allow_runtime_adapters=args.allow_runtime_adapters,
                    max_body_bytes=args.max_body_bytes)
     try:
@@ -351,6 +351,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--max-tokens-limit", type=int, default=512, help="largest max_tokens a request may ask for")
     s.add_argument("--max-prompt-tokens", type=int, default=2048, help="longest prompt, in tokens")
     s.add_argument("--max-batch", type=int, default=64, help="requests decoded together at most")
+    s.add_argument("--max-prefill-tokens", type=int, default=4096,
+                   help="prompt tokens (padding included) prefilled together in one forward at most")
     s.add_argument("--max-queue", type=int, default=256, help="requests waiting at most (more: 429)")
     s.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (more: 413)")
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (default: $LORAKIT_API_KEY)")

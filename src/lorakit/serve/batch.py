@@ -1,12 +1,13 @@
 """Continuous batching: one loop on one thread decodes every running sequence a token per step.
 
-    waiting --admit (prefill alone, KV rows joined)--> running --step (one forward, rows routed)--> done
+    waiting --admit (prefill together, KV rows joined)--> running --step (one forward, rows routed)--> done
 
-A sequence joins between two decoding steps: its prompt is run alone (batch 1, exactly as single-request
-generation does) and its KV cache becomes a new row of the batch's cache. Rows are left-padded to one
-length (the attention mask hides the padding; positions are each row's own), so a decoding step is one
-forward over all rows, each row through its own adapter (`lorakit.route`). A finished or cancelled row
-leaves the cache before the next step; columns that only padding uses are dropped.
+Sequences join between two decoding steps: the prompts admitted together run in one forward (left-padded
+to the longest, at most `max_prefill_tokens` padded tokens; each row through its own adapter), and their
+KV caches become new rows of the batch's cache. Rows are left-padded to one length (the attention mask
+hides the padding; positions are each row's own), so a decoding step is one forward over all rows, each
+row through its own adapter (`lorakit.route`). A finished or cancelled row leaves the cache before the
+next step; columns that only padding uses are dropped.
 
 Only this loop's thread runs the model or changes its adapters (`attach`/`detach` callbacks).
 """
@@ -77,19 +78,17 @@ class RowCache:
             raise ValueError(f"continuous batching needs a plain DynamicCache; this model uses {kinds}")
         return list(cache.layers)
 
-    def add(self, cache: DynamicCache, length: int) -> None:
-        """Append the one-row cache of a prompt of `length` tokens as the last row."""
+    def add(self, cache: DynamicCache, mask: torch.Tensor) -> None:
+        """Append the rows of a prefill's cache (left-padded prompts, `mask` [k, T]) as the last rows."""
         new = self.layers(cache)
-        row_mask = torch.ones(1, length, dtype=torch.long, device=new[0].keys.device)
         if self.cache is None:
-            self.cache, self.mask = cache, row_mask
+            self.cache, self.mask = cache, mask
             return
-        have = self.mask.shape[1]
-        width = max(have, length)
+        width = max(self.mask.shape[1], mask.shape[1])
         for old, layer in zip(self.layers(self.cache), new, strict=True):
             old.keys = torch.cat([left_pad(old.keys, width), left_pad(layer.keys, width)])
             old.values = torch.cat([left_pad(old.values, width), left_pad(layer.values, width)])
-        self.mask = torch.cat([left_pad(self.mask, width, dim=1), left_pad(row_mask, width, dim=1)])
+        self.mask = torch.cat([left_pad(self.mask, width, dim=1), left_pad(mask, width, dim=1)])
 
     def keep(self, rows: list[int]) -> None:
         """Keep only these rows (in this order); drop the columns every kept row pads."""
@@ -119,14 +118,16 @@ class Batcher:
     """The engine loop: admits waiting sequences between steps, decodes all running ones together.
 
     `ready(name)` says whether an adapter can be attached now without waiting for the disk (it may start
-    a read); `attach(names)` makes the adapters of the running rows plus a new one present on the model
-    (False: no slot free now); `idle()` runs between steps (detaching unloaded adapters)."""
+    a read); `attach(names)` makes the adapters of the running rows plus the new ones present on the model
+    (False: no slot free now); `idle()` runs between steps (detaching unloaded adapters). One prefill takes
+    at most `max_prefill_tokens` prompt tokens, padding included (a longer prompt alone is always taken)."""
 
     def __init__(self, model: nn.Module, eos: int | None, max_batch: int = 64, max_queue: int = 256,
                  ready: Callable[[str], bool] = lambda name: True,
                  attach: Callable[[list[str]], bool] = lambda names: True,
-                 idle: Callable[[list[str]], None] = lambda running: None) -> None:
+                 idle: Callable[[list[str]], None] = lambda running: None, max_prefill_tokens: int = 4096) -> None:
         self.model, self.eos, self.max_batch, self.max_queue = model, eos, max_batch, max_queue
+        self.max_prefill_tokens = max_prefill_tokens
         self.device = next(model.parameters()).device
         self.ready, self.attach, self.idle = ready, attach, idle
         self.waiting: deque[Sequence] = deque()
@@ -198,24 +199,43 @@ class Batcher:
             self.rows.keep(keep)
 
     def admit(self) -> None:
-        """Move waiting sequences whose adapter is ready into the batch (FIFO, skipping the not-ready)."""
+        """Move waiting sequences whose adapter is ready into the batch (FIFO, skipping the not-ready), their
+        prompts prefilled together."""
         with self.wake:
             candidates = list(self.waiting)
+        joining: list[Sequence] = []
         for seq in candidates:
-            if len(self.running) >= self.max_batch:
-                return
+            if len(self.running) + len(joining) >= self.max_batch:
+                break
             if seq.cancelled:
                 self.take(seq)
                 continue
+            width = max([len(seq.prompt), *(len(s.prompt) for s in joining)])
+            if joining and width * (len(joining) + 1) > self.max_prefill_tokens:
+                break
             try:
-                if seq.adapter is not None and (not self.ready(seq.adapter)
-                                                or not self.attach([*self.running_adapters(), seq.adapter])):
+                wanted = [*self.running_adapters(), *(s.adapter for s in joining if s.adapter is not None)]
+                if seq.adapter is not None and (not self.ready(seq.adapter) or not self.attach([*wanted, seq.adapter])):
                     continue
-                self.take(seq)
-                self.prefill(seq)
-            except Exception as e:  # this request's adapter or prompt: fail it alone
+            except Exception as e:  # this request's adapter: fail it alone
                 self.take(seq)
                 seq.emit(e)
+                continue
+            self.take(seq)
+            joining.append(seq)
+        if not joining:
+            return
+        try:
+            self.prefill(joining)
+        except Exception as e:
+            if len(joining) == 1:  # this request's prompt: fail it alone
+                joining[0].emit(e)
+                return
+            for seq in joining:  # find the one at fault: each alone
+                try:
+                    self.prefill([seq])
+                except Exception as e:
+                    seq.emit(e)
 
     def take(self, seq: Sequence) -> None:
         with self.wake:
@@ -223,17 +243,27 @@ class Batcher:
                 self.waiting.remove(seq)
 
     @torch.no_grad()
-    def prefill(self, seq: Sequence) -> None:
-        """Run the prompt alone, emit its first token, and add its KV row to the batch."""
-        ids = torch.tensor([seq.prompt], dtype=torch.long, device=self.device)  # [1, T]
+    def prefill(self, seqs: list[Sequence]) -> None:
+        """Run the prompts in one forward (left-padded), emit each one's first token, add their KV rows."""
+        width = max(len(s.prompt) for s in seqs)
+        ids = torch.zeros(len(seqs), width, dtype=torch.long)  # [k, T], left-padded (0: a masked pad)
+        mask = torch.zeros(len(seqs), width, dtype=torch.long)
+        for i, seq in enumerate(seqs):
+            ids[i, width - len(seq.prompt):] = torch.tensor(seq.prompt, dtype=torch.long)
+            mask[i, width - len(seq.prompt):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)  # each row's own positions from 0
         cache = DynamicCache()
-        with route(self.model, [seq.adapter]):
-            out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+        with route(self.model, [s.adapter for s in seqs]):
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                              use_cache=True, logits_to_keep=1)
         self.rows.layers(out.past_key_values)
-        self.running.append(seq)
-        self.rows.add(out.past_key_values, ids.shape[1])
-        self.push(seq, out.logits[0, -1])
+        self.running += seqs
+        self.rows.add(out.past_key_values, mask)
+        logits = out.logits[:, -1]  # [k, V]
+        greedy = logits.argmax(-1).tolist()
+        for i, seq in enumerate(seqs):
+            self.push(seq, logits[i], greedy[i])
 
     def push(self, seq: Sequence, logits: torch.Tensor, greedy: int | None = None) -> None:
         """Choose (`greedy`: the argmax, already known) and emit the next token; end the sequence at the end

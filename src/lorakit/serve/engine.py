@@ -92,7 +92,7 @@ class Engine:
     def __init__(self, model: nn.Module, tokenizer, base_id: str = "base",
                  adapters: dict[str, str | Path] | None = None, store: AdapterStore | None = None,
                  max_tokens_limit: int = 512, max_prompt_tokens: int = 2048, max_batch: int = 64,
-                 max_queue: int = 256) -> None:
+                 max_queue: int = 256, max_prefill_tokens: int = 4096) -> None:
         self.model, self.tokenizer, self.base_id, self.store = model.eval(), tokenizer, base_id, store
         self.max_tokens_limit, self.max_prompt_tokens = max_tokens_limit, max_prompt_tokens
         self.context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
@@ -107,7 +107,8 @@ class Engine:
                 raise ValueError(problem + " (prepare_base makes the base fit the adapters given at start)")
             self.fixed.append(load_adapter(model, adapter, name=name))
         eos = tokenizer.eos_token_id
-        self.batcher = Batcher(model, eos, max_batch, max_queue, self.ready, self.attach, self.idle).start()
+        self.batcher = Batcher(model, eos, max_batch, max_queue, self.ready, self.attach, self.idle,
+                               max_prefill_tokens).start()
 
     def close(self) -> None:
         self.batcher.stop()
