@@ -57,29 +57,22 @@ def run(args: argparse.Namespace) -> list[dict]:
     threads = args.threads or 2
     w = resolve_model(Workload(model=cfg["model"], threads=threads))
     records = []
-    try:
-        for length in cfg["lengths"]:
-            load_before = os.getloadavg()[0]
-            point = {"length": length}
-            for side in SIDES:
-                request = {"model_dir": w.model_dir, "side": side, "length": length, "reps": args.reps,
-                           "warmup": args.warmup, "threads": threads, **{k: cfg[k] for k in
-                           ("group_size_ratio", "r", "targets", "layers", "attention_only")}}  # fmt: skip
-                if cfg["group"]:  # a fixed group size: the ratio follows the length
-                    request["group_size_ratio"] = min(1.0, cfg["group"] / length)
-                point[side] = run_point(request, cfg["max_rss_gib"], memory=not args.no_memory)
-            env = measured_environment(threads, load_before)
-            record = {"suite": "longlora", **point, "ratios": ratios(point), "config": {**cfg, "reps": args.reps,
-                      "warmup": args.warmup}, "env": env}  # fmt: skip
-            records.append(record)
-            if args.json:
-                write_records(args.json, records)
-    finally:
-        if w.model == "tiny":
-            import shutil
-            from pathlib import Path
-
-            shutil.rmtree(Path(w.model_dir).parent, ignore_errors=True)
+    for length in cfg["lengths"]:
+        load_before = os.getloadavg()[0]
+        point = {"length": length}
+        for side in SIDES:
+            request = {"model_dir": w.model_dir, "side": side, "length": length, "reps": args.reps,
+                       "warmup": args.warmup, "threads": threads, **{k: cfg[k] for k in
+                       ("group_size_ratio", "r", "targets", "layers", "attention_only")}}  # fmt: skip
+            if cfg["group"]:  # a fixed group size: the ratio follows the length
+                request["group_size_ratio"] = min(1.0, cfg["group"] / length)
+            point[side] = run_point(request, cfg["max_rss_gib"], memory=not args.no_memory)
+        env = measured_environment(threads, load_before)
+        record = {"suite": "longlora", **point, "ratios": ratios(point), "config": {**cfg, "reps": args.reps,
+                  "warmup": args.warmup}, "env": env}  # fmt: skip
+        records.append(record)
+        if args.json:
+            write_records(args.json, records)
     print(table(records))
     return records
 

@@ -64,22 +64,18 @@ def run(args: argparse.Namespace) -> list[dict]:
     torch.set_num_threads(threads)
     w = resolve_model(Workload(model=cfg["model"], r=cfg["r"], alpha=2.0 * cfg["r"], threads=threads))
     records = []
-    try:
-        chosen = {"mixed": mixed_records, "train": train_record, "switch": switch_record}
-        for measure in [chosen[part] for part in PARTS if part in cfg["parts"]]:
-            before = os.getloadavg()[0]
-            found = measure(w, cfg, args)
-            env = measured_environment(threads, before)
-            for record in found if isinstance(found, list) else [found]:
-                record.update(suite="multi", config={**cfg, "reps": args.reps, "warmup": args.warmup}, env=env)
-                if record["scenario"] in TARGETS:
-                    record["targets"] = TARGETS[record["scenario"]]
-                records.append(record)
-            if args.json:
-                write_records(args.json, records)
-    finally:
-        if w.model == "tiny":
-            shutil.rmtree(Path(w.model_dir).parent, ignore_errors=True)
+    chosen = {"mixed": mixed_records, "train": train_record, "switch": switch_record}
+    for measure in [chosen[part] for part in PARTS if part in cfg["parts"]]:
+        before = os.getloadavg()[0]
+        found = measure(w, cfg, args)
+        env = measured_environment(threads, before)
+        for record in found if isinstance(found, list) else [found]:
+            record.update(suite="multi", config={**cfg, "reps": args.reps, "warmup": args.warmup}, env=env)
+            if record["scenario"] in TARGETS:
+                record["targets"] = TARGETS[record["scenario"]]
+            records.append(record)
+        if args.json:
+            write_records(args.json, records)
     print(table(records))
     return records
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,15 +35,11 @@ def run_bench(
     torch.set_num_threads(threads)
     w = resolve_model(Workload(**{**(QUICK if quick else {}), **workload, "threads": threads}))
     records: list[dict] = []
-    try:
-        for name in names:
-            records.append(run_scenario(name, w, reps, warmup, memory, profile))
-            log(table(records[-1]) + "\n")
-            if json_out:
-                write_records(json_out, records)
-    finally:
-        if w.model == "tiny":
-            shutil.rmtree(Path(w.model_dir).parent, ignore_errors=True)
+    for name in names:
+        records.append(run_scenario(name, w, reps, warmup, memory, profile))
+        log(table(records[-1]) + "\n")
+        if json_out:
+            write_records(json_out, records)
     return records
 
 

@@ -6,7 +6,9 @@ random token ids, the first `prompt_fraction` of each row being prompt (no loss)
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -85,11 +87,13 @@ def weight_mib(model: nn.Module) -> dict[str, float]:
 
 
 def resolve_model(w: Workload) -> Workload:
-    """`w` with `model_dir` set: the cached default model's folder, a given folder, or a fresh tiny one."""
+    """`w` with `model_dir` set: the cached default model's folder, a given folder, or a fresh tiny one
+    (removed when this process exits)."""
     if w.model_dir:
         return w
     if w.model == "tiny":
         folder = Path(tempfile.mkdtemp(prefix="lorakit-bench-")) / "tiny-llama"
+        atexit.register(shutil.rmtree, folder.parent, ignore_errors=True)
         tiny_model(w.seed).save_pretrained(folder)
     else:
         from lorakit.models import resolve
