@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import json
 import statistics
 import subprocess
 import time
@@ -64,9 +63,9 @@ def run(args: argparse.Namespace) -> list[dict]:
         r.update(suite="gpu", settings=s, env=env)
     print(table(records))
     if args.json:
-        with open(args.json, "a") as f:
-            for r in records:
-                f.write(json.dumps(r) + "\n")
+        from lorakit.bench.report import write_records
+
+        write_records(args.json, records)
     return records
 
 
