@@ -138,12 +138,12 @@ def gather(folders: list[Path]) -> dict[str, dict]:
             if not path.exists():
                 continue
             r = json.loads(path.read_text())
-            if stage in found and stage != "train":
+            if stage not in found:
+                found[stage] = r
+            elif stage != "train":  # the first folder's training run is the one reported
                 found[stage]["perplexity"] += r["perplexity"]
                 found[stage]["passkey"] += r["passkey"]
                 found[stage].setdefault("runs", []).append(r["env_start"])
-            else:
-                found[stage] = r
     return found
 
 

@@ -153,6 +153,11 @@ def test_eval_norm_cache_follows_changes():
     w = model[0].weight
     expected = x @ dora_weight(w, dora.lora_A, dora.lora_B, dora.magnitude, dora.scale).T + model[0].bias
     torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+    model.train()  # ||W_i||^2 is kept across training steps (W is frozen) until W itself changes
+    with torch.no_grad():
+        w.mul_(0.5)
+    expected = x @ dora_weight(w, dora.lora_A, dora.lora_B, dora.magnitude, dora.scale).T + model[0].bias
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])

@@ -15,6 +15,7 @@ from lorakit.kernels import dequant
 from lorakit.kernels.dequant import dequantize_4bit_bytes
 from lorakit.kernels.linear_ce import linear_cross_entropy
 from lorakit.kernels.lora_linear import lora_linear, lora_linear_reference
+from lorakit.quant.linear4bit import quantize_model
 from lorakit.quant.nf4 import dequantize_4bit, quantize_4bit
 from lorakit.train.loop import loss_sum
 
@@ -190,3 +191,42 @@ def test_compiled_dequantization_is_bit_exact():
     packed, state = quantize_4bit(torch.randn(48, 64, generator=torch.Generator().manual_seed(6)), "nf4", 64, True)
     assert torch.equal(dequant.dequantize_4bit_compiled(packed, state), dequantize_4bit(packed, state))
     assert dequant.COMPILE["ok"]
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2, lambda: quantize_model(tiny_llama(), "nf4", 32, True)],
+                         ids=["linear", "conv1d-bias", "4bit"])
+def test_dora_alone_fast_path_gives_the_plain_loss_and_gradients(make, monkeypatch):
+    """One active DoRA adapter per layer takes `apply_alone` (in-place LoRA node, one scaling); loss, every
+    gradient (magnitude included) and eval logits equal the plain `contribution` path."""
+    from lorakit.adapters.dora import DoraAdapter
+
+    calls = []
+    real = DoraAdapter.apply_alone
+    monkeypatch.setattr(DoraAdapter, "apply_alone", lambda self, *a: calls.append(1) or real(self, *a))
+    model = lorakit.inject(make(), lorakit.LoraSpec(r=4, alpha=8, targets="all-linear", kind="dora"))
+    randomize_adapters(model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "magnitude" in name:
+                p.mul_(1 + 0.3 * torch.rand(p.shape, generator=torch.Generator().manual_seed(len(name))))
+    batch = supervised_batch(2)
+    monkeypatch.setenv("LORAKIT_KERNELS", "0")
+    plain = loss_sum(model, batch)
+    plain.backward()
+    plain_grads = lora_grads(model)
+    model.zero_grad()
+    assert calls == []
+    monkeypatch.setenv("LORAKIT_KERNELS", "1")
+    fast = loss_sum(model, batch)
+    fast.backward()
+    assert len(calls) == len(list(lora_layers(model)))
+    assert_rel(fast, plain)
+    assert any("magnitude" in n for n in plain_grads)
+    for name, grad in lora_grads(model).items():
+        assert grad.abs().max() > 0, name
+        assert_rel(grad, plain_grads[name], msg=name)
+    model.eval()
+    with torch.no_grad():
+        fast_logits = model(batch["input_ids"]).logits
+        monkeypatch.setenv("LORAKIT_KERNELS", "0")
+        assert_rel(fast_logits, model(batch["input_ids"]).logits)

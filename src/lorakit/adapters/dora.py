@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from lorakit.adapters.lora import LoraAdapter
+from lorakit.kernels.lora_linear import lora_linear
 
 if TYPE_CHECKING:
     from lorakit.adapters.layer import LoraLayer
@@ -35,6 +36,7 @@ class DoraAdapter(LoraAdapter):
         super().__init__(in_features, out_features, r, alpha, **kwargs)
         self.magnitude = nn.Parameter(torch.ones(out_features, device=self.lora_A.device, dtype=self.lora_A.dtype))
         self.norm_cache: tuple[tuple, torch.Tensor] | None = None  # (key, norm) in eval mode
+        self.base_sq_cache: tuple[tuple, torch.Tensor] | None = None  # (key, ||W_i||^2): W is frozen
         self.merge_norm: torch.Tensor | None = None  # the norm the merge divided by, for unmerge
 
     @torch.no_grad()
@@ -52,6 +54,18 @@ class DoraAdapter(LoraAdapter):
         ratio = self.magnitude / self.weight_norm(layer)  # [out]; the norm carries no gradient
         return (ratio - 1) * wx + ratio * self.low_rank(x)
 
+    def apply_alone(self, x: torch.Tensor, base_out: torch.Tensor, layer: LoraLayer) -> torch.Tensor:
+        """The layer's output with this adapter as its only active one, no dropout at work (the fast path):
+
+            y = (m/n) (W x + s B A x) + b
+
+        as one in-place LoRA node (`lora_linear`) and one scaling by m/n: two [tokens, out] tensors in
+        forward where `contribution` plus the layer's sum make five."""
+        z = lora_linear(x, layer.without_bias(base_out), self.lora_A, self.lora_B, self.scale, inplace=True)
+        y = z * (self.magnitude / self.weight_norm(layer)).to(z.dtype)  # [..., out]
+        bias = layer._parameters.get("bias")
+        return y if bias is None else y.add_(bias.to(y.dtype))
+
     def weight_norm(self, layer: LoraLayer) -> torch.Tensor:
         """||W + s B A|| per output row, detached; reused in eval mode while W, A, B are unchanged."""
         if self.training:
@@ -65,7 +79,11 @@ class DoraAdapter(LoraAdapter):
     @torch.no_grad()
     def compute_norm(self, layer: LoraLayer) -> torch.Tensor:
         dtype = self.lora_A.dtype
-        return row_norm(layer.weight_oi(dtype), self.lora_A, self.lora_B, self.scale).to(dtype)
+        weight = layer.weight_oi(dtype)
+        key = (*base_key(layer), dtype)
+        if self.base_sq_cache is None or self.base_sq_cache[0] != key:
+            self.base_sq_cache = (key, weight.square().sum(1))  # [out]; changes only with W
+        return row_norm(weight, self.lora_A, self.lora_B, self.scale, self.base_sq_cache[1]).to(dtype)
 
     def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """m / ||W + s B A|| * (W + s B A); the norm is kept so that unmerge can invert it."""
@@ -86,16 +104,23 @@ class DoraAdapter(LoraAdapter):
 
 
 @torch.no_grad()
-def row_norm(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+def row_norm(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float,
+             weight_sq: torch.Tensor | None = None) -> torch.Tensor:
     """||W + s B A|| per row of W [out, in], without building B A:
-    ||W_i||^2 + 2 s <B_i, (W A^T)_i> + s^2 B_i (A A^T) B_i^T."""
+    ||W_i||^2 + 2 s <B_i, (W A^T)_i> + s^2 B_i (A A^T) B_i^T   (`weight_sq`: ||W_i||^2, if known)."""
     a, b = a.to(weight.dtype), b.to(weight.dtype)
     wa = weight @ a.T  # [out, r]
-    squared = weight.square().sum(1) + 2 * scale * (b * wa).sum(1) + scale**2 * ((b @ (a @ a.T)) * b).sum(1)
+    weight_sq = weight.square().sum(1) if weight_sq is None else weight_sq
+    squared = weight_sq + 2 * scale * (b * wa).sum(1) + scale**2 * ((b @ (a @ a.T)) * b).sum(1)
     return squared.clamp_min(0).sqrt()  # [out]
+
+
+def base_key(layer: LoraLayer) -> tuple:
+    """Changes whenever the base weight (or its 4-bit state) is replaced or modified in place."""
+    return layer.weight.data_ptr(), layer.weight._version, layer.weight.dtype, id(getattr(layer, "quant_state", None))
 
 
 def cache_key(layer: LoraLayer, adapter: DoraAdapter) -> tuple:
     """Changes whenever the base weight or a factor is replaced or modified in place."""
-    tensors = (layer.weight, adapter.lora_A, adapter.lora_B)
-    return tuple((t.data_ptr(), t._version, t.dtype) for t in tensors) + (id(getattr(layer, "quant_state", None)),)
+    factors = (adapter.lora_A, adapter.lora_B)
+    return base_key(layer) + tuple((t.data_ptr(), t._version, t.dtype) for t in factors)

@@ -21,6 +21,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lorakit import kernels
+from lorakit.adapters.dora import DoraAdapter
 from lorakit.adapters.lora import LoraAdapter
 from lorakit.kernels.lora_linear import lora_linear
 from lorakit.quant.linear4bit import Linear4bit, dequantize_weight
@@ -134,6 +135,9 @@ class LoraLayer(nn.Module):
                 # one autograd node, rank-sized intermediates; adds in place when nothing else reads base_out
                 y = lora_linear(adapter.dropout(x), y, adapter.lora_A, adapter.lora_B, adapter.scale,
                                 inplace=len(names) == 1)
+            elif (fast and len(names) == 1 and type(adapter) is DoraAdapter and not adapter.embedding
+                  and (not adapter.training or isinstance(adapter.dropout, nn.Identity))):
+                y = adapter.apply_alone(x, base_out, self)
             else:
                 y = y + adapter.contribution(x, base_out, self).to(y.dtype)
         return y
