@@ -10,7 +10,7 @@ from torch import nn
 import lorakit
 from conftest import tiny_llama
 from lorakit.adapters.dora import DoraAdapter
-from lorakit.adapters.inject import adapter_chain
+from lorakit.adapters.inject import adapter_chain, remove_adapter
 from lorakit.adapters.layer import lora_layers
 from lorakit.multi import routing
 from lorakit.quant.linear4bit import quantize_model
@@ -206,3 +206,32 @@ def test_stacked_adapter_row_takes_its_parent_chain(monkeypatch, all_adapters_ma
     assert routing.group_rows(["c", None, "a"], lambda n: adapter_chain(model, n))[0][0] == "a"
     check_rows_equal_alone(model, ["c", "a", None, "b", "c"])
     check_rows_equal_alone(model, ["c", "c"])  # every row takes a, b and c: three whole-batch groups
+
+
+def test_stacked_factors_are_kept_across_routings_until_a_factor_changes(monkeypatch):
+    """Serving opens one routing per decoding step: the stacked copies of the factors are built once per
+    layer and reused, and rebuilt when a factor changes in place or an adapter is replaced."""
+    monkeypatch.setattr(routing, "ALL_ADAPTERS_MAX", 10**6)
+    monkeypatch.setattr(routing, "_STACKED", lorakit.kernels.FactorCache())
+    model = with_adapters(tiny_llama(), {"a": lorakit.LoraSpec(r=2, alpha=4), "b": lorakit.LoraSpec(r=3, alpha=3)})
+    ids = tokens(3, length=1)
+
+    def stacks() -> dict:
+        with torch.no_grad(), lorakit.route(model, ["a", "b", None]):
+            model(ids)
+        return {layer: entry[2] for layer, entry in routing._STACKED.entries.items()}
+
+    first = stacks()
+    assert len(first) == len(list(lora_layers(model)))
+    again = stacks()
+    assert all(again[layer] is value for layer, value in first.items())  # reused, not rebuilt
+    layer = next(layer for _, layer in lora_layers(model))
+    with torch.no_grad():
+        layer.adapters["b"].lora_B.mul_(2.0)
+    changed = stacks()
+    assert changed[layer] is not first[layer] and sum(changed[k] is not v for k, v in first.items()) == 1
+    check_rows_equal_alone(model, ["a", "b", None])  # the rebuilt stack holds the new factor
+    remove_adapter(model, "b")
+    with_adapters(model, {"b": lorakit.LoraSpec(r=3, alpha=3)}, seed=5)
+    assert all(stacks()[k] is not v for k, v in first.items())
+    check_rows_equal_alone(model, ["a", "b", None])

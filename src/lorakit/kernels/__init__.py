@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import functools
 import os
+import weakref
+from collections.abc import Callable
 
 import torch
 
@@ -43,3 +45,20 @@ def triton_available() -> bool:
     except Exception:  # noqa: BLE001 (a broken install: any error means no Triton kernels)
         return False
     return True
+
+
+class FactorCache:
+    """Per layer, one value derived from adapter factors (e.g. their stacked copies for a mixed batch),
+    kept until a factor is replaced or changed in place. The entry holds the factors it was built from,
+    so that no new tensor can take one of their ids while it is cached."""
+
+    def __init__(self) -> None:
+        self.entries: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> (key, factors, value)
+
+    def get(self, layer: object, factors: list[torch.Tensor], extra: tuple, build: Callable[[], object]) -> object:
+        key = (*((id(t), t._version) for t in factors), *extra)
+        entry = self.entries.get(layer)
+        if entry is None or entry[0] != key:
+            entry = (key, factors, build())
+            self.entries[layer] = entry
+        return entry[2]

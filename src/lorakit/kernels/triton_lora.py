@@ -19,13 +19,12 @@ no autograd); `routed_lora` is the CUDA branch of `RowRouting.apply`.
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor, nn
 
+from lorakit.kernels import FactorCache
 from lorakit.kernels.triton_nf4 import cast_rtne, dot, interpreting
 
 
@@ -236,7 +235,7 @@ def segment_adapters(seg_start: Tensor, seg_adapter: Tensor) -> Tensor:
 # The routed layer (CUDA branch of RowRouting.apply)
 # ---------------------------------------------------------------------------------------------
 
-_STACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> (key, stacks), rebuilt on change
+_STACKS = FactorCache()  # layer -> the stacks of its last routed adapters
 
 
 def routed_lora(groups: list[tuple[str, Tensor | None]], layer: nn.Module, x: Tensor,
@@ -252,7 +251,7 @@ def routed_lora(groups: list[tuple[str, Tensor | None]], layer: nn.Module, x: Te
             a.dropout, nn.Identity)) for a in adapters):  # fmt: skip
         return None
     rows = x.shape[0]
-    a_stack, b_stack, ranks, scales = _stacks(layer, [name for name, _ in present], adapters, x.device)
+    a_stack, b_stack, ranks, scales = _stacks(layer, adapters, x.device)
     adapter = torch.full((rows,), -1, dtype=torch.int32, device=x.device)
     for j, (_, index) in enumerate(present):
         adapter[index if index is not None else slice(None)] = j
@@ -267,15 +266,13 @@ def routed_lora(groups: list[tuple[str, Tensor | None]], layer: nn.Module, x: Te
     return y.view(base_out.shape)
 
 
-def _stacks(layer: nn.Module, names: list[str], adapters: list[nn.Module], device: torch.device) -> tuple:
+def _stacks(layer: nn.Module, adapters: list[nn.Module], device: torch.device) -> tuple:
     """The stacked factors of `adapters`, cached per layer until a factor changes (or is replaced)."""
-    key = tuple((n, id(a.lora_A), a.lora_A._version, id(a.lora_B), a.lora_B._version, a.scale)
-                for n, a in zip(names, adapters, strict=True))  # fmt: skip
-    cached = _STACKS.get(layer)
-    if cached is None or cached[0] != key:
+    def build() -> tuple:
         a_stack, b_stack, ranks = stack_adapters([a.lora_A.detach() for a in adapters],
                                                  [a.lora_B.detach() for a in adapters])  # fmt: skip
         scales = torch.tensor([a.scale for a in adapters], dtype=torch.float32, device=device)
-        cached = (key, (a_stack, b_stack, ranks, scales))
-        _STACKS[layer] = cached
-    return cached[1]
+        return a_stack, b_stack, ranks, scales
+
+    factors = [t for a in adapters for t in (a.lora_A, a.lora_B)]
+    return _STACKS.get(layer, factors, tuple(a.scale for a in adapters), build)

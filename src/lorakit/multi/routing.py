@@ -65,8 +65,7 @@ class Stack:
     def build(cls, layer: LoraLayer, names: list[str], groups: list[tuple[str, torch.Tensor | None]],
               rows: int, device: torch.device) -> Stack:
         adapters = [layer.adapters[n] for n in names]
-        A = torch.cat([a.lora_A for a in adapters])
-        B = torch.cat([a.lora_B * a.scale for a in adapters], dim=1)
+        A, B = stacked_factors(layer, adapters)
         ranks = [a.lora_A.shape[0] for a in adapters]
         starts = [sum(ranks[:i]) for i in range(len(ranks))]
         mask = torch.zeros(rows, sum(ranks), dtype=A.dtype)
@@ -83,6 +82,23 @@ class Stack:
         h = F.linear(x.reshape(rows, -1, x.shape[-1]).to(self.A.dtype), self.A)  # [rows, t, sum r]
         delta = F.linear(h * self.mask[:, None], self.B)  # [rows, t, out]
         return base_out + delta.view(base_out.shape).to(base_out.dtype)
+
+
+# no-grad mode: each layer's last stacked factors, reused by later routings over the same adapters (a
+# server opens one routing per decoding step)
+_STACKED = kernels.FactorCache()
+
+
+def stacked_factors(layer: LoraLayer, adapters: list[LoraAdapter]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A_cat [sum r, in], B_cat [out, sum r] with each adapter's scale folded in): built differentiably
+    while training, else cached per layer until one of the factors is replaced or changed in place."""
+    def build() -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.cat([a.lora_A for a in adapters]), torch.cat([a.lora_B * a.scale for a in adapters], dim=1)
+
+    if torch.is_grad_enabled():
+        return build()
+    factors = [t for a in adapters for t in (a.lora_A, a.lora_B)]
+    return _STACKED.get(layer, factors, tuple(a.scale for a in adapters), build)
 
 
 @dataclass
