@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from lorakit.bench.multi import settings
 from lorakit.cli import main
@@ -41,6 +42,13 @@ def test_quick_suite_records_and_ratios(tmp_path, capsys):
 def test_settings_refuse_unknown_keys_and_bad_values():
     assert settings(["adapters=4", "model=tiny"], quick=False)["adapters"] == 4
     assert settings(["parts=train,mixed"], quick=True)["parts"] == ["train", "mixed"]
+    with pytest.raises(ValueError, match="device is cpu or cuda"):
+        settings(["device=tpu"], quick=True)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device here"):
+            settings(["device=cuda"], quick=True)
+    with pytest.raises(ValueError, match="dtype is float32, bfloat16 or float16"):
+        settings(["dtype=int8"], quick=True)
     with pytest.raises(ValueError, match="parts are some of mixed, train, switch"):
         settings(["parts=mixed,serve"], quick=True)
     with pytest.raises(ValueError, match="KEY one of parts, model, adapters"):

@@ -14,7 +14,8 @@ Records (each `ours`, `peer`, `ratios` = ours / peer for every number both have)
                                  cache (attach + prefill + 1 token) vs one already on the model (peer).
 
 Settings (--set KEY=VALUE): parts=mixed,train,switch (which records), model=default, adapters=8,
-rows=16, prompt=64, new_tokens=16, r=16, train_jobs=4, train_rows=4, train_seq=64, train_steps=2.
+rows=16, prompt=64, new_tokens=16, r=16, train_jobs=4, train_rows=4, train_seq=64, train_steps=2,
+device=cpu (or cuda: models and batches there, each timed run ends with a synchronize), dtype=float32.
 All sides time in one process, alternating (`measure.time_sides`); the load average before and
 after each record is in its env.
 """
@@ -32,7 +33,8 @@ from lorakit.bench.settings import parse_settings
 
 PARTS = ("mixed", "train", "switch")
 DEFAULTS = {"parts": list(PARTS), "model": "default", "adapters": 8, "rows": 16, "prompt": 64, "new_tokens": 16,
-            "r": 16, "train_jobs": 4, "train_rows": 4, "train_seq": 64, "train_steps": 2}
+            "r": 16, "train_jobs": 4, "train_rows": 4, "train_seq": 64, "train_steps": 2, "device": "cpu",
+            "dtype": "float32"}
 QUICK = {"model": "tiny", "adapters": 3, "rows": 6, "prompt": 8, "new_tokens": 3, "r": 4, "train_jobs": 2,
          "train_rows": 2, "train_seq": 16, "train_steps": 1}
 TARGETS = {"mixed-prefill": {"mixed_over_single_max": 1.15, "tokens_per_s_ratio_min": 1.2},
@@ -49,6 +51,15 @@ def settings(items: list[str], quick: bool) -> dict:
     for key, value in found.items():
         if isinstance(value, int) and value < 1:
             raise ValueError(f"bench multi: --set {key}={value}: {key} must be a positive integer")
+    if found["device"] != "cpu" and not found["device"].startswith("cuda"):
+        raise ValueError(f"bench multi: --set device={found['device']}: device is cpu or cuda[:N]")
+    if found["device"] != "cpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"bench multi: --set device={found['device']}: no CUDA device here")
+    if found["dtype"] not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"bench multi: --set dtype={found['dtype']}: dtype is float32, bfloat16 or float16")
     return found
 
 
@@ -62,7 +73,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     cfg = settings(args.set, args.quick)
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
-    w = resolve_model(Workload(model=cfg["model"], r=cfg["r"], alpha=2.0 * cfg["r"], threads=threads))
+    w = resolve_model(Workload(model=cfg["model"], r=cfg["r"], alpha=2.0 * cfg["r"], threads=threads,
+                               dtype=cfg["dtype"]))
     records = []
     chosen = {"mixed": mixed_records, "train": train_record, "switch": switch_record}
     for measure in [chosen[part] for part in PARTS if part in cfg["parts"]]:
@@ -86,10 +98,16 @@ def record(scenario: str, summary: str, ours: dict, peer: dict) -> dict:
     return {"scenario": scenario, "summary": summary, "ours": ours, "peer": peer, "ratios": ratios(ours, peer)}
 
 
-def timed(tasks: dict, args: argparse.Namespace) -> dict[str, float]:
-    """Median seconds of each side, the sides alternating."""
-    from lorakit.bench.measure import time_sides
+def timed(tasks: dict, args: argparse.Namespace, cfg: dict) -> dict[str, float]:
+    """Median seconds of each side, the sides alternating (on CUDA each run ends with a synchronize)."""
+    import torch
 
+    from lorakit.bench.measure import time_sides
+    from lorakit.bench.workload import Task
+
+    if cfg["device"] != "cpu":
+        tasks = {side: Task(lambda t=t: [t.run(), torch.cuda.synchronize()][0], reset=t.reset, keep=t.keep)
+                 for side, t in tasks.items()}
     found = time_sides(tasks, args.reps, args.warmup)
     return {side: statistics.median(found[side]["seconds"]) for side in tasks}
 
@@ -106,7 +124,7 @@ def mixed_records(w, cfg: dict, args: argparse.Namespace) -> list[dict]:
     ours, peer = lorakit_model(w, cfg), peft_model(w, cfg)
     names = [f"a{i}" for i in range(cfg["adapters"])]
     per_row = [names[i % len(names)] for i in range(cfg["rows"])]
-    ids = torch.randint(3, ours.config.vocab_size, (cfg["rows"], cfg["prompt"]), generator=g)
+    ids = torch.randint(3, ours.config.vocab_size, (cfg["rows"], cfg["prompt"]), generator=g).to(cfg["device"])
     n = cfg["new_tokens"]
     greedy = {"attention_mask": torch.ones_like(ids), "max_new_tokens": n, "min_new_tokens": n, "do_sample": False,
               "pad_token_id": 0, "eos_token_id": None}
@@ -129,7 +147,7 @@ def mixed_records(w, cfg: dict, args: argparse.Namespace) -> list[dict]:
                                        lambda m, **kw: state.update(prefilled(m, ids, **kw))))  # fmt: skip
             else:
                 tasks[side] = Task(lambda run_call=run_call, call=calls[kind]: run_call(call))
-        seconds = timed(tasks, args)
+        seconds = timed(tasks, args, cfg)
         found = {}
         for side, name in (("ours", "lorakit route"), ("peer", "peft adapter_names")):
             mixed, single = seconds[f"{side}_mixed"], seconds[f"{side}_single"]
@@ -170,7 +188,7 @@ def lorakit_model(w, cfg: dict):
     from lorakit.bench.ours import lora_spec, randomize_lora_B
     from lorakit.bench.workload import load_base
 
-    model = load_base(w)
+    model = load_base(w).to(cfg["device"])
     for i in range(cfg["adapters"]):
         torch.manual_seed(w.seed + i)
         inject(model, lora_spec(w), name=f"a{i}", trainable=False)
@@ -188,7 +206,7 @@ def peft_model(w, cfg: dict):
 
     peft = need("peft")
     torch.manual_seed(w.seed)
-    model = peft.get_peft_model(load_base(w), peft_config(w), adapter_name="a0")
+    model = peft.get_peft_model(load_base(w).to(cfg["device"]), peft_config(w), adapter_name="a0")
     for i in range(1, cfg["adapters"]):
         model.add_adapter(f"a{i}", peft_config(w))
     model.set_adapter("a0")
@@ -233,7 +251,7 @@ def train_record(w, cfg: dict, args: argparse.Namespace) -> dict:
     from lorakit.multi.train import Job, adapter_parameters, multi_step
     from lorakit.train.fit import Run, train_step
 
-    model = load_base(w)
+    model = load_base(w).to(cfg["device"])
     g = torch.Generator().manual_seed(w.seed)
     seq, half = cfg["train_seq"], cfg["train_seq"] // 2
     jobs = []
@@ -261,7 +279,7 @@ def train_record(w, cfg: dict, args: argparse.Namespace) -> dict:
                 train_step(model, job.rows, job.cfg, 0, job.run.step, params, job.run.optimizer, job.run.schedule)
                 job.run.step += 1
 
-    seconds = timed({"ours": Task(together), "peer": Task(one_after_another)}, args)
+    seconds = timed({"ours": Task(together), "peer": Task(one_after_another)}, args, cfg)
     tokens = cfg["train_jobs"] * cfg["train_steps"] * cfg["train_rows"] * seq
     summary = (f"{cfg['train_jobs']} adapters (r={w.r}, all linears), {cfg['train_steps']} steps of {cfg['train_rows']}"
                f" rows x {seq} tokens each: in one batch vs one job after another")
@@ -286,13 +304,14 @@ def switch_record(w, cfg: dict, args: argparse.Namespace) -> dict:
     from lorakit.bench.workload import Task, load_base
     from lorakit.multi.store import AdapterStore
 
-    model = load_base(w)
+    model = load_base(w).to(cfg["device"])
     root = Path(tempfile.mkdtemp(prefix="lorakit-bench-store-"))
     for name in ("ram", "device"):
         inject(model, lora_spec(w), name=name, trainable=False)
         save_adapter(model, root / name, name=name)
         remove_adapter(model, name)
     ids = torch.randint(3, model.config.vocab_size, (1, cfg["prompt"]), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(cfg["device"])
     store = AdapterStore(root, max_ram=4, max_device=2)
     try:
         def first_token(name: str) -> None:
@@ -308,7 +327,7 @@ def switch_record(w, cfg: dict, args: argparse.Namespace) -> dict:
 
         tasks = {"ours": Task(lambda: first_token("ram"), reset=only_in_ram),
                  "peer": Task(lambda: first_token("device"), reset=lambda: store.attach(model, ["device"]))}
-        seconds = timed(tasks, args)
+        seconds = timed(tasks, args, cfg)
         stats = store.stats()
     finally:
         store.close()

@@ -42,7 +42,7 @@ from lorakit.models import load
 from lorakit.multi.routing import route
 from lorakit.train import distributed
 from lorakit.train.fit import FitResult, Run, micro_batch, peak_rss_mb, validation_loss
-from lorakit.train.loop import head_loss_sum, model_inputs, plain_head
+from lorakit.train.loop import head_loss_sum, model_inputs, on_device, plain_head
 from lorakit.train.plot import plot_run
 from lorakit.train.run import datasets, prepare_base
 
@@ -153,6 +153,7 @@ def multi_step(model: nn.Module, jobs: list[Job], pad_id: int) -> list[dict]:
     for i in range(max(len(m) for m in micro)):
         present = [j for j, m in enumerate(micro) if i < len(m)]  # jobs with a micro-batch i this step
         batch, spans = combine([micro[j][i] for j in present], pad_id)
+        batch = on_device(batch, next(iter(jobs[0].run.params.values())).device)
         names = [jobs[j].name for j, s in zip(present, spans, strict=True) for _ in range(s.stop - s.start)]
         with route(model, names):  # backward inside too: gradient checkpointing re-runs the routed forward
             with torch.autocast(batch["input_ids"].device.type, dtype=torch.bfloat16,

@@ -34,7 +34,7 @@ from lorakit.data.encode import IGNORE, collate
 from lorakit.data.packing import collate_packed
 from lorakit.quant.optim import make_optimizer
 from lorakit.train import distributed
-from lorakit.train.loop import loss_sum
+from lorakit.train.loop import loss_sum, on_device
 from lorakit.train.plot import plot_ranks
 from lorakit.train.tensorboard import open_tensorboard, write_scalars
 
@@ -371,7 +371,7 @@ def train_step(model, rows, cfg: TrainConfig, pad_id: int, step: int, params, op
     """
     t = time.perf_counter()
     indices = distributed.micro_indices(step, cfg.grad_accum, world)
-    micro = [micro_batch(rows, cfg, pad_id, k) for k in indices]
+    micro = [on_device(micro_batch(rows, cfg, pad_id, k), params[0].device) for k in indices]
     n_tokens = int(distributed.all_sum(sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro), world))
     total = 0.0
     for i, b in enumerate(micro):

@@ -33,6 +33,11 @@ def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return F.cross_entropy(out.logits[:, :-1][keep].float(), labels[keep], reduction="sum")
 
 
+def on_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The batch's tensors on `device` (where the trained parameters are); unchanged when already there."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """What the model takes from a batch: ids, mask (2-D, or 4-D for packed rows), position ids."""
     return {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
