@@ -112,10 +112,16 @@ def test_config_file_and_overrides_give_identical_adapters(tiny_model_dir, jsonl
     assert (tmp_path / "a" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def default_sigint() -> None:
+    """In the child before exec: Ctrl-C's default action, even when this run was started in the
+    background by a shell (which ignores SIGINT there, and Python then never raises KeyboardInterrupt)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_writes_a_checkpoint_that_resumes(tiny_model_dir, jsonl, tmp_path):
     common = [f"base={tiny_model_dir}", f"dataset={jsonl}", "max_steps=400", "batch_size=4", "eval=false",
               f"output_dir={tmp_path / 'run'}"]
-    run = cli("train", *common)
+    run = cli("train", *common, preexec_fn=default_sigint)
     metrics, deadline = tmp_path / "run" / "metrics.jsonl", time.time() + 300
     while not (metrics.is_file() and metrics.read_text().count("\n") >= 3):
         assert run.poll() is None and time.time() < deadline, run.stdout.read()
