@@ -198,9 +198,9 @@ def route(model: nn.Module, adapter_per_row: Sequence[str | None]) -> Iterator[R
     copies are switched off."""
     adapter_per_row = list(adapter_per_row)
     check_routable(model, {n for n in adapter_per_row if n is not None})
-    chained = any(len(adapter_chain(model, n)) > 1 for n in set(adapter_per_row) - {None})
-    routing = RowRouting(len(adapter_per_row), group_rows(adapter_per_row, lambda n: adapter_chain(model, n)),
-                         chained)
+    chains = {n: adapter_chain(model, n) for n in set(adapter_per_row) - {None}}  # each routed adapter's stack
+    routing = RowRouting(len(adapter_per_row), group_rows(adapter_per_row, chains.__getitem__),
+                         chained=any(len(c) > 1 for c in chains.values()))
     layers = [layer for _, layer in lora_layers(model)]
     copies = [c for _, c in module_copies(model)]
     saved_active = [c.active for c in copies]
