@@ -258,3 +258,27 @@ def test_train_on_standard_library_long_text(tiny_model_dir, tmp_path, monkeypat
     assert "exact_match_after" not in results and results["steps"] == 2
     with pytest.raises(ValueError, match="set max_steps"):
         run_module.run(load_train_config(None, [*settings, "max_steps=null", "epochs=1"]), log=lambda *_: None)
+
+
+def test_parallel_jobs_train_on_standard_library_long_text(tiny_model_dir, tmp_path, monkeypatch):
+    """`train-multi` builds each job's rows as `lorakit train` does: `dataset: stdlib` gives each job its
+    own seeded long-text rows and held-out validation rows."""
+    from lorakit.config import load_train_config
+    from lorakit.data.longtext import as_rows, long_sequences
+    from lorakit.models import load
+    from lorakit.multi import train as multi_train
+
+    seen = []
+    real = multi_train.fit_multi
+    monkeypatch.setattr(multi_train, "fit_multi", lambda model, jobs, *a: seen.extend(jobs) or real(model, jobs, *a))
+    cfgs = [load_train_config(None, [f"base={tiny_model_dir}", "dataset=stdlib", f"output_dir={tmp_path / str(i)}",
+                                     "max_steps=2", "batch_size=1", "max_length=32", "eval_every=2", f"seed={i}"])
+            for i in range(2)]
+    multi_train.run_multi(cfgs, log=lambda *_: None)
+    _, tokenizer = load(str(tiny_model_dir))
+    held = as_rows(long_sequences(tokenizer, 32, 1, split="held-out"))
+    for i, job in enumerate(seen):
+        assert job.rows == as_rows(long_sequences(tokenizer, 32, 2, split="train", seed=i))
+        assert job.val_rows == held
+    assert seen[0].rows != seen[1].rows
+    assert (tmp_path / "1" / "adapter" / "adapter_model.safetensors").is_file()

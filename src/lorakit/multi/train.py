@@ -35,8 +35,7 @@ from lorakit.adapters.layer import LoraLayer
 from lorakit.adapters.loraplus import loraplus_param_groups
 from lorakit.atomic import atomic_write_text
 from lorakit.config import TrainConfig, to_dict
-from lorakit.data.encode import CHAT_TEMPLATES, IGNORE, encode_all
-from lorakit.data.packing import pack
+from lorakit.data.encode import CHAT_TEMPLATES, IGNORE
 from lorakit.generate import score_rows
 from lorakit.models import load
 from lorakit.multi.routing import route
@@ -44,7 +43,7 @@ from lorakit.train import distributed
 from lorakit.train.fit import FitResult, Run, micro_batch, peak_rss_mb, validation_loss
 from lorakit.train.loop import head_loss_sum, model_inputs, on_device, plain_head
 from lorakit.train.plot import plot_run
-from lorakit.train.run import datasets, prepare_base
+from lorakit.train.run import datasets, prepare_base, training_rows
 
 # keys that build or change the one base model, or the batch layout, so every job must agree on them
 SHARED = ("base", "quant", "longlora", "gradient_checkpointing", "compile", "precision", "chat_template", "packing")
@@ -223,7 +222,7 @@ def evaluator(job: Job, pad_id: int, tokenizer):
     def evaluate(model: nn.Module) -> dict:
         set_active(model, [job.name])
         metrics = validation_loss(model, job.val_rows, job.cfg.batch_size, pad_id)
-        if job.cfg.eval:
+        if job.cfg.eval and job.held_out:  # dataset: stdlib has no answers to score
             metrics["exact_match"] = score_rows(model, tokenizer, job.held_out, job.cfg.max_new_tokens)
         return metrics
 
@@ -242,11 +241,7 @@ def run_multi(cfgs: list[TrainConfig], where: str = "config", log=print) -> tupl
     jobs = []
     for i, cfg in enumerate(cfgs):
         train, held_out = datasets(cfg)
-        rows = encode_all(tokenizer, train, cfg.max_length, cfg.train_on_prompt, cfg.truncation, warn=log)
-        if cfg.packing:
-            rows = pack(rows, cfg.max_length)
-        val_rows = encode_all(tokenizer, held_out, cfg.max_length, cfg.train_on_prompt, cfg.truncation,
-                              warn=log) if held_out and cfg.eval_every else []
+        rows, val_rows = training_rows(cfg, tokenizer, train, held_out, log)
         job = Job(cfg, f"job{i}", rows, held_out, val_rows)
         job.results = {"config": to_dict(cfg), "train_examples": len(train), "eval_examples": len(held_out),
                        "parallel_jobs": len(cfgs)}

@@ -71,6 +71,22 @@ def long_text_rows(cfg: TrainConfig, tokenizer) -> tuple[list[tuple[list[int], l
     return train, val
 
 
+def training_rows(cfg: TrainConfig, tokenizer, train: list[Row], held_out: list[Row], log=print) -> tuple[list, list]:
+    """(training rows, validation rows) as (ids, labels): `train` encoded (and packed when asked) and
+    `held_out` encoded when validation runs (`eval_every`); for `dataset: stdlib`, rows of long text."""
+    if cfg.dataset == LONG_TEXT:
+        rows, val_rows = long_text_rows(cfg, tokenizer)
+        log(f"{len(rows)} rows of {cfg.max_length} tokens of standard-library source ({len(val_rows)} held out)")
+        return rows, val_rows
+    rows = encode_all(tokenizer, train, cfg.max_length, cfg.train_on_prompt, cfg.truncation, warn=log)
+    if cfg.packing:
+        rows = pack(rows, cfg.max_length)
+        log(f"packed {len(train)} examples into {len(rows)} rows of at most {cfg.max_length} tokens")
+    val_rows = encode_all(tokenizer, held_out, cfg.max_length, cfg.train_on_prompt, cfg.truncation,
+                          warn=log) if held_out and cfg.eval_every else []
+    return rows, val_rows
+
+
 def prepare_base(model: nn.Module, cfg: TrainConfig) -> None:
     """QLoRA's k-bit preparation: 4-bit linears, norms in fp32, gradient checkpointing (default on)."""
     if cfg.quant is not None:
@@ -116,14 +132,7 @@ def run(cfg: TrainConfig, log=print) -> tuple[nn.Module, dict]:
     prepare_base(model, cfg)
     if cfg.chat_template is not None:
         tokenizer.chat_template = CHAT_TEMPLATES.get(cfg.chat_template, cfg.chat_template)
-    if cfg.dataset == LONG_TEXT:
-        rows, long_val_rows = long_text_rows(cfg, tokenizer)
-        log(f"{len(rows)} rows of {cfg.max_length} tokens of standard-library source ({len(long_val_rows)} held out)")
-    else:
-        rows = encode_all(tokenizer, train, cfg.max_length, cfg.train_on_prompt, cfg.truncation, warn=log)
-    if cfg.packing:
-        rows = pack(rows, cfg.max_length)
-        log(f"packed {len(train)} examples into {len(rows)} rows of at most {cfg.max_length} tokens")
+    rows, val_rows = training_rows(cfg, tokenizer, train, held_out, log)
     results: dict = {"config": to_dict(cfg), "train_examples": len(train), "eval_examples": len(held_out)}
     if cfg.eval and held_out and world.main:  # the base alone, before an adapter (PiSSA's init changes the base)
         t = time.perf_counter()
@@ -138,10 +147,6 @@ def run(cfg: TrainConfig, log=print) -> tuple[nn.Module, dict]:
     inject(model, spec)
     log(trainable_report(model))
     out.mkdir(parents=True, exist_ok=True)
-    val_rows = encode_all(tokenizer, held_out, cfg.max_length, cfg.train_on_prompt, cfg.truncation,
-                          warn=log) if held_out and cfg.eval_every else []
-    if cfg.dataset == LONG_TEXT:
-        val_rows = long_val_rows
 
     def evaluate(m: nn.Module) -> dict:
         """Validation loss and perplexity, and the task's own metric (exact match) when `eval` is on."""
