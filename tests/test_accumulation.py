@@ -17,7 +17,6 @@ from lorakit.data.encode import IGNORE
 from lorakit.train import distributed
 from lorakit.train.fit import fit, micro_batch
 
-
 PROMPTS = (3, 5, 2, 8, 4, 6, 7, 2)  # tokens per row: prompt + answer, all lengths distinct
 ANSWERS = (1, 9, 4, 2, 12, 6, 10, 1)
 
@@ -27,7 +26,8 @@ def ragged_rows(n: int = 6, seed: int = 0) -> list[tuple[list[int], list[int]]]:
     g = torch.Generator().manual_seed(seed)
     rows = []
     for p, a in zip(PROMPTS[:n], ANSWERS[:n], strict=True):
-        prompt, answer = torch.randint(3, 128, (p,), generator=g).tolist(), torch.randint(3, 128, (a,), generator=g).tolist()
+        prompt = torch.randint(3, 128, (p,), generator=g).tolist()
+        answer = torch.randint(3, 128, (a,), generator=g).tolist()
         rows.append((prompt + answer, [IGNORE] * p + answer))
     return rows
 
