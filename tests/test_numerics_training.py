@@ -20,7 +20,7 @@ from lorakit.train.loop import loss_sum
 from lorakit.train.run import prepare_base
 from test_accumulation import adapter_model, capture_gradients, ragged_rows
 
-BF16_LOSS_TOLERANCE = 2e-2  # relative; bf16 keeps 8 significant bits (2^-8 = 0.4% per rounding), over 2 blocks
+BF16_LOSS_TOLERANCE = 4e-3  # relative: one bf16 rounding (8 significant bits, 2^-8); measured 3e-4 here
 
 
 def output_dtypes(model: torch.nn.Module) -> list[torch.dtype]:
@@ -52,7 +52,7 @@ def test_bf16_autocast_runs_the_matmuls_in_bf16_and_keeps_fp32_adapters(monkeypa
         return
     assert loss != fp32_loss and abs(loss - fp32_loss) <= BF16_LOSS_TOLERANCE * fp32_loss
     for bf16, fp32 in zip(seen[0]["grads"], seen[1]["grads"], strict=True):  # the step's direction holds too
-        assert float((bf16 - fp32).norm()) <= 0.1 * float(fp32.norm())
+        assert float((bf16 - fp32).norm()) <= 0.1 * float(fp32.norm())  # measured: at most 0.036
 
 
 def sgd(name, params, lr, weight_decay):

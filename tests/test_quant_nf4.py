@@ -255,6 +255,11 @@ def test_bad_arguments_are_refused():
         quantize_4bit(x.to(torch.int32))
     with pytest.raises(ValueError, match="cannot be viewed"):
         quantize_4bit(torch.randn(3, 3), quant_storage=torch.float32)  # 5 bytes
+    for bad in (float("nan"), float("inf")):
+        x[2, 3] = bad  # the nested step's table lookup needs finite values; the 4-bit codes would be garbage
+        for double_quant in (False, True):
+            with pytest.raises(ValueError, match="NaN or Inf"):
+                quantize_4bit(x, double_quant=double_quant)
 
 
 def test_bits_per_parameter():

@@ -151,6 +151,8 @@ def quantize_4bit(
     code = code_book(quant_type, t.device)
     flat = t.reshape(-1).float()  # [n]
     absmax, scaled = _scale_blocks(flat, blocksize)  # [blocks], [n]
+    if not bool(torch.isfinite(absmax).all()):
+        raise ValueError("cannot quantize a tensor that holds NaN or Inf")
     scaled = F.pad(scaled, (0, flat.numel() % 2))  # odd n: one padding 0.0, quantized like the rest
     q = _nearest_code(scaled, code).to(torch.uint8)  # [n rounded up to even]
     packed = (q[0::2] << 4 | q[1::2]).unsqueeze(1)  # [(n + 1) // 2, 1]: even element in the high nibble
