@@ -217,10 +217,10 @@ def _quantize_8bit_lut(flat: Tensor, lut: Tensor, blocksize: int) -> tuple[Tenso
     """uint8 codes [n] and fp32 absmax [blocks] of flat [n], as bitsandbytes' native CPU kernel computes them.
 
     Each value is scaled by 1/absmax of its block (multiplied, the ragged last block too), clamped to
-    [-1, 1], mapped to bin trunc((v + 1) * 0.5 * 65535 + 0.5) (fp32, op by op) of a table that holds,
-    for each bin's left value -1 + 2i/65535, the number of code midpoints below it. Near a midpoint that
-    can be the farther of two neighbouring codes (by less than a bin, 3e-5 of the block absmax). An
-    all-zero block keeps absmax 0 and gets code index 0.
+    [-1, 1] and rounded to the nearest of 65536 points -1 + 2i/65535: i = trunc((v + 1) * 0.5 * 65535 + 0.5),
+    fp32 op by op; the code is the one nearest to point i (the number of code midpoints below it). So a
+    value within half a bin of a midpoint can get the farther of its two neighbouring codes, farther by
+    at most one bin (2/65535 of the block absmax). An all-zero block keeps absmax 0 and gets code index 0.
     """
     n = flat.numel()
     blocks = F.pad(flat, (0, -n % blocksize)).view(-1, blocksize)  # [blocks, blocksize]; padding: zeros
