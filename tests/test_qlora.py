@@ -103,8 +103,9 @@ def test_gradient_reaches_input_through_4bit_base_only():
 def test_qlora_train_then_merge_reproduces_the_trained_model(tiny_model_dir, jsonl, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from lorakit.cli import load_with_adapter, main
+    from lorakit.cli import main
     from lorakit.config import load_train_config
+    from lorakit.models import load
     from lorakit.train.run import run
 
     cfg = load_train_config(None, [f"base={tiny_model_dir}", f"dataset={jsonl}", f"output_dir={tmp_path / 'run'}",
@@ -116,8 +117,8 @@ def test_qlora_train_then_merge_reproduces_the_trained_model(tiny_model_dir, jso
     assert trained.model.layers[0].mlp.up_proj.kind == "linear4bit"
     ids = torch.tensor([[2, 117, 115, 101, 114, 10, 115, 97, 121, 32, 99, 97, 116, 1]])
     expected = trained(ids).logits
-    # eval/generate rebuild the same 4-bit base from the adapter's metadata
-    reloaded, _ = load_with_adapter(None, str(tmp_path / "run" / "adapter"))
+    # eval/generate rebuild the same 4-bit base from the adapter's metadata (the loader, base from the adapter)
+    reloaded, _ = load(None, adapters=[tmp_path / "run" / "adapter"])
     torch.testing.assert_close(reloaded(ids).logits, expected, rtol=0, atol=1e-6)
     # merge writes full precision: dequantized base + delta, the trained model's function
     assert main(["merge", str(tmp_path / "run" / "adapter"), str(tmp_path / "merged")]) == 0

@@ -148,6 +148,7 @@ def load(
 
 
 STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_CHOICES = ("auto", *STORAGE_DTYPES)
 
 
 def storage_dtype(dtype: str | torch.dtype) -> torch.dtype | None:
@@ -158,7 +159,7 @@ def storage_dtype(dtype: str | torch.dtype) -> torch.dtype | None:
         return dtype
     if isinstance(dtype, str) and dtype.removeprefix("torch.") in STORAGE_DTYPES:
         return STORAGE_DTYPES[dtype.removeprefix("torch.")]
-    raise ValueError(f"dtype must be auto, {', '.join(STORAGE_DTYPES)}, got {dtype!r}")
+    raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {dtype!r}")
 
 
 def base_needs(adapters: list) -> tuple[dict | None, dict | None]:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from lorakit.quant.linear4bit import Linear4bit, quantization_targets
+from lorakit.quant.linear4bit import Linear4bit, quantization_targets, quantize_layer
 from lorakit.quant.nf4 import _as_storage, from_state_dict_entries
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -90,6 +90,15 @@ def read_header(file: Path) -> dict[str, TensorEntry]:
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{file}: unreadable header entry for tensor {name}: {info}") from None
     return entries
+
+
+def stored_float_dtype(folder: Path) -> torch.dtype:
+    """The dtype of the checkpoint's first float tensor (from the headers only): what `dtype: auto` stores."""
+    for file in checkpoint_files(folder):
+        for entry in read_header(file).values():
+            if entry.dtype.is_floating_point:
+                return entry.dtype
+    return torch.float32
 
 
 def iter_tensors(file: Path, device: torch.device | str = "cpu") -> Iterator[tuple[str, Tensor]]:
@@ -204,11 +213,11 @@ def _put(model: nn.Module, name: str, tensor: Tensor) -> None:
 
 
 def _put_4bit(model: nn.Module, names: list[str], weight: Tensor, how: Fill) -> None:
-    """Replace the linear `names[0]` (and its other names) by a `Linear4bit` made from `weight`."""
-    linear = model.get_submodule(names[0])
+    """Replace the layer `names[0]` (and its other names) by its 4-bit form, made from `weight`."""
+    _put(model, f"{names[0]}.weight", weight)
     q = how.quant
-    layer = Linear4bit.from_weight(weight, linear.bias, q["type"], q["blocksize"], q["double_quant"],
-                                   getattr(torch, q["compute_dtype"]), how.quant_storage)
+    layer = quantize_layer(model.get_submodule(names[0]), q["type"], q["blocksize"], q["double_quant"],
+                           getattr(torch, q["compute_dtype"]), how.quant_storage)
     for name in names:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, layer)

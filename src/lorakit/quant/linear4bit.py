@@ -46,18 +46,8 @@ class Linear4bit(nn.Module):
         compute_dtype: torch.dtype = torch.float32, quant_storage: torch.dtype = torch.uint8,
     ) -> Linear4bit:  # fmt: skip
         """Quantize `linear`'s weight on its own device; its bias is copied and frozen."""
-        return cls.from_weight(linear.weight, linear.bias, quant_type, blocksize, double_quant, compute_dtype,
-                               quant_storage)
-
-    @classmethod
-    def from_weight(
-        cls, weight: Tensor, bias: Tensor | None = None, quant_type: str = "nf4", blocksize: int = 64,
-        double_quant: bool = True, compute_dtype: torch.dtype = torch.float32,
-        quant_storage: torch.dtype = torch.uint8,
-    ) -> Linear4bit:  # fmt: skip
-        """Quantize a weight [out, in] on its own device (the one step `quantize_model` and the loader share)."""
-        packed, state = quantize_4bit(weight.detach(), quant_type, blocksize, double_quant, quant_storage)
-        return cls(packed, state, bias, compute_dtype)
+        packed, state = quantize_4bit(linear.weight.detach(), quant_type, blocksize, double_quant, quant_storage)
+        return cls(packed, state, linear.bias, compute_dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
@@ -219,13 +209,22 @@ def quantize_model(
     for name, module in quantization_targets(model, skip):
         if id(module) not in replaced:
             try:
-                replaced[id(module)] = Linear4bit.from_linear(module, quant_type, blocksize, double_quant,
-                                                              compute_dtype, quant_storage)
+                replaced[id(module)] = quantize_layer(module, quant_type, blocksize, double_quant, compute_dtype,
+                                                      quant_storage)
             except ValueError as e:
                 raise ValueError(f"{name}: {e}") from e
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, replaced[id(module)])
     return model
+
+
+def quantize_layer(
+    module: nn.Module, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
+    compute_dtype: torch.dtype = torch.float32, quant_storage: torch.dtype = torch.uint8,
+) -> Linear4bit:  # fmt: skip
+    """The 4-bit layer that replaces one of `quantization_targets`, quantized on its weight's device: the
+    one step `quantize_model` and the loader (`lorakit.stream`, which fills the weight first) share."""
+    return Linear4bit.from_linear(module, quant_type, blocksize, double_quant, compute_dtype, quant_storage)
 
 
 def quantization_targets(model: nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> list[tuple[str, nn.Module]]:
