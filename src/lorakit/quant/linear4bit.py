@@ -143,7 +143,10 @@ class _Linear4bitFn(torch.autograd.Function):
             from lorakit.kernels.triton_matmul4bit import linear_4bit
 
             return linear_4bit(x, packed, state, bias)
-        return F.linear(x, dequantize(packed, state, x.dtype), bias)
+        y = F.linear(x, dequantize(packed, state, x.dtype))  # [..., out]
+        # bias added in place: F.linear's fused bias returns a view of its 2-d result, and a view made inside
+        # a Function may not be changed in place later (the LoRA wrapper adds its delta into y in place)
+        return y if bias is None else y.add_(bias)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
