@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from lorakit.quant.linear4bit import Linear4bit, quantization_of
+from lorakit.quant.linear4bit import Linear4bit, quantizable, quantization_of
 from lorakit.quant.nf4 import from_state_dict_entries
 
 
@@ -81,13 +81,14 @@ def load_4bit(folder: Path, config) -> nn.Module:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     tensors = checkpoint_tensors(folder)
     for name, module in list(model.named_modules()):
-        if type(module) is nn.Linear and f"{name}.weight.absmax" in tensors:
+        if quantizable(module) and f"{name}.weight.absmax" in tensors:
             packed, state = from_state_dict_entries(f"{name}.", tensors)
             bias = tensors.pop(f"{name}.bias", None)
             for key in [k for k in tensors if k.startswith(f"{name}.weight")]:
                 del tensors[key]
             parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, Linear4bit(packed, state, bias, compute_dtype))
+            layer = Linear4bit(packed, state, bias, compute_dtype, conv1d=not isinstance(module, nn.Linear))
+            setattr(model.get_submodule(parent), child, layer)
     missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
     if unexpected:
         raise ValueError(f"{folder}: unexpected tensors {unexpected[:3]} in the checkpoint")
