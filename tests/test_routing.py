@@ -145,7 +145,8 @@ def check_grads_equal_alone(model: nn.Module) -> None:
         assert own.keys() == mixed[name].keys()
         for key, grad in own.items():
             assert grad.abs().max() > 0, key
-            torch.testing.assert_close(mixed[name][key], grad, rtol=1e-5, atol=1e-5, msg=key)
+            # fp32 sums over other batch compositions: gradients up to ~20 agree to ~1e-5 absolute
+            torch.testing.assert_close(mixed[name][key], grad, rtol=1e-4, atol=1e-4, msg=key)
 
 
 @pytest.mark.parametrize("all_adapters_max", [0, 10**6], ids=["grouped", "stacked-masked"])
