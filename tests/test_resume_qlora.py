@@ -11,6 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import lorakit
 from lorakit.adapters.io import save_adapter
 from lorakit.config import QuantConfig, TrainConfig
+from lorakit.quant.linear4bit import quantize_model
 from lorakit.train.fit import STATE_FILE, fit, trainable
 from lorakit.train.run import prepare_base
 from test_accumulation import ragged_rows
@@ -26,7 +27,8 @@ def qlora_model(init_seed: int) -> torch.nn.Module:
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                          tie_word_embeddings=False, initializer_range=0.2)
     model = LlamaForCausalLM(config)
-    prepare_base(model, TrainConfig(quant=QuantConfig()))  # 4-bit linears, fp32 norms, checkpointing
+    quantize_model(model)  # NF4 + double quantization, as models.load(quant=...) makes it
+    prepare_base(model, TrainConfig(quant=QuantConfig()))  # checkpointing, as the trainer prepares it
     torch.manual_seed(init_seed)
     return lorakit.inject(model, lorakit.LoraSpec(r=16, alpha=32, dropout=0.1, targets="all-linear"))
 
