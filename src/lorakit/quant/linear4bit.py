@@ -240,9 +240,28 @@ def quantize_model(
             if isinstance(module, nn.Linear) and module is not head and not _skipped(name, skip)]
     if left:
         warnings.warn(f"{len(left)} linear layers stay in full precision: their class is a subclass of nn.Linear "
-                      f"that 4-bit layers do not replace (as in transformers + bitsandbytes): {', '.join(left[:3])}"
-                      + (", ..." if len(left) > 3 else ""), stacklevel=2)
+                      f"that 4-bit layers do not replace (as in transformers + bitsandbytes): {listed(left)}",
+                      stacklevel=2)
+    loose = [name for name in loose_weights(model) if not _skipped(name, skip)]
+    if loose:
+        warnings.warn(f"{len(loose)} weight matrices outside linear layers stay in full precision (fused "
+                      f"mixture-of-experts parameters, routers): {listed(loose)}", stacklevel=2)
     return model
+
+
+def loose_weights(model: nn.Module) -> list[str]:
+    """Names of weight matrices (2-d or more) held directly by modules other than linear, Conv1D and
+    embedding layers: fused mixture-of-experts parameters (`mlp.experts.gate_up_proj` [experts, 2 * ff,
+    hidden]) and routers (`mlp.gate.weight`), which neither 4-bit layers nor LoRA wrappers replace."""
+    layers = (nn.Linear, nn.Embedding, Conv1D, Linear4bit)
+    wrapped = {id(m) for w in model.modules() if hasattr(w, "base_module") for m in w.modules()}  # LoRA wrappers
+    return [f"{name}.{pname}" if name else pname for name, module in model.named_modules()
+            if not isinstance(module, layers) and id(module) not in wrapped
+            for pname, p in module.named_parameters(recurse=False) if p.dim() >= 2]
+
+
+def listed(names: list[str], first: int = 3) -> str:
+    return ", ".join(names[:first]) + (", ..." if len(names) > first else "")
 
 
 def quantizable(module: nn.Module) -> bool:
