@@ -271,3 +271,16 @@ def test_plain_linear_subclasses_are_quantized_and_others_reported():
                                          r"\(NonDynamicallyQuantizableLinear\)"):
         quantize_model(attention, blocksize=32)
     assert isinstance(attention[0], Linear4bit) and type(attention.mha.out_proj) is not Linear4bit
+
+
+def test_4bit_falcon_folder_reloads_in_lorakit(tmp_path):
+    from lorakit.models import load
+    from lorakit.quant.checkpoint import save_4bit
+
+    model = quantize_model(tiny_model("falcon"), blocksize=32)
+    batch = ids()
+    save_4bit(model, tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    mine, _ = load(str(tmp_path))
+    assert isinstance(mine.transformer.h[0].self_attention.query_key_value, Linear4bit)
+    torch.testing.assert_close(mine(batch).logits, model(batch).logits, rtol=0, atol=0)
