@@ -284,3 +284,23 @@ def test_4bit_falcon_folder_reloads_in_lorakit(tmp_path):
     mine, _ = load(str(tmp_path))
     assert isinstance(mine.transformer.h[0].self_attention.query_key_value, Linear4bit)
     torch.testing.assert_close(mine(batch).logits, model(batch).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
+def test_merged_folder_of_an_adapter_on_some_4bit_layers_is_plain(arch, tmp_path):
+    """A QLoRA adapter on the default targets only: the untouched 4-bit layers are dequantized too, so the
+    merged folder loads in transformers as a plain model with the adapted model's logits."""
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.export import write_merged_folder
+
+    model = quantize_model(tiny_model(arch), blocksize=32)
+    lorakit.inject(model, lorakit.LoraSpec(r=4, alpha=8, targets=None))
+    randomize_adapters(model)
+    batch = ids()
+    with torch.no_grad():
+        expected = model(batch).logits
+    write_merged_folder(lorakit.merge_and_unload(model), tiny_tokenizer(), tmp_path / "merged")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert not any(isinstance(m, Linear4bit) for m in plain.modules())
+    torch.testing.assert_close(plain(batch).logits, expected, rtol=1e-5, atol=1e-5)

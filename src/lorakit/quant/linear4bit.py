@@ -74,6 +74,23 @@ class Linear4bit(nn.Module):
             f"compute_dtype={self.compute_dtype}" + (", conv1d=True" if self.conv1d else "")
         )
 
+    @torch.no_grad()
+    def full_precision(self, weight: Tensor | None = None) -> nn.Module:
+        """The kind of layer this one was made from, holding `weight` [out, in] (default: the dequantized own)
+        and this bias, in `compute_dtype`: an nn.Linear, or a Conv1D (weight stored [in, out]) for GPT-2's, so
+        the model's code and checkpoint layout stay what they were."""
+        weight = dequantize_weight(self, torch.float32) if weight is None else weight  # [out, in]
+        if self.conv1d:
+            layer = Conv1D(self.out_features, self.in_features).to(weight.device, self.compute_dtype)
+            layer.weight.copy_(weight.T)
+        else:
+            layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                              device=weight.device, dtype=self.compute_dtype)
+            layer.weight.copy_(weight)
+        if self.bias is not None:
+            layer.bias.copy_(self.bias)
+        return layer.requires_grad_(False)
+
     def _apply(self, fn, recurse: bool = True):
         """Move the packed bytes and the quant state with the module, but never cast the bytes.
 
@@ -269,6 +286,19 @@ def quantizable(module: nn.Module) -> bool:
     nn.Linear subclass whose forward is F.linear's formula (`PLAIN_LINEARS`; transformers 5 leaves those in
     full precision, so a Falcon would get no 4-bit layer at all)."""
     return type(module) in (nn.Linear, *PLAIN_LINEARS) or isinstance(module, Conv1D)
+
+
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """Replace every `Linear4bit` in `model` by the full-precision layer it stands for (`full_precision`), in
+    place; returns `model`. A layer registered under several names stays shared."""
+    replaced: dict[int, nn.Module] = {}
+    for name, module in list(model.named_modules(remove_duplicate=False)):
+        if isinstance(module, Linear4bit):
+            if id(module) not in replaced:
+                replaced[id(module)] = module.full_precision()
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, replaced[id(module)])
+    return model
 
 
 def quantization_of(model: nn.Module) -> dict | None:
