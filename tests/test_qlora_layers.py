@@ -304,3 +304,32 @@ def test_merged_folder_of_an_adapter_on_some_4bit_layers_is_plain(arch, tmp_path
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert not any(isinstance(m, Linear4bit) for m in plain.modules())
     torch.testing.assert_close(plain(batch).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_cli_qlora_train_generate_and_merge_on_a_biased_model(tmp_path, jsonl):
+    """`lorakit train` with quant on Qwen2 (biased q/k/v; gradient checkpointing on by default), then the
+    adapter reloaded over the rebuilt 4-bit base, and `lorakit merge` giving the trained model's logits."""
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.cli import load_with_adapter, main
+    from lorakit.config import load_train_config
+    from lorakit.train.run import run
+
+    base = tiny_model("qwen2")
+    base.generation_config.pad_token_id = base.generation_config.eos_token_id = 1
+    base.save_pretrained(tmp_path / "qwen2")
+    tiny_tokenizer().save_pretrained(tmp_path / "qwen2")
+    cfg = load_train_config(None, [f"base={tmp_path / 'qwen2'}", f"dataset={jsonl}", f"output_dir={tmp_path / 'run'}",
+                                   "max_steps=12", "lr=0.02", "lora.r=4", "quant.blocksize=32", "eval=false"])
+    trained, results = run(cfg, log=lambda *_: None)
+    assert results["last_loss"] < results["first_loss"]
+    assert trained.model.layers[0].self_attn.q_proj.kind == "linear4bit"
+    batch = ids(1)
+    with torch.no_grad():
+        expected = trained(batch).logits
+        reloaded, _ = load_with_adapter(None, str(tmp_path / "run" / "adapter"))
+        torch.testing.assert_close(reloaded(batch).logits, expected, rtol=0, atol=1e-6)
+    assert main(["generate", "--adapter", str(tmp_path / "run" / "adapter"), "say cat"]) == 0
+    assert main(["merge", str(tmp_path / "run" / "adapter"), str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    torch.testing.assert_close(merged(batch).logits, expected, rtol=1e-5, atol=1e-5)
