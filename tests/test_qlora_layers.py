@@ -136,12 +136,19 @@ def test_qlora_mixed_adapter_batch_equals_rows_alone(arch):
                                            atol=1e-5)
 
 
-def test_4bit_output_is_never_a_view():
+@pytest.mark.parametrize("kernels", ["1", "0", "triton"])
+@pytest.mark.parametrize("tokens", [1, 40])  # Triton: the fused 4-bit matmul (decoding), or dequantize + matmul
+def test_4bit_output_is_never_a_view(kernels, tokens, monkeypatch):
     """A biased F.linear on a [batch, seq, in] input returns a view; out of a custom autograd Function, such
-    a view cannot be added into in place (what the LoRA node does)."""
-    base = Linear4bit.from_linear(nn.Linear(16, 8))
-    y = base(torch.randn(2, 3, 16, requires_grad=True))
+    a view cannot be added into in place (what the LoRA node does). The values stay F.linear's."""
+    monkeypatch.setenv("LORAKIT_KERNELS", kernels)
+    linear = nn.Linear(64, 8)
+    base = Linear4bit.from_linear(linear)
+    x = torch.randn(2, tokens, 64, requires_grad=True)
+    y = base(x)
     assert y.grad_fn is not None and not y._is_view()
+    w = dequantize_4bit(base.weight, base.quant_state, torch.float32)
+    torch.testing.assert_close(y, F.linear(x, w, linear.bias), rtol=1e-5, atol=1e-5)
 
 
 def test_lora_node_adds_out_of_place_into_a_view_autograd_cannot_rebase():
