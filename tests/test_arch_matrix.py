@@ -251,3 +251,22 @@ def test_every_linear_of_every_architecture_is_4bit_or_reported():
         with all_linear_warning(arch):
             quantize_model(model, blocksize=32)
         assert any(isinstance(m, Linear4bit) for m in model.modules()), arch
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_load_time_quantization_equals_quantize_model(arch, tmp_path):
+    """`models.load(quant=)` (4-bit as each tensor is read) gives quantize_model's model, and says the same
+    about what it keeps in full precision."""
+    from conftest import tiny_tokenizer
+    from lorakit.models import load
+
+    fresh(arch).save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    with all_linear_warning(arch):
+        loaded, _ = load(str(tmp_path), quant={"blocksize": 32})
+    with all_linear_warning(arch):
+        expected = quantize_model(fresh(arch), blocksize=32)
+    kinds = {n: type(m) for n, m in expected.named_modules()}
+    assert {n: type(m) for n, m in loaded.named_modules()} == kinds and Linear4bit in kinds.values()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids()).logits, expected(ids()).logits, rtol=0, atol=0)

@@ -238,32 +238,34 @@ def quantize_model(
     semantics and full precision, with a warning naming them. A linear registered under several names is
     quantized once and shared.
     """
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     replaced: dict[int, Linear4bit] = {}
-    targets = [
-        (name, module) for name, module in model.named_modules(remove_duplicate=False)
-        if quantizable(module) and module is not head and not _skipped(name, skip)
-    ]  # fmt: skip
-    for name, module in targets:
+    for name, module in quantization_targets(model, skip):
         if id(module) not in replaced:
             try:
-                replaced[id(module)] = Linear4bit.from_linear(module, quant_type, blocksize, double_quant,
-                                                              compute_dtype, quant_storage)
+                replaced[id(module)] = quantize_layer(module, quant_type, blocksize, double_quant, compute_dtype,
+                                                      quant_storage)
             except ValueError as e:
                 raise ValueError(f"{name}: {e}") from e
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, replaced[id(module)])
+    warn_full_precision(model, skip)
+    return model
+
+
+def warn_full_precision(model: nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> None:
+    """Name, in a warning, what a quantized model keeps in full precision besides its head and `skip`: never
+    silently. Other subclasses of nn.Linear, and weight matrices outside linear layers (`loose_weights`)."""
+    head = output_head(model)
     left = [f"{name} ({type(module).__name__})" for name, module in model.named_modules()
             if isinstance(module, nn.Linear) and module is not head and not _skipped(name, skip)]
     if left:
         warnings.warn(f"{len(left)} linear layers stay in full precision: their class is a subclass of nn.Linear "
                       f"that 4-bit layers do not replace (as in transformers + bitsandbytes): {listed(left)}",
-                      stacklevel=2)
+                      stacklevel=3)
     loose = [name for name in loose_weights(model) if not _skipped(name, skip)]
     if loose:
         warnings.warn(f"{len(loose)} weight matrices outside linear layers stay in full precision (fused "
-                      f"mixture-of-experts parameters, routers): {listed(loose)}", stacklevel=2)
-    return model
+                      f"mixture-of-experts parameters, routers): {listed(loose)}", stacklevel=3)
 
 
 def loose_weights(model: nn.Module) -> list[str]:
@@ -279,6 +281,44 @@ def loose_weights(model: nn.Module) -> list[str]:
 
 def listed(names: list[str], first: int = 3) -> str:
     return ", ".join(names[:first]) + (", ..." if len(names) > first else "")
+
+
+def quantize_layer(
+    module: nn.Module, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
+    compute_dtype: torch.dtype = torch.float32, quant_storage: torch.dtype = torch.uint8,
+) -> Linear4bit:  # fmt: skip
+    """The 4-bit layer that replaces one of `quantization_targets`, quantized on its weight's device: the
+    one step `quantize_model` and the loader (`lorakit.stream`, which fills the weight first) share."""
+    return Linear4bit.from_linear(module, quant_type, blocksize, double_quant, compute_dtype, quant_storage)
+
+
+def output_head(model: nn.Module) -> nn.Module | None:
+    """The model's output head (kept in full precision), if it names one."""
+    return model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+
+
+def quantization_targets(model: nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every layer `quantize_model` replaces, under each of its names (see there)."""
+    head = output_head(model)
+    return [
+        (name, module) for name, module in model.named_modules(remove_duplicate=False)
+        if quantizable(module) and module is not head and not _skipped(name, skip)
+    ]  # fmt: skip
+
+
+def quant_record(quant) -> dict | None:
+    """`quant` as a quantization record (the shape `quantization_of` returns and adapters record):
+    None, a dict with the keys type, blocksize, double_quant, compute_dtype (missing ones take
+    QLoRA's defaults), or an object with those fields (`config.QuantConfig`)."""
+    if quant is None:
+        return None
+    get = quant.get if isinstance(quant, dict) else (lambda key, default: getattr(quant, key, default))
+    record = {"type": get("type", "nf4"), "double_quant": bool(get("double_quant", True)),
+              "blocksize": int(get("blocksize", 64)),
+              "compute_dtype": str(get("compute_dtype", "float32")).removeprefix("torch.")}
+    if getattr(torch, record["compute_dtype"], None) not in COMPUTE_DTYPES:
+        raise ValueError(f"quant compute_dtype must be float32, bfloat16 or float16, got {record['compute_dtype']!r}")
+    return record
 
 
 def quantizable(module: nn.Module) -> bool:
