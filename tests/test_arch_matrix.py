@@ -254,14 +254,18 @@ def test_every_linear_of_every_architecture_is_4bit_or_reported():
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_load_time_quantization_equals_quantize_model(arch, tmp_path):
-    """`models.load(quant=)` (4-bit as each tensor is read) gives quantize_model's model, and says the same
-    about what it keeps in full precision."""
+def test_load_and_load_time_quantization(arch, tmp_path):
+    """`models.load` reads the folder transformers saved (its old key names, per-expert MoE weights) into the
+    same model; with `quant=` (4-bit as each tensor is read) it gives quantize_model's model, and says the
+    same about what it keeps in full precision."""
     from conftest import tiny_tokenizer
     from lorakit.models import load
 
     fresh(arch).save_pretrained(tmp_path)
     tiny_tokenizer().save_pretrained(tmp_path)
+    plain, _ = load(str(tmp_path))
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids()).logits, fresh(arch)(ids()).logits, rtol=0, atol=0)
     with all_linear_warning(arch):
         loaded, _ = load(str(tmp_path), quant={"blocksize": 32})
     with all_linear_warning(arch):
