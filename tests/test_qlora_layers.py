@@ -8,11 +8,13 @@ and copies of the adapter's factors: no lorakit layer, kernel or autograd functi
 from __future__ import annotations
 
 import copy
+import json
 import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
+from peft import PeftModel
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -250,9 +252,16 @@ def test_gpt2_qlora_step_save_and_reload_4bit_folder(tmp_path):
     torch.optim.SGD([p for p in mine.parameters() if p.requires_grad], lr=0.5).step()
     assert mine(batch, labels=batch).loss < loss
     lorakit.save_adapter(mine, tmp_path / "adapter")
-    import json
-
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    # the adapter trained over the 4-bit Conv1D goes onto the full-precision GPT-2, in lorakit and in PEFT
+    full = gpt2_64()
+    lorakit.load_adapter(full, tmp_path / "adapter")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = PeftModel.from_pretrained(gpt2_64(), tmp_path / "adapter")
+    with torch.no_grad():
+        assert (full(batch).logits - gpt2_64()(batch).logits).abs().max() > 1e-3  # the trained adapter shows
+        torch.testing.assert_close(full(batch).logits, theirs(batch).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_plain_linear_subclasses_are_quantized_and_others_reported():
@@ -318,8 +327,9 @@ def test_cli_qlora_train_generate_and_merge_on_a_biased_model(tmp_path, jsonl):
     adapter reloaded over the rebuilt 4-bit base, and `lorakit merge` giving the trained model's logits."""
     from transformers import AutoModelForCausalLM
 
-    from lorakit.cli import load_with_adapter, main
+    from lorakit.cli import main
     from lorakit.config import load_train_config
+    from lorakit.models import load
     from lorakit.train.run import run
 
     base = tiny_model("qwen2")
@@ -334,7 +344,8 @@ def test_cli_qlora_train_generate_and_merge_on_a_biased_model(tmp_path, jsonl):
     batch = ids(1)
     with torch.no_grad():
         expected = trained(batch).logits
-        reloaded, _ = load_with_adapter(None, str(tmp_path / "run" / "adapter"))
+        reloaded, _ = load(None, adapters=[tmp_path / "run" / "adapter"])  # over the 4-bit base it records
+        assert reloaded.model.layers[0].self_attn.q_proj.kind == "linear4bit"
         torch.testing.assert_close(reloaded(batch).logits, expected, rtol=0, atol=1e-6)
     assert main(["generate", "--adapter", str(tmp_path / "run" / "adapter"), "say cat"]) == 0
     assert main(["merge", str(tmp_path / "run" / "adapter"), str(tmp_path / "merged")]) == 0
