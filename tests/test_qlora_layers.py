@@ -351,3 +351,29 @@ def test_cli_qlora_train_generate_and_merge_on_a_biased_model(tmp_path, jsonl):
     assert main(["merge", str(tmp_path / "run" / "adapter"), str(tmp_path / "merged")]) == 0
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     torch.testing.assert_close(merged(batch).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", BIASED)
+def test_qdora_training_step_fast_path_equals_plain_path(arch, monkeypatch):
+    """DoRA over biased 4-bit layers: the fast path (one in-place LoRA node on W x, then m/n and the bias)
+    gives the plain path's loss and gradients (LORAKIT_KERNELS=0: base output + each contribution)."""
+    model = quantize_model(tiny_model(arch), blocksize=32)
+    lorakit.inject(model, lorakit.LoraSpec(r=4, alpha=8, targets="all-linear", kind="dora"))
+    randomize_adapters(model)
+    model.train()
+    batch = ids()
+
+    def loss_and_grads() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad()
+        torch.manual_seed(0)
+        loss = model(batch, labels=batch).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    fast = loss_and_grads()
+    monkeypatch.setenv("LORAKIT_KERNELS", "0")
+    plain = loss_and_grads()
+    torch.testing.assert_close(fast[0], plain[0], rtol=1e-5, atol=1e-5)
+    assert fast[1].keys() == plain[1].keys() and any(".magnitude" in n for n in fast[1])
+    for name, grad in fast[1].items():
+        torch.testing.assert_close(grad, plain[1][name], rtol=1e-4, atol=1e-5, msg=name)
