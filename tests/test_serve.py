@@ -372,7 +372,7 @@ def test_a_client_leaving_mid_stream_frees_its_row(url, engine, monkeypatch):
     ({"model": "tiny", "prompt": "x", "stop": [""]}, 400, "'stop'"),
     ({"model": "q4", "prompt": "x"}, 400, "trained on a 4-bit base"),
     ({"model": "long", "prompt": "x"}, 400, "positional setup"),
-    ({"model": "broken", "prompt": "x"}, 500, "adapter 'broken' cannot be read"),
+    ({"model": "broken", "prompt": "x"}, 400, "adapter 'broken' cannot be read"),
     ({"model": "pickled", "prompt": "x"}, 404, "does not exist"),
     (b"{not json", 400, "not valid JSON"),
     (b"[1, 2]", 400, "must be a JSON object"),
@@ -447,7 +447,7 @@ def test_runtime_load_and_unload(url, adapters):
     ({"lora_name": "x", "lora_path": "missing"}, 404, "no adapter folder"),
     ({"lora_name": "x", "lora_path": "q4"}, 400, "trained on a 4-bit base"),
     ({"lora_name": "../x", "lora_path": "s0"}, 400, "letters, digits"),
-    ({"lora_name": "x"}, 400, "must be strings"),
+    ({"lora_name": "x"}, 400, "'lora_path' must be a string"),
     ({"lora_name": "s0", "lora_path": "s0"}, 400, "already loaded"),
 ])
 def test_runtime_load_refuses_escapes_and_bad_files(url, body, status, message):

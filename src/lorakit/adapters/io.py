@@ -362,21 +362,40 @@ def copy_owners(name: str, saved: list[str]):
             yield prefix
 
 
+def base_mismatch(model: nn.Module, adapter: AdapterFile) -> str | None:
+    """Where `model` differs from the base the adapter was saved for (the adapted modules' names and weight
+    shapes its file records), or None; None also for a file that records none (PEFT's)."""
+    shapes = adapter.metadata.get("lorakit.base_shapes")
+    if not shapes:
+        return None
+    modules = dict(model.named_modules())
+    for path, shape in json.loads(shapes).items():
+        module = modules.get(path)
+        got = list(reversed(in_out(module))) if module is not None and base_kind(module) else None
+        if got != shape:
+            return (f"saved for base {adapter.metadata.get('lorakit.base')!r}, which differs from this model at "
+                    f"{path!r}: weight {shape} there, {got if got is not None else 'no such module'} here")
+    return None
+
+
+def check_finite(adapter: AdapterFile) -> None:
+    """Refuse an adapter holding NaN or Inf, naming the first such tensor: it would turn answers into noise."""
+    where = adapter.folder / WEIGHTS_FILE
+    tensors = {f"{module}.{key}": t for module, pair in adapter.lora.items() for key, t in pair.items()}
+    tensors |= {f"{module}.bias": t for module, t in adapter.biases.items()}
+    tensors |= {f"{module}.{key}": t for module, state in adapter.copies.items() for key, t in state.items()}
+    for key, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise AdapterFileError(f"{where}: tensor {key!r} holds values that are not finite (NaN or Inf)")
+
+
 def check_fits(model: nn.Module, adapter: AdapterFile, force: bool = False) -> None:
     """Refuse, naming the first mismatch, an adapter whose modules or shapes do not fit `model`."""
     where = adapter.folder / WEIGHTS_FILE
     modules = dict(model.named_modules())
-    shapes = adapter.metadata.get("lorakit.base_shapes")
-    if shapes and not force:
-        for path, shape in json.loads(shapes).items():
-            module = modules.get(path)
-            got = list(reversed(in_out(module))) if module is not None and base_kind(module) else None
-            if got != shape:
-                raise AdapterFileError(
-                    f"{adapter.folder} was saved for base {adapter.metadata.get('lorakit.base')!r}, which "
-                    f"differs from this model at {path!r}: weight {shape} there, "
-                    f"{got if got is not None else 'no such module'} here (pass force=True to try anyway)"
-                )
+    mismatch = None if force else base_mismatch(model, adapter)
+    if mismatch:
+        raise AdapterFileError(f"{adapter.folder} was {mismatch} (pass force=True to try anyway)")
     for path, pair in adapter.lora.items():
         module = modules.get(path)
         if module is None:

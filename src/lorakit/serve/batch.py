@@ -61,10 +61,14 @@ class Sequence:
                 self.generator.manual_seed(self.seed)
             else:
                 self.generator.seed()
-        probs = torch.softmax(logits.float().cpu() / self.temperature, dim=-1)  # [V], sampled on the CPU
+        scaled = logits.float().cpu() / self.temperature  # [V], sampled on the CPU
+        if not torch.isfinite(scaled).all():  # finite scores overflowed: a temperature this low is greedy
+            return int(logits.argmax())
+        probs = torch.softmax(scaled, dim=-1)
         if self.top_p < 1:
             sorted_p, order = probs.sort(descending=True)
             drop = sorted_p.cumsum(0) - sorted_p >= self.top_p  # keep the smallest head reaching top_p
+            drop[0] = False  # the most likely token, even where top_p rounds to 0 in float32
             probs = probs.scatter(0, order, sorted_p.masked_fill(drop, 0.0))
         return int(torch.multinomial(probs, 1, generator=self.generator))
 

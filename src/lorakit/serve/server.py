@@ -113,6 +113,8 @@ async def read_json(request: Request, limit: int):
         return json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RequestError(400, f"the request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise RequestError(400, "the request body's JSON is nested too deeply") from None
 
 
 async def answer(engine: Engine, request, chat: bool):
