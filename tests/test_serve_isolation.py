@@ -273,3 +273,24 @@ def test_adapters_given_at_start_are_checked(adapters):
     for name, says in (("nan", "not finite"), ("inf", "not finite"), ("other", "another base")):
         with pytest.raises(ValueError, match=says):
             Engine(llama(), tiny_tokenizer(), base_id="tiny", adapters={name: adapters[name]})
+
+
+def test_cli_serve_refuses_a_bad_adapter_at_start(tiny_model_dir, adapters, capsys):
+    """`lorakit serve --adapters` with NaN weights, or an adapter of another base: exit 2, a one-line error."""
+    from lorakit.cli import main
+
+    for name, says in (("nan", "not finite"), ("other", "another base")):
+        assert main(["serve", "--base", str(tiny_model_dir), "--adapters", f"bad={adapters[name]}", "--port", "0"]) == 2
+        err = capsys.readouterr().err
+        assert "lorakit: error: " in err and says in err and "Traceback" not in err, err
+
+
+def test_an_unexpected_fault_is_a_500_in_openai_shape():
+    """A fault of ours (here: the engine raising what it never should) still answers JSON in OpenAI's shape."""
+    class Broken:
+        def prepare(self, request, chat):
+            raise OSError(5, "Input/output error")
+
+    with Server(make_app(Broken())) as server:
+        status, body = call(server.url, "POST", "/v1/completions", {"model": "x"}, key=None)
+    assert status == 500 and body["error"]["message"] == "OSError: [Errno 5] Input/output error"

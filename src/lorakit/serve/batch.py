@@ -296,8 +296,8 @@ class Batcher:
                 continue
             try:
                 if not finite[i]:
-                    raise FloatingPointError("the model's scores for this request are not finite (NaN or Inf); "
-                                             f"adapter {seq.adapter!r} may hold non-finite weights")
+                    through = "the base model" if seq.adapter is None else f"adapter {seq.adapter!r}"
+                    raise FloatingPointError(f"the scores of {through} for this request are not finite (NaN or Inf)")
                 token = greedy[i] if seq.temperature == 0 else seq.sample(logits[i])
                 seq.tokens.append(token)
                 seq.emit(token)

@@ -127,7 +127,7 @@ class Engine:
             adapter = read_adapter(path)
             problem = serving_problem(model, adapter, store.force if store is not None else False)
             if problem:
-                raise ValueError(problem + " (prepare_base makes the base fit the adapters given at start)")
+                raise ValueError(problem)
             self.fixed.append(load_adapter(model, adapter, name=name))
         eos = tokenizer.eos_token_id
         self.batcher = Batcher(model, eos, max_batch, max_queue, self.ready, self.attach, self.idle,
