@@ -7,6 +7,7 @@ Good answers are compared with transformers' `generate` on a fresh model holding
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import shutil
@@ -112,9 +113,18 @@ def url(engine):
 
 
 def send(url: str, case: dict) -> tuple[int, dict | str]:
-    """POST a corpus case: its JSON `body`, or its `raw` text (lone surrogates become the raw bytes)."""
+    """POST a corpus case: its JSON `body`, or its `raw` text (lone surrogates become the raw bytes); with
+    `hangup`, read the first server-sent event and close the connection."""
     body = json.dumps(case["body"]).encode() if "body" in case else case["raw"].encode("utf-8", "surrogateescape")
-    return call(url, "POST", case.get("path", "/v1/completions"), body)
+    if not case.get("hangup"):
+        return call(url, "POST", case.get("path", "/v1/completions"), body)
+    conn = http.client.HTTPConnection(url.removeprefix("http://"), timeout=60)
+    conn.request("POST", case.get("path", "/v1/completions"), body=body,
+                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+    response = conn.getresponse()
+    first = response.readline()
+    conn.close()
+    return response.status, first.decode()
 
 
 def good(url: str, name: str, prompt: str, n: int) -> str:
