@@ -74,11 +74,16 @@ def adapters(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
+def tiny_engine(alpha: Path, root: Path, max_device: int) -> Engine:
+    """The tiny base as "tiny", `alpha` attached at start, a store over `root`; small limits."""
+    store = AdapterStore(root, max_device=max_device)
+    return Engine(llama(), tiny_tokenizer(), base_id="tiny", adapters={"alpha": alpha}, store=store,
+                  max_tokens_limit=32, max_prompt_tokens=50)
+
+
 @pytest.fixture(scope="module")
 def engine(adapters):
-    store = AdapterStore(adapters["beta"].parent, max_device=9)
-    engine = Engine(llama(), tiny_tokenizer(), base_id="tiny", adapters={"alpha": adapters["alpha"]}, store=store,
-                    max_tokens_limit=32, max_prompt_tokens=50)
+    engine = tiny_engine(adapters["alpha"], adapters["beta"].parent, max_device=9)
     yield engine
     engine.close()
 

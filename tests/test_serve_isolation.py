@@ -25,11 +25,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import lorakit
 from conftest import randomize_adapters, tiny_tokenizer
 from lorakit.adapters.io import WEIGHTS_FILE
-from lorakit.multi import AdapterStore
 from lorakit.quant.linear4bit import quantize_model
 from lorakit.serve import Engine, Server, make_app
 from lorakit.serve.batch import Batcher, Sequence
-from test_serve import KEY, call, direct, llama, make_adapter
+from test_serve import KEY, call, direct, llama, make_adapter, tiny_engine
 
 CORPUS = [json.loads(line) for line in (Path(__file__).parent / "corpus" / "http.jsonl").read_text().splitlines()]
 LIMIT = 8192  # the test server's body limit
@@ -99,9 +98,7 @@ def adapters(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def engine(adapters):
-    store = AdapterStore(adapters["s1"].parent, max_device=4)
-    engine = Engine(llama(), tiny_tokenizer(), base_id="tiny", adapters={"alpha": adapters["alpha"]}, store=store,
-                    max_tokens_limit=32, max_prompt_tokens=50)
+    engine = tiny_engine(adapters["alpha"], adapters["s1"].parent, max_device=4)
     yield engine
     engine.close()
 
