@@ -301,3 +301,37 @@ def test_an_unexpected_fault_is_a_500_in_openai_shape():
     with Server(make_app(Broken())) as server:
         status, body = call(server.url, "POST", "/v1/completions", {"model": "x"}, key=None)
     assert status == 500 and body["error"]["message"] == "OSError: [Errno 5] Input/output error"
+
+
+def test_a_failed_decoding_step_leaves_no_rows_behind():
+    """A shared decoding step that fails (a fault of ours, not of one request: here the model raises once) fails
+    the rows in it, drops their half-written KV cache, and the loop serves the next requests exactly."""
+    model, raised = llama(), []
+
+    def fault(module, args, kwargs):
+        if kwargs["input_ids"].shape[1] == 1 and not raised:  # the first decoding step
+            raised.append(1)
+            raise RuntimeError("device fault")
+    model.register_forward_pre_hook(fault, with_kwargs=True)
+    engine = Engine(model, tiny_tokenizer(), base_id="tiny", max_tokens_limit=32)
+    try:
+        def run(prompts: list[str]) -> list[list]:
+            outs = [[] for _ in prompts]
+            done = [threading.Event() for _ in prompts]
+            with engine.batcher.wake:  # the loop sees both at once: one batch
+                for i, prompt in enumerate(prompts):
+                    job = engine.prepare({"model": "tiny", "prompt": prompt, "max_tokens": 6, "temperature": 0},
+                                         chat=False)
+                    engine.submit(job, lambda item, i=i: (outs[i].append(item), (item is None or isinstance(
+                        item, BaseException)) and done[i].set()))
+            assert all(d.wait(30) for d in done)
+            return outs
+
+        failed = run(["say cat", "say a longer thing"])
+        assert raised and all(isinstance(o[-1], RuntimeError) for o in failed)
+        wait_for(lambda: not engine.batcher.running and engine.batcher.rows.cache is None)
+        again = run(["say cat", "say a longer thing"])
+        assert [tiny_tokenizer().decode(o[:-1], skip_special_tokens=True) for o in again] == [
+            direct(None, 6, "say cat"), direct(None, 6, "say a longer thing")]
+    finally:
+        engine.close()
