@@ -8,8 +8,8 @@ decoding loop (`batch.Batcher`). Requests are checked here, so every HTTP front 
 
 An adapter is served only on the base it was trained for: the same base (the module shapes its file
 records), the same 4-bit quantization (or none) and the same positional setup (LongLoRA's interpolated
-RoPE), and only with finite weights. Adapters that would change what every request sees (trained biases,
-PiSSA's residual base, `modules_to_save`) are refused.
+RoPE), and only with finite weights (`read_adapter` refuses NaN/Inf). Adapters that would change what
+every request sees (trained biases, PiSSA's residual base, `modules_to_save`) are refused.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from lorakit.adapters.io import (
     AdapterFile,
     AdapterFileError,
     base_mismatch,
-    check_finite,
     check_fits,
     load_adapter,
     read_adapter,
@@ -88,10 +87,6 @@ def serving_problem(model: nn.Module, adapter: AdapterFile, force: bool = False)
     mismatch = None if force else base_mismatch(model, adapter)
     if mismatch:
         return f"adapter {name!r} was made for another base: {mismatch}"
-    try:
-        check_finite(adapter)
-    except AdapterFileError as e:
-        return f"adapter {name!r} cannot be served: {e}"
     if adapter.quant != quantization_of(model):
         want = f"a 4-bit base ({adapter.quant})" if adapter.quant else "a full-precision base"
         have = f"4-bit ({quantization_of(model)})" if quantization_of(model) else "full precision"
@@ -125,9 +120,9 @@ class Engine:
         self.fixed = []
         for name, path in (adapters or {}).items():
             adapter = read_adapter(path)
-            problem = serving_problem(model, adapter, store.force if store is not None else False)
+            problem = serving_problem(model, adapter)
             if problem:
-                raise ValueError(problem)
+                raise ValueError(problem + " (prepare_base makes the base fit the adapters given at start)")
             self.fixed.append(load_adapter(model, adapter, name=name))
         eos = tokenizer.eos_token_id
         self.batcher = Batcher(model, eos, max_batch, max_queue, self.ready, self.attach, self.idle,
