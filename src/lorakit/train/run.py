@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,8 +26,8 @@ from lorakit.longlora import enable_s2_attention, interpolate_positions, trainab
 from lorakit.models import load
 from lorakit.quant.linear4bit import quantize_model
 from lorakit.train import distributed
-from lorakit.train.fit import fit, validation_loss
-from lorakit.train.plot import plot_run
+from lorakit.train.fit import fit, resume_path, validation_loss
+from lorakit.train.plot import plot_or_warn
 
 
 def datasets(cfg: TrainConfig) -> tuple[list[Row], list[Row]]:
@@ -121,6 +122,21 @@ def compile_blocks(model: nn.Module) -> int:
     return len(blocks)
 
 
+def check_output_dir(cfg: TrainConfig) -> None:
+    """Before any model loads: output_dir is (or can become) a folder this process may write in, and its
+    checkpoints are this run's when `resume` is set, or there are none (`fit.resume_path`). Creates nothing."""
+    out = Path(cfg.output_dir)
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        where = "is a file" if existing == out else f"is inside {existing}, which is a file"
+        raise ValueError(f"output_dir {out} {where}; it must be a folder")
+    try:
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as e:
+        raise ValueError(f"output_dir {out}: cannot write in {existing} ({e.strerror})") from None
+    resume_path(cfg, out)
+
+
 def run(cfg: TrainConfig, log=print) -> tuple[nn.Module, dict]:
     """Train one adapter as `cfg` says. Returns the trained model and a summary, which is also
     written to output_dir/results.json; the adapter is saved to output_dir/adapter."""
@@ -128,6 +144,7 @@ def run(cfg: TrainConfig, log=print) -> tuple[nn.Module, dict]:
     world = distributed.init(cfg.distributed)  # distributed: only rank 0 logs, scores and saves
     log = log if world.main else (lambda _message: None)
     train, held_out = datasets(cfg)
+    check_output_dir(cfg)
     model, tokenizer = load(cfg.base)
     prepare_base(model, cfg)
     if cfg.chat_template is not None:
@@ -166,8 +183,7 @@ def run(cfg: TrainConfig, log=print) -> tuple[nn.Module, dict]:
         distributed.finish(world)
         return model, results
     with distributed.gathered(model):
-        if world.main:
-            plot_run(out, log=log)
+        if world.main:  # the adapter first: nothing after it (evaluation, the plot) may lose it
             save_adapter(model, out / "adapter")
     log(f"adapter saved to {out / 'adapter'} ({fitted.steps} steps in {fitted.seconds:.0f}s, "
         f"loss {fitted.first_loss:.3f} -> {fitted.last_loss:.3f})")
@@ -180,5 +196,6 @@ def run(cfg: TrainConfig, log=print) -> tuple[nn.Module, dict]:
                 f"(before: {results['exact_match_before']:.1%})")
     if world.main:
         atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+        plot_or_warn(out, log)
     distributed.finish(world)
     return model, results
