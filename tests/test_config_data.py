@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from lorakit.config import TrainConfig, load_jobs_config, load_train_config
+from lorakit.config import QuantConfig, TrainConfig, load_jobs_config, load_train_config
 from lorakit.data.encode import IGNORE, collate
 from lorakit.data.files import read_file
 
@@ -60,6 +60,8 @@ def test_numbers_yaml_reads_as_strings_are_numbers(tmp_path):
     jobs = tmp_path / "jobs.yaml"
     jobs.write_text("lr: 1e-4\njobs:\n  - {seed: 1}\n  - {lr: 5e-3}\n")
     assert [j.lr for j in load_jobs_config(jobs)] == [1e-4, 5e-3]
+    sections = load_train_config(None, ["quant={}", "longlora={target_context: 128}", "lora.kind=adalora"])
+    assert sections.quant == QuantConfig() and sections.longlora.target_context == 128  # sections pass the check
 
 
 @pytest.mark.parametrize(("override", "message"), [

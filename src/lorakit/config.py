@@ -283,13 +283,15 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
 def typed(value: Any, hint: Any, key: str) -> Any:
     """`value` checked against the field type `hint`; a string that reads as a number is taken as that
     number where a float is expected (YAML 1.1 reads `3e-4` as a string). Raises naming `key`."""
-    if hint is Any or (dataclasses.is_dataclass(hint) and dataclasses.is_dataclass(value)):
+    if hint is Any:
         return value
     options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
     if value is None and type(None) in options:
         return None
     for option in options:
         origin = typing.get_origin(option) or option
+        if dataclasses.is_dataclass(origin) and isinstance(value, origin):  # a section, built by from_dict
+            return value
         if origin is float and isinstance(value, str):
             try:
                 return float(value)

@@ -43,7 +43,7 @@ from lorakit.train import distributed
 from lorakit.train.fit import FitResult, Run, micro_batch, peak_rss_mb, validation_loss
 from lorakit.train.loop import head_loss_sum, model_inputs, on_device, plain_head
 from lorakit.train.plot import plot_or_warn
-from lorakit.train.run import datasets, prepare_base, training_rows
+from lorakit.train.run import check_output_dir, datasets, prepare_base, training_rows
 
 # keys that build or change the one base model, or the batch layout, so every job must agree on them
 SHARED = ("base", "quant", "longlora", "gradient_checkpointing", "compile", "precision", "chat_template", "packing")
@@ -233,6 +233,8 @@ def run_multi(cfgs: list[TrainConfig], where: str = "config", log=print) -> tupl
     """Train one adapter per config at once over their shared base; each job's output_dir gets its
     adapter, metrics.jsonl, loss.png, checkpoints and results.json, as `lorakit train` writes them."""
     check_jobs(cfgs, where)
+    for cfg in cfgs:  # before the model loads: each output_dir writable, its checkpoints this job's
+        check_output_dir(cfg)
     first = cfgs[0]
     model, tokenizer = load(first.base)
     prepare_base(model, first)
