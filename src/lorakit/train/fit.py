@@ -47,8 +47,9 @@ from lorakit.train.tensorboard import open_tensorboard, write_scalars
 STATE_FILE = "trainer_state.pt"
 RUN_FILE = "run.json"  # in a checkpoint: the values of RUN_KEYS of the run that wrote it
 RUN_KEYS = ("base", "dataset", "format", "chat_template", "train_on_prompt", "truncation", "packing", "max_length",
-            "demo_train", "demo_eval", "val_size", "lora", "quant", "longlora", "optim", "seed", "batch_size",
-            "grad_accum")  # what the batches, the model and the adapter are; lr, steps, schedule may change
+            "demo_train", "demo_eval", "val_size", "lora", "quant", "longlora", "optim", "seed", "batch_size")
+ROWS_PER_STEP = "rows_per_step (batch_size x grad_accum x processes)"  # grad_accum may change with the processes
+# RUN_KEYS and ROWS_PER_STEP: what the batches, the model and the adapter are; lr, steps, schedule may change
 
 
 @dataclass
@@ -135,8 +136,9 @@ def save_checkpoint(out: Path, step: int, model: nn.Module, optimizer, schedule,
 
 
 def run_identity(cfg: TrainConfig) -> dict:
-    """The RUN_KEYS of `cfg`, sections flattened to dotted keys (`lora.r`), as JSON would give them back."""
-    flat: dict = {}
+    """The RUN_KEYS of `cfg`, sections flattened to dotted keys (`lora.r`), and the rows per optimizer step,
+    as JSON would give them back."""
+    flat: dict = {ROWS_PER_STEP: cfg.batch_size * cfg.grad_accum * distributed.current(cfg.distributed).size}
     for key in RUN_KEYS:
         value = getattr(cfg, key)
         if dataclasses.is_dataclass(value):
@@ -211,12 +213,13 @@ def resume_path(cfg: TrainConfig, out: Path) -> Path | None:
         if saved is None and checkpoint == path and cfg.resume != "auto":
             continue  # written before run.json: resumed only when named explicitly
         if saved is None:
-            raise ValueError(f"{checkpoint} has no {RUN_FILE} (an older lorakit): it may be another run's, so "
-                             f"resume=auto does not take it; name it (resume={checkpoint}) to continue from it")
+            raise ValueError(f"{checkpoint} has no {RUN_FILE} (an older lorakit), so it cannot be told from another "
+                             f"run's: name it (resume={checkpoint}) to continue from it, or use another output_dir")
         difference = identity_difference(saved, own)
         if difference is not None:
-            raise ValueError(f"{checkpoint} is another run's checkpoint: {difference}; a run resumes only with "
-                             f"the same {', '.join(RUN_KEYS)} (choose another output_dir for a new run)")
+            raise ValueError(f"{checkpoint} is another run's checkpoint: {difference}; a run resumes only with the "
+                             "same base, data, adapter settings, seed and rows per step (docs/CONFIG.md, `resume`); "
+                             "choose another output_dir for a new run")
     return path
 
 
