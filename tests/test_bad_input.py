@@ -147,7 +147,7 @@ CASES = [
     Case("adapter-inf-merge", ["merge", "{inf_adapter}", "{case}/merged"], ["lora_A holds", "NaN/Inf"]),
     Case("adapter-inf-export", ["export", "gguf", "--adapter", "{inf_adapter}", "{case}/a.gguf"], ["NaN/Inf"]),
     Case("adapter-other-base", ["generate", "--adapter", "{adapter}", "--base", "{other_model}", "hi"],
-         ["was saved for base", "differs from this model at", "force=True"]),
+         ["was saved for base", "differs from this model at", "from Python: load_adapter(..., force=True)"]),
     # ---------------------------------------------------------------- outputs: never destroyed
     Case("merge-into-user-folder", ["merge", "{adapter}", "{case}/victim"],
          ["output folder", "victim is not empty and is not a merged folder lorakit wrote", "--overwrite"],
