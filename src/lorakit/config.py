@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from lorakit.data.encode import CHAT_TEMPLATES
 from lorakit.data.formats import FORMATS
 from lorakit.quant.optim import OPTIMIZERS
 
@@ -225,6 +226,10 @@ class TrainConfig:
             raise ValueError("early_stopping_patience needs eval_every (and a validation set)")
         if self.truncation not in ("truncate", "drop"):
             raise ValueError(f"truncation must be 'truncate' or 'drop', got {self.truncation!r}")
+        template = self.chat_template
+        if template is not None and template not in CHAT_TEMPLATES and "{" not in template:  # a name mistyped
+            raise ValueError(f"chat_template must be one of {sorted(CHAT_TEMPLATES)} or a Jinja template, "
+                             f"got {self.chat_template!r}")
         if self.format is not None and self.format not in FORMATS:
             raise ValueError(f"format must be one of {FORMATS} (or null to detect), got {self.format!r}")
         if self.distributed not in ("none", "ddp", "fsdp2"):

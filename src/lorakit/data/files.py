@@ -105,6 +105,8 @@ def read_rows(spec, fmt: str | None = None, seed: int = 0) -> list[Row]:
     """Rows of a dataset spec: a path (file or folder), a list of paths, or a list of
     {"path": ..., "weight": w} where w scales that source's share (0.5 = a random half, 2 = twice)."""
     sources = spec if isinstance(spec, list) else [spec]
+    if not sources:
+        raise ValueError("dataset is an empty list: name at least one file or folder")
     rows: list[Row] = []
     for i, source in enumerate(sources):
         path, weight = (source.get("path"), source.get("weight", 1.0)) if isinstance(source, dict) else (source, 1.0)
