@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -131,6 +132,10 @@ CASES = [
     Case("eval-dataset-bad-csv", ["eval", "{adapter}", "--dataset", "{case}/rows.csv"],
          ["rows.csv:2: 3 fields, but the header has 2"], {"rows.csv": "prompt,completion\nsay a,b,c\n"}),
     # ---------------------------------------------------------------- adapter folders
+    Case("eval-max-new-tokens-zero", ["eval", "{adapter}", "--max-new-tokens", "0"],
+         ["argument --max-new-tokens: must be at least 1, got 0"]),
+    Case("generate-max-new-tokens-text", ["generate", "--max-new-tokens", "many", "hi"],
+         ["argument --max-new-tokens: expected an integer, got 'many'"]),
     Case("adapter-is-a-file", ["generate", "--adapter", "{case}/adapter.txt", "hi"],
          ["adapter.txt is a file, expected an adapter folder"], {"adapter.txt": "x"}),
     Case("adapter-missing", ["eval", "{case}/nope"], ["adapter folder", "nope does not exist"]),
@@ -238,7 +243,7 @@ def test_bad_input_is_refused_cleanly(case: Case, world, tmp_path, capsys):
         code = e.code
     err = capsys.readouterr().err
     assert code == 2, f"exit {code}; stderr:\n{err}"
-    assert err.splitlines()[-1].startswith("lorakit: error: ") and "Traceback" not in err, err
+    assert re.match(r"lorakit( [\w-]+)*: error: ", err.splitlines()[-1]) and "Traceback" not in err, err
     for fragment in case.expect:
         assert fragment.format(**{k: str(v) for k, v in names.items()}) in err, f"{fragment!r} not in:\n{err}"
     assert snapshot(folder, world["model"].parent) == before  # nothing created, changed or deleted

@@ -283,6 +283,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1 (argparse names the flag in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def package_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -318,14 +329,14 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--dataset", help="dataset file or folder, any supported format (default: demo held-out split)")
     e.add_argument("--base", help="base model (default: the one the adapter was saved for)")
     e.add_argument("--seed", type=int, default=0, help="demo task seed")
-    e.add_argument("--max-new-tokens", type=int, default=24)
+    e.add_argument("--max-new-tokens", type=positive_int, default=24)
     e.set_defaults(func=cmd_eval)
 
     g = sub.add_parser("generate", help="greedy completion of one prompt")
     g.add_argument("prompt")
     g.add_argument("--adapter", help="adapter folder")
     g.add_argument("--base", help="base model (default: the adapter's, else the built-in default)")
-    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--max-new-tokens", type=positive_int, default=64)
     g.set_defaults(func=cmd_generate)
 
     pl = sub.add_parser("plot", help="draw RUN_DIR/loss.png again from RUN_DIR/metrics.jsonl")
