@@ -120,6 +120,7 @@ def match_targets(model: nn.Module, spec: LoraSpec) -> list[str]:
                 f"(e.g. 'all-linear'). Candidates: {describe_candidates(model)}"
             )
         targets = DEFAULT_TARGETS[model_type]
+    check_layers(model, spec.layers)
     head = output_head(model)
     names = []
     for name in candidate_names(model):
@@ -145,6 +146,17 @@ def match_targets(model: nn.Module, spec: LoraSpec) -> list[str]:
                       f"yet (PEFT's all-linear adapts them through target_parameters): {listed(loose)}",
                       stacklevel=3)
     return names
+
+
+def check_layers(model: nn.Module, layers: list[int] | None) -> None:
+    """Refuse `layers` indices the model does not have (rather than blame the targets for matching nothing)."""
+    if layers is None:
+        return
+    present = {int(m.group(1)) for n in candidate_names(model) if (m := LAYER_INDEX.search(n))}
+    missing = sorted(set(layers) - present)
+    if missing:
+        have = f"{len(present)} layers, 0..{max(present)}" if present else "no numbered layers"
+        raise ValueError(f"lora.layers: layer index {missing[0]} is out of range (the model has {have})")
 
 
 def describe_candidates(model: nn.Module) -> str:
