@@ -337,3 +337,33 @@ def test_a_4bit_load_peaks_far_below_the_full_precision_size(tmp_path):
     four_bit = (total - 2 * 1024 * 1024 * 4) / 8 * 1.04 / 2**20 + 2 * 4  # linears at ~4.1 bits + embed and head
     assert after - before < 2 * four_bit  # what stays: the 4-bit model
     assert peak - before < 0.3 * total / 2**20  # full precision would be 300 MB more; one shard alone 100 MB
+
+
+def test_a_4bit_folder_split_across_shards_loads_like_one_file(tmp_path, tokens):
+    """A bitsandbytes-layout folder whose layers' entries (packed bytes, absmax, quant state) lie in
+    different shards is rebuilt the same as from one file, without quantizing again."""
+    from lorakit.quant.checkpoint import save_4bit
+
+    model = quantize_model(biased_tied_llama(), "fp4", 64, False)
+    one = tmp_path / "one"
+    save_4bit(model, one)
+    tiny_tokenizer().save_pretrained(one)
+    split = tmp_path / "split"
+    split.mkdir()
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        if (one / name).is_file():
+            (split / name).write_bytes((one / name).read_bytes())
+    tensors = load_file(one / "model.safetensors")
+    keys = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": keys[0::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    for file, names in shards.items():  # every other key: each layer's entries straddle the two shards
+        save_file({k: tensors[k] for k in names}, split / file, metadata={"format": "pt"})
+    weight_map = {k: file for file, names in shards.items() for k in names}
+    (split / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    a, _ = load(str(one))
+    b, _ = load(str(split))
+    assert isinstance(b.model.layers[1].self_attn.q_proj, Linear4bit)
+    sa, sb, ref = a.state_dict(), b.state_dict(), model.state_dict()
+    assert sa.keys() == sb.keys() == ref.keys() and all(torch.equal(sb[k], ref[k]) and torch.equal(sa[k], ref[k])
+                                                        for k in ref)
+    torch.testing.assert_close(b(tokens).logits, model(tokens).logits, rtol=0, atol=0)
