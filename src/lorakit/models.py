@@ -122,6 +122,7 @@ def load(
     from lorakit.adapters.io import AdapterFile, load_adapter, read_adapter
     from lorakit.longlora import apply_context
 
+    store, device = storage_dtype(dtype), resolve_device(device)  # bad arguments fail before any reading
     if isinstance(adapters, (str, Path, AdapterFile)):
         adapters = [adapters]
     pairs = list(adapters.items()) if isinstance(adapters, dict) else [(None, a) for a in adapters]
@@ -133,10 +134,9 @@ def load(
     if base is None:
         base = next((a.base for _, a in files if a.base), None) or "default"
     folder = resolve(base)
-    model = load_weights(folder, quant if quant is not None else wanted, storage_dtype(dtype),
-                         resolve_device(device), quant_storage)
     if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
         raise FileNotFoundError(f"{folder} has no tokenizer (tokenizer.json or tokenizer_config.json)")
+    model = load_weights(folder, quant if quant is not None else wanted, store, device, quant_storage)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

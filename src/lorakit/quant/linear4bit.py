@@ -143,10 +143,9 @@ class _Linear4bitFn(torch.autograd.Function):
             from lorakit.kernels.triton_matmul4bit import linear_4bit
 
             return linear_4bit(x, packed, state, bias)
-        y = F.linear(x, dequantize(packed, state, x.dtype))  # [..., out]
-        # bias added in place: F.linear's fused bias returns a view of its 2-d result, and a view made inside
-        # a Function may not be changed in place later (the LoRA wrapper adds its delta into y in place)
-        return y if bias is None else y.add_(bias)
+        # detached: with a bias, F.linear returns a view of its 2-d result, and autograd refuses in-place
+        # changes (the LoRA wrapper adds its delta into y) to a view made inside a Function
+        return F.linear(x, dequantize(packed, state, x.dtype), bias).detach()  # [..., out]
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
