@@ -228,6 +228,8 @@ def bench_train(s: dict, quick: bool, reps: int, warmup: int, memory: bool) -> l
 
 def lorakit_task(w, quantized: bool, device: str = "cuda"):
     """One lorakit LoRA/QLoRA (NF4 + double quant) training step on `device`, as `lorakit train` sets it up."""
+    import torch
+
     import lorakit
     from lorakit.bench.ours import lora_spec
     from lorakit.bench.workload import make_batch, supervised_tokens
@@ -238,7 +240,8 @@ def lorakit_task(w, quantized: bool, device: str = "cuda"):
     from lorakit.train.run import prepare_base
 
     quant = QuantConfig(type="nf4", double_quant=True, blocksize=64, compute_dtype=w.dtype) if quantized else None
-    model = load_weights(Path(w.model_dir), quant_record(quant), w.torch_dtype).requires_grad_(False)  # as `train`
+    model = load_weights(Path(w.model_dir), quant_record(quant), w.torch_dtype, torch.device("cpu"))
+    model.requires_grad_(False)  # as `lorakit train`
     prepare_base(model, TrainConfig(quant=quant, gradient_checkpointing=w.checkpointing))  # off, as PEFT's side
     lorakit.inject(model, lora_spec(w))
     model.to(device).train()
