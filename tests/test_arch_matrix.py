@@ -37,8 +37,15 @@ def _built(arch: str) -> nn.Module:
     return tiny_model(arch)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _drop_built_models():
+    """The cache lives as long as this module's tests: later tests may count the tensors alive."""
+    yield
+    _built.cache_clear()
+
+
 def fresh(arch: str) -> nn.Module:
-    """The architecture's tiny model, built once per test session and copied."""
+    """The architecture's tiny model, built once while this module runs, and copied."""
     return copy.deepcopy(_built(arch))
 
 
