@@ -281,3 +281,10 @@ def test_load_and_load_time_quantization(arch, tmp_path):
     assert {n: type(m) for n, m in loaded.named_modules()} == kinds and Linear4bit in kinds.values()
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids()).logits, expected(ids()).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("arch", sorted(MOE))
+@pytest.mark.parametrize("targets", [["experts"], ["q_proj", "gate_up_proj"], r".*\.mlp\.gate"])
+def test_naming_expert_parameters_is_refused_saying_why(arch, targets):
+    with pytest.raises(ValueError, match=r"name .*mlp\.(experts|gate).*\(fused mixture-of-experts parameters"):
+        lorakit.inject(fresh(arch), lorakit.LoraSpec(targets=targets))
