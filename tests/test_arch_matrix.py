@@ -249,6 +249,14 @@ def test_mixed_adapter_batch_equals_rows_alone(arch):
             lorakit.set_active(model, [] if name is None else [name])
             torch.testing.assert_close(mixed[i], model(batch[i : i + 1]).logits[0], rtol=1e-5, atol=1e-5)
         assert (mixed[0] - mixed[2]).abs().max() > 1e-3  # the rows' adapters differ
+        # greedy decoding through the model's cache, each row with its own adapter
+        greedy = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+        with lorakit.route(model, rows):
+            generated = model.generate(batch, attention_mask=torch.ones_like(batch), **greedy)
+        for i, name in enumerate(rows):
+            lorakit.set_active(model, [] if name is None else [name])
+            alone = model.generate(batch[i : i + 1], attention_mask=torch.ones_like(batch[i : i + 1]), **greedy)
+            assert generated[i].tolist() == alone[0].tolist(), f"row {i} ({name})"
 
 
 def test_every_linear_of_every_architecture_is_4bit_or_reported():
