@@ -8,6 +8,9 @@ the default model (SmolLM2-135M-Instruct) answers demo prompts greedily as `lora
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 from unittest import mock
 
@@ -138,6 +141,28 @@ def test_llama_cpp_applies_the_adapter_gguf_to_the_base_gguf(adapter_dir, tmp_pa
     torch.testing.assert_close(base_alone, torch_logits(base, ids), atol=1e-4, rtol=1e-4)
     assert (base_alone - with_adapter).abs().max() > 0.1
 
+
+
+def test_llama_cpp_converter_writes_what_lorakit_writes_for_the_adapter(adapter_dir, tmp_path):
+    """llama.cpp's own convert_lora_to_gguf.py reads lorakit's PEFT folder and writes the tensors and
+    adapter keys `lorakit export gguf --adapter` writes, bit for bit (the converter comes from the same
+    llama-cpp-python source package; scripts/setup.sh --test keeps it in .venv/llama.cpp)."""
+    import gguf
+
+    converter = Path(sys.prefix) / "llama.cpp" / "convert_lora_to_gguf.py"
+    assert converter.is_file(), f"{converter} is missing: run bash scripts/setup.sh --test"
+    theirs, ours = tmp_path / "theirs.gguf", tmp_path / "ours.gguf"
+    subprocess.run([sys.executable, str(converter), "--outfile", str(theirs), "--outtype", "f32",
+                    "--base", str(tmp_path / "base"), str(adapter_dir)], check=True, capture_output=True)
+    assert main(["export", "gguf", "--adapter", str(adapter_dir), str(ours)]) == 0
+    readers = gguf.GGUFReader(theirs), gguf.GGUFReader(ours)
+    for key in ("general.type", "general.architecture", "adapter.type", "adapter.lora.alpha"):
+        assert readers[0].fields[key].contents() == readers[1].fields[key].contents(), key
+    tensors = [{t.name: t for t in reader.tensors} for reader in readers]
+    assert tensors[0].keys() == tensors[1].keys() and len(tensors[0]) == 2 * 7 * 2
+    for name, t in tensors[0].items():
+        assert list(t.shape) == list(tensors[1][name].shape), name
+        np.testing.assert_array_equal(t.data, tensors[1][name].data, err_msg=name)
 
 # ----------------------------------------------------------------------------- the default model (slow)
 
