@@ -28,7 +28,7 @@ from lorakit.data.demo import make_demo
 from lorakit.data.encode import prompt_text
 from lorakit.export import write_model_gguf
 from lorakit.generate import generate
-from lorakit.models import load
+from lorakit.models import load, resolve
 
 # texts the tiny tokenizer covers (its 128 tokens know only BPE_TEXT's characters), split every way:
 # runs of digits and spaces, punctuation, a special token written as text
@@ -246,3 +246,29 @@ def test_default_adapter_gguf_answers_as_lorakit_with_the_adapter(default_run):
     with_adapter = open_gguf(run.tmp / "base.gguf", lora=adapter, n_ctx=128)
     assert [text(with_adapter, t) for t in llama_answers(with_adapter, run)] == run.answers
     torch.testing.assert_close(llama_logits(with_adapter, run.ids), run.logits, atol=1e-3, rtol=1e-3)
+
+
+def gguf_fields(path) -> dict:
+    import gguf
+
+    return {k: f.contents() for k, f in gguf.GGUFReader(path).fields.items() if not k.startswith("GGUF.")}
+
+
+@pytest.mark.slow
+def test_default_gguf_metadata_is_what_llama_cpp_converter_writes(default_run):
+    """Every key lorakit writes for the default model holds the value llama.cpp's convert_hf_to_gguf.py
+    writes for the same HF folder (`--vocab-only`: metadata, no tensors): hyper-parameters, tokens, token
+    types, merges, special ids, the "smollm" pre-tokenizer, the chat template. The converter adds only
+    naming keys and the head size llama.cpp would otherwise derive (576 / 9)."""
+    converter = Path(sys.prefix) / "llama.cpp" / "convert_hf_to_gguf.py"
+    assert converter.is_file(), f"{converter} is missing: run bash scripts/setup.sh --test"
+    theirs = default_run.tmp / "converter-vocab.gguf"
+    subprocess.run([sys.executable, str(converter), "--vocab-only", "--outtype", "f32", "--outfile", str(theirs),
+                    str(resolve("default"))], check=True, capture_output=True)
+    ours, theirs = gguf_fields(default_run.tmp / "base.gguf"), gguf_fields(theirs)
+    assert {k: v for k, v in ours.items() if k != "general.name"} == \
+        {k: theirs[k] for k in ours if k != "general.name"}
+    assert set(theirs) - set(ours) == {"general.basename", "general.finetune", "general.size_label",
+                                       "general.quantization_version", "llama.attention.key_length",
+                                       "llama.attention.value_length"}
+    assert theirs["llama.attention.key_length"] == theirs["llama.attention.value_length"] == 576 // 9
