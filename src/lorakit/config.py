@@ -67,6 +67,10 @@ class LoraSpec:
     `targets`: "all-linear", a full-match regex string, a list of exact names or dotted
     suffixes, or None for the architecture's default. `rank_pattern`/`alpha_pattern` map a
     regex (matched against a module name's dotted suffix, as PEFT does) to a rank/alpha.
+    `target_parameters`: weight matrices held as parameters outside linear layers (fused mixture-of-experts
+    `gate_up_proj`/`down_proj`, a router's `gate.weight`), named as PEFT's `target_parameters` (the full
+    dotted name or a dotted suffix); with `targets: null` only these are adapted (as in PEFT). "all-linear"
+    adapts them all (see docs/CONFIG.md).
     `kind`: "lora", "dora" (weight-decomposed LoRA; PEFT's `use_dora`), or "adalora" (r = init_r,
     `adalora` holds the allocation settings; no rank/alpha patterns, rsLoRA or embeddings). `init`: "kaiming" or
     "gaussian" (B = 0), or "pissa" (A, B from the top-r SVD of W; the base keeps the residual).
@@ -76,6 +80,7 @@ class LoraSpec:
     alpha: float = 16
     dropout: float = 0.0
     targets: str | list[str] | None = "all-linear"
+    target_parameters: list[str] | None = None
     exclude: str | list[str] | None = None
     bias: str = "none"
     rslora: bool = False
@@ -104,6 +109,9 @@ class LoraSpec:
         self.check_adalora()
         if isinstance(self.targets, list) and not self.targets:
             raise ValueError("targets is an empty list; use None for the architecture default")
+        if self.target_parameters is not None and (not isinstance(self.target_parameters, list)
+                                                   or not all(isinstance(t, str) for t in self.target_parameters)):
+            raise ValueError(f"target_parameters must be a list of parameter names, got {self.target_parameters!r}")
 
 
     def check_adalora(self) -> None:

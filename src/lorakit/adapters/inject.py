@@ -7,8 +7,8 @@ name or a dotted suffix, "all-linear" is every Linear/Conv1D except the output h
 
 from __future__ import annotations
 
+import dataclasses
 import re
-import warnings
 from collections import Counter
 
 import torch
@@ -19,8 +19,9 @@ from lorakit.adapters.copies import ModuleCopies, add_copy, module_copies
 from lorakit.adapters.dora import DoraAdapter
 from lorakit.adapters.layer import LoraLayer, base_kind, lora_layers
 from lorakit.adapters.lora import LoraAdapter
+from lorakit.adapters.params import ParamAdapter, ParamLoraLayer, param_layers, stacked_shape, wrap_params
 from lorakit.config import LoraSpec
-from lorakit.quant.linear4bit import listed, loose_weights
+from lorakit.quant.linear4bit import loose_weights
 
 # Targets when none are given (`targets: null`), by `config.model_type`. PEFT's table
 # (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, peft 0.21), entry for entry, so the same config
@@ -112,6 +113,8 @@ def in_adapter(name: str) -> bool:
 def match_targets(model: nn.Module, spec: LoraSpec) -> list[str]:
     """Dotted names of the modules `spec` selects; an error lists the candidates if none."""
     targets = spec.targets
+    if targets is None and spec.target_parameters:  # PEFT's target_modules=None with target_parameters
+        return []
     if targets is None:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         if model_type not in DEFAULT_TARGETS:
@@ -137,21 +140,54 @@ def match_targets(model: nn.Module, spec: LoraSpec) -> list[str]:
             if found is None or int(found.group(1)) not in spec.layers:
                 continue
         names.append(name)
-    loose = loose_weights(model)
-    if targets != "all-linear":  # named expert parameters (or their module) cannot be adapted: say so
-        named = [n for n in loose if name_matches(n, targets) or name_matches(n.rpartition(".")[0], targets)]
-        if named:
-            raise ValueError(f"targets {targets!r} name {listed(named)}: weight matrices held outside linear "
-                             f"layers (fused mixture-of-experts parameters, routers), which lorakit cannot adapt "
-                             f"yet (PEFT does, through target_parameters). Candidates: {describe_candidates(model)}")
-    if not names:
+    if not names and not match_parameters(model, spec):
         raise ValueError(f"targets {targets!r} match no module. Candidates: {describe_candidates(model)}")
-    if targets == "all-linear" and loose:
-        warnings.warn(f"all-linear leaves {len(loose)} weight matrices without an adapter: they are held outside "
-                      f"linear layers (fused mixture-of-experts parameters, routers), which lorakit cannot adapt "
-                      f"yet (PEFT's all-linear adapts them through target_parameters): {listed(loose)}",
-                      stacklevel=3)
     return names
+
+
+def held_weights(model: nn.Module) -> list[str]:
+    """Full names of the weight matrices held as parameters outside linear layers (fused mixture-of-experts
+    weights, routers), wrapped already or not."""
+    wrapped = [f"{path}.{p}" for path, layer in param_layers(model) for p in layer.base_module._parameters
+               if layer.base_module._parameters[p].dim() >= 2]
+    return sorted(set(loose_weights(model)) | set(wrapped))
+
+
+def match_parameters(model: nn.Module, spec: LoraSpec) -> list[str]:
+    """Full names of the held weight matrices `spec` adapts: those `target_parameters` names (PEFT's rule: the
+    full name or a dotted suffix), those whose own or module's name `targets` matches, and with "all-linear"
+    every one (as PEFT's all-linear adapts MoE experts and routers). Naming none that exists is an error."""
+    held, targets = held_weights(model), spec.targets
+    chosen = [n for n in held if name_matches(n, spec.target_parameters)] if spec.target_parameters else []
+    if spec.target_parameters and not chosen:
+        listed_ = ", ".join(held[:6]) or "none"
+        raise ValueError(f"target_parameters {spec.target_parameters!r} match no parameter. Candidates: {listed_}")
+    for name in held:
+        if name in chosen or targets is None:
+            continue
+        if targets == "all-linear" or name_matches(name, targets) or name_matches(name.rpartition(".")[0], targets):
+            chosen.append(name)
+    if spec.exclude is not None:
+        chosen = [n for n in chosen if not name_matches(n, spec.exclude)
+                  and not name_matches(n.rpartition(".")[0], spec.exclude)]
+    if spec.layers is not None:
+        chosen = [n for n in chosen if (m := LAYER_INDEX.search(n)) and int(m.group(1)) in spec.layers]
+    if chosen and (spec.kind != "lora" or spec.dropout > 0 or spec.init == "pissa"):
+        raise ValueError(f"{chosen[0]} is a weight held as a parameter (fused mixture-of-experts weights, a "
+                         f"router): its adapter takes no dropout, DoRA, AdaLoRA or PiSSA (as PEFT's "
+                         f"target_parameters); got kind={spec.kind!r}, dropout={spec.dropout}, init={spec.init!r}. "
+                         f"Exclude it or change those settings")
+    return sorted(chosen)
+
+
+def with_fused_ranks(model: nn.Module, spec: LoraSpec) -> LoraSpec:
+    """PEFT's all-linear on a mixture-of-experts model gives a fused `gate_up_proj` twice the rank and alpha
+    (one r for each of the gate and up projections it fuses): the same here, unless a pattern says otherwise."""
+    if spec.targets != "all-linear" or not any(n.endswith(".gate_up_proj") for n in held_weights(model)):
+        return spec
+    key = r".*\.gate_up_proj"
+    return dataclasses.replace(spec, rank_pattern={key: 2 * spec.r, **spec.rank_pattern},
+                               alpha_pattern={key: 2 * spec.alpha, **spec.alpha_pattern})
 
 
 def check_layers(model: nn.Module, layers: list[int] | None) -> None:
@@ -186,9 +222,14 @@ def adapter_names(model: nn.Module) -> list[str]:
     return list(getattr(model, "lorakit_specs", {}))
 
 
+def adapted_modules(model: nn.Module) -> list[tuple[str, LoraLayer | ParamLoraLayer]]:
+    """Every wrapper holding named adapters: LoRA layers and held-weight (expert) modules."""
+    return [*lora_layers(model), *param_layers(model)]
+
+
 def freeze_base(model: nn.Module) -> None:
     """Every parameter that is not an adapter's (or a module copy's) stops training."""
-    own = {id(p) for _, layer in lora_layers(model) for p in layer.adapters.parameters()}
+    own = {id(p) for _, layer in adapted_modules(model) for p in layer.adapters.parameters()}
     own |= {id(p) for _, copies in module_copies(model) for p in copies.copies.parameters()}
     for p in model.parameters():
         if id(p) not in own:
@@ -219,7 +260,9 @@ def inject(model: nn.Module, spec: LoraSpec, name: str = "default", trainable: b
         raise ValueError(f"model already has an adapter named {name!r}")
     if parent is not None and parent not in adapter_names(model):
         raise ValueError(f"parent adapter {parent!r} is not on the model; it has {adapter_names(model)}")
+    spec = with_fused_ranks(model, spec)
     targets = match_targets(model, spec)
+    params = match_parameters(model, spec)
     saved = resolve_modules_to_save(model, spec.modules_to_save or [])
     clash = set(targets) & set(saved)
     if clash:
@@ -232,6 +275,7 @@ def inject(model: nn.Module, spec: LoraSpec, name: str = "default", trainable: b
         adapter.init_from_base(layer)
         adapter.requires_grad_(trainable)
         layer.add(name, adapter)
+    inject_parameters(model, spec, params, name, trainable)
     for path in saved:
         add_copy(model.get_submodule(path), name, trainable=trainable)
     model.lorakit_specs = {**getattr(model, "lorakit_specs", {}), name: spec}
@@ -241,6 +285,22 @@ def inject(model: nn.Module, spec: LoraSpec, name: str = "default", trainable: b
     if parent is not None:
         set_parent(model, name, parent)
     return model
+
+
+def inject_parameters(model: nn.Module, spec: LoraSpec, params: list[str], name: str, trainable: bool) -> None:
+    """Add adapter `name` on each of the held weights `params` (full names), one wrapper per module."""
+    by_module: dict[str, dict[str, ParamAdapter]] = {}
+    for full in params:
+        path, _, param = full.rpartition(".")
+        weight = model.get_submodule(path)._parameters[param]
+        r = pattern_value(full, spec.rank_pattern, spec.r)
+        alpha = pattern_value(full, spec.alpha_pattern, spec.alpha)
+        dtype = weight.dtype if weight.dtype.is_floating_point and weight.dtype.itemsize >= 4 else torch.float32
+        adapter = ParamAdapter(stacked_shape(weight), r, alpha, rslora=spec.rslora, init=spec.init,
+                               device=weight.device, dtype=dtype)
+        by_module.setdefault(path, {})[param] = adapter.requires_grad_(trainable)
+    for path, adapters in by_module.items():
+        wrap_params(model, path).add(name, adapters)
 
 
 ADAPTER_KINDS: dict[str, type[LoraAdapter]] = {"lora": LoraAdapter, "dora": DoraAdapter, "adalora": AdaLoraAdapter}
@@ -319,7 +379,7 @@ def set_active(model: nn.Module, names: list[str]) -> None:
         if n not in known:
             raise ValueError(f"unknown adapter {n!r}; the model has {known}")
     names = list(dict.fromkeys(c for n in names for c in adapter_chain(model, n)))
-    for _, layer in lora_layers(model):
+    for _, layer in adapted_modules(model):
         layer.active = [n for n in names if n in layer.adapters]
     for _, copies in module_copies(model):
         copies.active = [n for n in names if n in copies.copies]
@@ -328,7 +388,7 @@ def set_active(model: nn.Module, names: list[str]) -> None:
 def active_adapters(model: nn.Module) -> list[str]:
     active = []
     for _, module in model.named_modules():
-        if isinstance(module, LoraLayer | ModuleCopies):
+        if isinstance(module, LoraLayer | ParamLoraLayer | ModuleCopies):
             active += [n for n in module.active if n not in active]
     return active
 
@@ -356,7 +416,7 @@ def remove_adapter(model: nn.Module, name: str) -> None:
     children = adapter_children(model, name)
     if children:
         raise ValueError(f"adapter {name!r} is the parent of {children}; remove those first")
-    layers = [(path, layer) for path, layer in lora_layers(model) if name in layer.adapters]
+    layers = [(path, layer) for path, layer in adapted_modules(model) if name in layer.adapters]
     merged = [path for path, layer in layers if name in layer.merged]
     if merged:
         raise ValueError(f"adapter {name!r} is merged into {merged[0]}; unmerge before removing it")

@@ -1,0 +1,183 @@
+"""LoRA on weight matrices held as plain parameters: fused mixture-of-experts weights and routers.
+
+In transformers 5, Mixtral's and Qwen3-MoE's experts are one module holding `gate_up_proj`
+[E, 2 * ff, hidden] and `down_proj` [E, hidden, ff] (expert e computes x W_e^T), and the router holds
+`weight` [E, hidden] (a 2-d parameter is one "expert"). An adapter gives every expert its own factors:
+
+    W_e' = W_e + scale * B_e A_e,   A: [E, r, in], B: [E, out, r],   scale = alpha / r
+
+and the module runs its own forward with W' in place of W (`torch.func.functional_call`), so any
+experts implementation (loop, grouped_mm) sees adapted weights. This is PEFT's `target_parameters`
+(`ParamWrapper`), whose file stores A as [E * r, in] (expert-major rows) and B as [out, r * E]
+(rank-major columns, `B.reshape(out, r, E)[..., e]` is B_e); `peft_factors` / `from_peft` convert.
+PEFT refuses dropout, DoRA and mixed-adapter batches on these, and so does lorakit.
+
+The wrapper keeps the base's parameter names (`...experts.gate_up_proj`), as `LoraLayer` does.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from lorakit.adapters.lora import lora_scale
+
+
+def stacked_shape(weight: torch.Tensor) -> tuple[int, int, int]:
+    """(experts, out, in) of a [E, out, in] or [out, in] parameter."""
+    if weight.dim() == 2:
+        return (1, *weight.shape)
+    if weight.dim() == 3:
+        return tuple(weight.shape)
+    raise ValueError(f"a {weight.dim()}-d parameter cannot take LoRA (only [out, in] and [experts, out, in])")
+
+
+class ParamAdapter(nn.Module):
+    """One adapter's factors for one stacked weight [E, out, in]: per expert e, scale * B_e A_e."""
+
+    def __init__(self, shape: tuple[int, int, int], r: int, alpha: float, *, rslora: bool = False,
+                 init: str = "kaiming", device: torch.device | None = None, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        experts, out_features, in_features = shape
+        self.r, self.alpha, self.scale = r, alpha, lora_scale(r, alpha, rslora)
+        self.lora_A = nn.Parameter(torch.empty(experts, r, in_features, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(experts, out_features, r, device=device, dtype=dtype))
+        with torch.no_grad():  # PEFT's init of its [E * r, in] lora_A (fan-in = in, as per expert)
+            if init == "gaussian":
+                nn.init.normal_(self.lora_A, std=1 / r)
+            else:
+                nn.init.kaiming_uniform_(self.lora_A.view(-1, in_features), a=math.sqrt(5))
+
+    def delta_weight(self) -> torch.Tensor:
+        """scale * B_e A_e for every expert: [E, out, in]."""
+        return torch.bmm(self.lora_B, self.lora_A) * self.scale
+
+    def peft_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A [E * r, in], B [out, r * E]) as PEFT's ParamWrapper stores them."""
+        experts, out_features, r = self.lora_B.shape
+        return self.lora_A.reshape(experts * r, -1), self.lora_B.permute(1, 2, 0).reshape(out_features, r * experts)
+
+    @torch.no_grad()
+    def from_peft(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Set the factors from PEFT's A [E * r, in] and B [out, r * E]."""
+        experts, out_features, r = self.lora_B.shape
+        self.lora_A.copy_(a.reshape(experts, r, -1))
+        self.lora_B.copy_(b.reshape(out_features, r, experts).permute(2, 0, 1))
+
+
+class ParamLoraLayer(nn.Module):
+    """A module holding weight matrices as parameters (MoE experts, a router), plus named adapters on some of
+    them: `adapters[name][parameter]` is a ParamAdapter. Any subset of adapters can be active."""
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        if getattr(base, "is_transposed", False):
+            raise ValueError(f"{type(base).__name__} stores its experts as [E, in, out] (is_transposed), which "
+                             "lorakit's expert adapters do not support yet")
+        self.adapters = nn.ModuleDict()
+        self.active: list[str] = []
+        self.merged: list[str] = []
+        self.routing = None  # never set: `lorakit.route` refuses models with expert adapters
+        object.__setattr__(self, "base_module", base)  # not a child: its parameters are re-registered here
+        self._modules.update(base._modules)  # its sub-modules (activation) keep their names too
+        self.share_base_parameters()
+
+    def share_base_parameters(self) -> None:
+        self._parameters.update(self.base_module._parameters)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self.__dict__.get("base_module")
+            if base is None:
+                raise
+            return getattr(base, name)
+
+    def _apply(self, fn, recurse: bool = True):
+        self.base_module._apply(fn)
+        self.share_base_parameters()
+        self.adapters._apply(fn)
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        self.base_module._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
+        self.base_module._load_from_state_dict(state_dict, prefix, *args)
+        self.share_base_parameters()
+
+    def add(self, name: str, adapters: dict[str, ParamAdapter], active: bool = True) -> None:
+        if name in self.adapters:
+            raise ValueError(f"adapter {name!r} already exists on this module")
+        self.adapters[name] = nn.ModuleDict(adapters)
+        if active:
+            self.active.append(name)
+
+    def forward(self, *args, **kwargs):
+        names = [n for n in self.active if n not in self.merged]
+        if not names:
+            return self.base_module(*args, **kwargs)
+        weights = {}
+        for name in names:
+            for param, adapter in self.adapters[name].items():
+                weight = weights.get(param, self._parameters[param])
+                weights[param] = weight + adapter.delta_weight().reshape(weight.shape).to(weight.dtype)
+        return functional_call(self.base_module, weights, args, kwargs, strict=False)
+
+    @torch.no_grad()
+    def merge(self, name: str, safe: bool = False) -> None:
+        """Fold adapter `name` into the base parameters; `safe` refuses a non-finite result."""
+        if name in self.merged:
+            return
+        merged = {}
+        for param, adapter in self.adapters[name].items():
+            weight = self._parameters[param]
+            merged[param] = weight.float() + adapter.delta_weight().reshape(weight.shape).float()
+            if safe and not torch.isfinite(merged[param]).all():
+                raise ValueError(f"merging adapter {name!r} gives non-finite weights in {param}")
+        for param, weight in merged.items():
+            self._parameters[param].copy_(weight)
+        self.merged.append(name)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        while self.merged:
+            for param, adapter in self.adapters[self.merged.pop()].items():
+                weight = self._parameters[param]
+                weight.copy_(weight.float() - adapter.delta_weight().reshape(weight.shape).float())
+
+    def unwrap(self, names: list[str], safe: bool = False) -> nn.Module:
+        """The base module with adapters `names` merged in."""
+        for name in names:
+            if name in self.adapters:
+                self.merge(name, safe=safe)
+        return self.base_module
+
+
+def param_layers(model: nn.Module) -> Iterator[tuple[str, ParamLoraLayer]]:
+    for path, module in model.named_modules():
+        if isinstance(module, ParamLoraLayer):
+            yield path, module
+
+
+def wrap_params(model: nn.Module, path: str) -> ParamLoraLayer:
+    """Replace module `path` by a ParamLoraLayer around it (or return the existing one)."""
+    module = model.get_submodule(path)
+    if isinstance(module, ParamLoraLayer):
+        return module
+    layer = ParamLoraLayer(module)
+    parent, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent), child, layer)
+    return layer
+
+
+def peft_key_prefixes(layer: ParamLoraLayer, params: list[str]) -> dict[str, str]:
+    """PEFT nests one ParamWrapper per adapted parameter, in the module's registration order, the last
+    outermost: parameter -> its key infix (`""`, `".base_layer"`, `".base_layer.base_layer"`, ...)."""
+    ordered = [p for p in layer.base_module._parameters if p in params]
+    return {p: ".base_layer" * (len(ordered) - 1 - i) for i, p in enumerate(ordered)}
