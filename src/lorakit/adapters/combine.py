@@ -33,6 +33,7 @@ from torch import nn
 from lorakit.adapters.inject import adapter_names
 from lorakit.adapters.layer import LoraLayer, lora_layers
 from lorakit.adapters.lora import LoraAdapter
+from lorakit.adapters.params import param_layers
 from lorakit.config import LoraSpec
 
 METHODS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties")
@@ -83,6 +84,10 @@ def check_combinable(model: nn.Module, weights: dict[str, float], new_name: str,
         raise ValueError("weights is empty: name at least one adapter to combine")
     if not new_name or "." in new_name or new_name in known:
         raise ValueError(f"new adapter name {new_name!r} must be non-empty, contain no '.', and be unused")
+    experts = [path for path, layer in param_layers(model) if set(weights) & set(layer.adapters)]
+    if experts:
+        raise ValueError(f"adapters {sorted(weights)} adapt weights held as parameters at {experts[0]} (mixture-of-"
+                         "experts weights, a router), which combine does not support yet")
     if rank is not None and (method not in ("svd", *SPARSE) or rank <= 0):
         raise ValueError(f"rank={rank!r} is for method='svd' or {SPARSE} only, and must be positive")
     if (method in SPARSE) != (density is not None):

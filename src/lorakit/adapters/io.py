@@ -28,6 +28,7 @@ from lorakit.adapters.inject import (
     adapter_names,
     candidate_names,
     freeze_base,
+    held_weights,
     name_matches,
     new_adapter,
     pattern_value,
@@ -37,6 +38,14 @@ from lorakit.adapters.inject import (
 )
 from lorakit.adapters.layer import LoraLayer, base_kind, in_out, lora_layers
 from lorakit.adapters.lora import LoraAdapter
+from lorakit.adapters.params import (
+    ParamAdapter,
+    ParamLoraLayer,
+    param_layers,
+    peft_key_prefixes,
+    stacked_shape,
+    wrap_params,
+)
 from lorakit.atomic import atomic_write_bytes, atomic_write_text
 from lorakit.config import LoraSpec
 from lorakit.longlora import context_of
@@ -58,7 +67,6 @@ LORA_SUFFIXES = {  # PEFT key suffix -> (our parameter, is embedding)
 UNSUPPORTED = {  # PEFT config field -> its default; anything else we cannot honour yet
     "lora_bias": False,
     "layer_replication": None,
-    "target_parameters": None,
     "trainable_token_indices": None,
     "use_qalora": False,
     "alora_invocation_tokens": None,
@@ -99,6 +107,7 @@ def save_adapter(model: nn.Module, path: str | Path, name: str = "default", conv
         for ours, theirs in adapter.peft_names().items():
             tensors[f"{PREFIX}{path_}.{theirs}"] = own.get(ours, getattr(adapter, ours))
         base_shapes[path_] = list(reversed(layer.in_out))  # [out, in], whatever the storage
+    params = param_tensors(model, name, tensors, base_shapes)
     tensors.update(bias_tensors(model, spec.bias))
     saved_modules = []
     for path_, copies in module_copies(model):
@@ -117,7 +126,8 @@ def save_adapter(model: nn.Module, path: str | Path, name: str = "default", conv
         metadata["lorakit.context"] = json.dumps(context_of(model), sort_keys=True)
     if quantization_of(model) is not None:  # trained over a 4-bit base: say how, to rebuild it
         metadata["lorakit.quant"] = json.dumps(quantization_of(model), sort_keys=True)
-    config = peft_config(model, pissa_converted_spec(spec) if convert else spec, sorted(base_shapes), saved_modules)
+    targets = sorted(set(base_shapes) - set(params))
+    config = peft_config(model, pissa_converted_spec(spec) if convert else spec, targets, saved_modules, params)
     if spec.kind == "adalora":
         config = adalora.peft_config(config, model, name, spec)
     if name in getattr(model, "lorakit_parents", {}):  # an adapter stack: the parent's name (PEFT ignores the key)
@@ -126,6 +136,24 @@ def save_adapter(model: nn.Module, path: str | Path, name: str = "default", conv
     atomic_write_bytes(folder / WEIGHTS_FILE, sorted_header(safetensors_bytes(tensors, metadata=metadata)))
     atomic_write_text(folder / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True) + "\n")
     return folder
+
+
+def param_tensors(model: nn.Module, name: str, tensors: dict, base_shapes: dict) -> list[str]:
+    """Add adapter `name`'s held-weight (expert) factors to `tensors` under PEFT's nested ParamWrapper keys
+    (`<module>[.base_layer...].lora_A.weight`) and their weights' shapes to `base_shapes`; their full names."""
+    names = []
+    for path, layer in param_layers(model):
+        if name not in layer.adapters:
+            continue
+        if name in layer.merged:
+            raise ValueError(f"adapter {name!r} is merged into {path}; unmerge before saving")
+        adapters = layer.adapters[name]
+        for param, infix in peft_key_prefixes(layer, list(adapters)).items():
+            tensors[f"{PREFIX}{path}{infix}.lora_A.weight"], tensors[f"{PREFIX}{path}{infix}.lora_B.weight"] = (
+                adapters[param].peft_factors())
+            base_shapes[f"{path}.{param}"] = list(layer.base_module._parameters[param].shape)
+            names.append(f"{path}.{param}")
+    return sorted(names)
 
 
 def sorted_header(data: bytes) -> bytes:
@@ -163,7 +191,7 @@ def fingerprint(base_shapes: dict[str, list[int]]) -> str:
     return hashlib.sha256(json.dumps(base_shapes, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def peft_config(model: nn.Module, spec: LoraSpec, targets: list[str], saved: list[str]) -> dict:
+def peft_config(model: nn.Module, spec: LoraSpec, targets: list[str], saved: list[str], params: list[str]) -> dict:
     """The adapter_config.json PEFT writes for this adapter (targets as the exact set adapted)."""
     from transformers import GenerationMixin
 
@@ -175,7 +203,8 @@ def peft_config(model: nn.Module, spec: LoraSpec, targets: list[str], saved: lis
         "r": spec.r,
         "lora_alpha": spec.alpha,
         "lora_dropout": spec.dropout,
-        "target_modules": exact_targets(model, targets),
+        "target_modules": exact_targets(model, targets) if targets else None,
+        "target_parameters": exact_parameters(model, params) if params else None,
         "exclude_modules": None,
         "bias": spec.bias,
         "use_rslora": spec.rslora,
@@ -207,6 +236,13 @@ def pissa_converted_spec(spec: LoraSpec) -> LoraSpec:
         rank_pattern={k: 2 * v for k, v in spec.rank_pattern.items()},
         alpha_pattern={k: factor * v for k, v in spec.alpha_pattern.items()},
     )
+
+
+def exact_parameters(model: nn.Module, params: list[str]) -> list[str]:
+    """Short names (`gate_up_proj`, `gate.weight`) if they select exactly `params` under PEFT's rule, else the
+    full names."""
+    short = sorted({".".join(p.split(".")[-2:]) if p.endswith(".weight") else p.rsplit(".", 1)[-1] for p in params})
+    return short if {n for n in held_weights(model) if name_matches(n, short)} == set(params) else params
 
 
 def exact_targets(model: nn.Module, targets: list[str]) -> list[str] | str:
@@ -303,6 +339,7 @@ def spec_from_peft(config: dict, where: Path) -> LoraSpec:
             alpha=config["lora_alpha"],
             dropout=config.get("lora_dropout") or 0.0,
             targets=config.get("target_modules"),
+            target_parameters=list(config["target_parameters"]) if config.get("target_parameters") else None,
             bias=config.get("bias") or "none",
             rslora=bool(config.get("use_rslora", False)),
             init=init if init in ("gaussian", "pissa") else "kaiming",
@@ -380,6 +417,57 @@ def copy_owners(name: str, saved: list[str]):
             yield prefix
 
 
+def held_params(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The weight matrices a module holds as its own parameters (through an expert wrapper too)."""
+    base = module.base_module if isinstance(module, ParamLoraLayer) else module
+    return {n: p for n, p in base._parameters.items() if p is not None and p.dim() >= 2}
+
+
+def split_params(model: nn.Module, adapter: AdapterFile) -> tuple[dict, dict]:
+    """(LoRA pairs of layers, LoRA pairs of held weights by full parameter name) of an adapter file. PEFT keys
+    a held weight by its module, one `.base_layer` deeper for each parameter adapted after it on that module
+    (`peft_key_prefixes`); which parameters those are, `target_parameters` says."""
+    where = adapter.folder / WEIGHTS_FILE
+    if not adapter.spec.target_parameters:
+        return adapter.lora, {}
+    layers, params, depths = {}, {}, {}
+    for key, pair in adapter.lora.items():
+        path, depth = key, 0
+        while path.endswith(".base_layer"):
+            path, depth = path.removesuffix(".base_layer"), depth + 1
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            module = None
+        if module is None or base_kind(module) is not None:
+            layers[key] = pair
+        else:
+            depths.setdefault(path, {})[depth] = pair
+    for path, pairs in depths.items():
+        named = [p for p in held_params(model.get_submodule(path))
+                 if name_matches(f"{path}.{p}", adapter.spec.target_parameters)]
+        if sorted(pairs) != list(range(len(named))):
+            raise AdapterFileError(f"{where}: module {path!r} has LoRA tensors for {len(pairs)} parameters, but "
+                                   f"target_parameters name {len(named)} of it ({named})")
+        for depth, pair in pairs.items():
+            params[f"{path}.{named[len(named) - 1 - depth]}"] = pair
+    return layers, params
+
+
+def check_param_pairs(model: nn.Module, adapter: AdapterFile, params: dict) -> None:
+    """Refuse held-weight factors whose shapes or rank do not fit: A [E * r, in], B [out, r * E]."""
+    where = adapter.folder / WEIGHTS_FILE
+    for full, pair in params.items():
+        path, _, param = full.rpartition(".")
+        experts, n_out, n_in = stacked_shape(held_params(model.get_submodule(path))[param])
+        a, b = pair["lora_A"].shape, pair["lora_B"].shape
+        r = pattern_value(full, adapter.spec.rank_pattern, adapter.spec.r)
+        if a != (experts * r, n_in) or b != (n_out, r * experts):
+            raise AdapterFileError(f"{where}: parameter {full!r} is [experts={experts}, out={n_out}, in={n_in}] "
+                                   f"but lora_A is {list(a)} and lora_B is {list(b)} (expected [{experts * r}, "
+                                   f"{n_in}] and [{n_out}, {r * experts}] at rank {r})")
+
+
 def base_mismatch(model: nn.Module, adapter: AdapterFile) -> str | None:
     """Where `model` differs from the base the adapter was saved for (the adapted modules' names and weight
     shapes its file records), or None; None also for a file that records none (PEFT's)."""
@@ -390,6 +478,9 @@ def base_mismatch(model: nn.Module, adapter: AdapterFile) -> str | None:
     for path, shape in json.loads(shapes).items():
         module = modules.get(path)
         got = list(reversed(in_out(module))) if module is not None and base_kind(module) else None
+        owner, _, param = path.rpartition(".")
+        if got is None and owner in modules and param in held_params(modules[owner]):  # a held weight
+            got = list(held_params(modules[owner])[param].shape)
         if got != shape:
             return (f"saved for base {adapter.metadata.get('lorakit.base')!r}, which differs from this model at "
                     f"{path!r}: weight {shape} there, {got if got is not None else 'no such module'} here")
@@ -404,7 +495,9 @@ def check_fits(model: nn.Module, adapter: AdapterFile, force: bool = False) -> N
     if mismatch:
         raise AdapterFileError(f"{adapter.folder} was {mismatch} (to try anyway from Python: "
                                "load_adapter(..., force=True))")
-    for path, pair in adapter.lora.items():
+    layers, params = split_params(model, adapter)
+    check_param_pairs(model, adapter, params)
+    for path, pair in layers.items():
         module = modules.get(path)
         if module is None:
             raise AdapterFileError(f"{where}: module {path!r} is not in the model")
@@ -475,7 +568,9 @@ def load_adapter(
     if name in existing:
         raise ValueError(f"model already has an adapter named {name!r}")
     spec = adapter.spec
-    for path_, pair in adapter.lora.items():
+    layers, params = split_params(model, adapter)
+    load_params(model, adapter, params, name, trainable)
+    for path_, pair in layers.items():
         layer = wrap(model, path_)
         alpha = pattern_value(path_, spec.alpha_pattern, spec.alpha)
         lora = new_adapter(layer, spec, pair["lora_A"].shape[0], alpha, pair["lora_A"].dtype)
@@ -502,3 +597,19 @@ def load_adapter(
         set_parent(model, name, parent)
     return name
 
+
+
+def load_params(model: nn.Module, adapter: AdapterFile, params: dict, name: str, trainable: bool) -> None:
+    """Add adapter `name` on the held weights `params` (full name -> PEFT's factors), one wrapper per module."""
+    spec, by_module = adapter.spec, {}
+    for full, pair in params.items():
+        path, _, param = full.rpartition(".")
+        weight = held_params(model.get_submodule(path))[param]
+        shape = stacked_shape(weight)
+        r = pair["lora_A"].shape[0] // shape[0]
+        alpha = pattern_value(full, spec.alpha_pattern, spec.alpha)
+        lora = ParamAdapter(shape, r, alpha, rslora=spec.rslora, device=weight.device, dtype=pair["lora_A"].dtype)
+        lora.from_peft(pair["lora_A"], pair["lora_B"])
+        by_module.setdefault(path, {})[param] = lora.requires_grad_(trainable)
+    for path, adapters in by_module.items():
+        wrap_params(model, path).add(name, adapters)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from torch import nn
 
 from lorakit.adapters.layer import lora_layers
+from lorakit.adapters.params import param_layers
 
 DEFAULT_EMBEDDING_LR = 1e-6  # PEFT's and the LoRA+ reference code's `loraplus_lr_embedding`
 
@@ -19,6 +20,10 @@ DEFAULT_EMBEDDING_LR = 1e-6  # PEFT's and the LoRA+ reference code's `loraplus_l
 def loraplus_roles(model: nn.Module) -> dict[int, str]:
     """id(parameter) -> "A" | "B" | "embedding" for every adapter parameter of every wrapped layer."""
     roles = {}
+    for _, layer in param_layers(model):  # expert adapters: ParamAdapter factors
+        for adapter in layer.adapters.values():
+            for p in adapter.values():
+                roles[id(p.lora_A)], roles[id(p.lora_B)] = "A", "B"
     for _, layer in lora_layers(model):
         for adapter in layer.adapters.values():
             for name, p in adapter.named_parameters():

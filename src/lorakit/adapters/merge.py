@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from lorakit.adapters.copies import module_copies, remove_copies
-from lorakit.adapters.inject import active_adapters
-from lorakit.adapters.layer import lora_layers, merge_order
+from lorakit.adapters.inject import active_adapters, adapted_modules
+from lorakit.adapters.layer import merge_order
 
 
 def merge(model: nn.Module, names: list[str] | None = None, safe: bool = False) -> None:
@@ -21,7 +21,7 @@ def merge(model: nn.Module, names: list[str] | None = None, safe: bool = False) 
     the error names the adapter and the layer.
     """
     names = active_adapters(model) if names is None else names
-    for path, layer in lora_layers(model):
+    for path, layer in adapted_modules(model):
         for name in merge_order([n for n in names if n in layer.adapters], layer.adapters):
             try:
                 layer.merge(name, safe=safe)
@@ -31,7 +31,7 @@ def merge(model: nn.Module, names: list[str] | None = None, safe: bool = False) 
 
 def unmerge(model: nn.Module) -> None:
     """Take every merged adapter back out of the base weights."""
-    for _, layer in lora_layers(model):
+    for _, layer in adapted_modules(model):
         layer.unmerge()
 
 
@@ -46,7 +46,7 @@ def merge_and_unload(model: nn.Module, names: list[str] | None = None, safe: boo
             replace(model, path, copies.copies[chosen[0]])
         else:
             remove_copies(original)
-    for path, layer in list(lora_layers(model)):
+    for path, layer in adapted_modules(model):
         try:
             replace(model, path, layer.unwrap(names, safe=safe))
         except ValueError as e:

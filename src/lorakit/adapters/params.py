@@ -69,6 +69,12 @@ class ParamAdapter(nn.Module):
         self.lora_B.copy_(b.reshape(out_features, r, experts).permute(2, 0, 1))
 
 
+class ParamAdapters(nn.ModuleDict):
+    """One named adapter on a module: a ParamAdapter per adapted parameter."""
+
+    reads_base_weight = False  # (for `merge_order`) its update does not depend on the base weight
+
+
 class ParamLoraLayer(nn.Module):
     """A module holding weight matrices as parameters (MoE experts, a router), plus named adapters on some of
     them: `adapters[name][parameter]` is a ParamAdapter. Any subset of adapters can be active."""
@@ -114,7 +120,7 @@ class ParamLoraLayer(nn.Module):
     def add(self, name: str, adapters: dict[str, ParamAdapter], active: bool = True) -> None:
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} already exists on this module")
-        self.adapters[name] = nn.ModuleDict(adapters)
+        self.adapters[name] = ParamAdapters(adapters)
         if active:
             self.active.append(name)
 

@@ -38,6 +38,7 @@ from lorakit.adapters.copies import module_copies
 from lorakit.adapters.inject import adapter_chain, adapter_names
 from lorakit.adapters.layer import LoraLayer, lora_layers
 from lorakit.adapters.lora import LoraAdapter
+from lorakit.adapters.params import param_layers
 from lorakit.kernels.lora_linear import lora_linear
 
 # with t tokens a row and k adapters, multiplying every row by all k adapters' factors costs t * k low-rank
@@ -194,6 +195,12 @@ def check_routable(model: nn.Module, names: set[str]) -> None:
         if layer.merged:
             raise ValueError(f"{path}: adapters {layer.merged} are merged into the base weight, which every row "
                              "would then see; unmerge before routing")
+    for path, layer in param_layers(model):
+        routed = sorted({c for n in names for c in adapter_chain(model, n)} & set(layer.adapters))
+        if routed:
+            raise ValueError(f"adapter {routed[0]!r} adapts weights held as parameters at {path} (mixture-of-"
+                             "experts weights, a router), which a mixed-adapter batch cannot route per row yet "
+                             "(PEFT refuses it too); merge it into the base to serve it")
     for path, copies in module_copies(model):
         replaced = sorted(names & set(copies.copies))
         if replaced:
@@ -205,14 +212,14 @@ def check_routable(model: nn.Module, names: set[str]) -> None:
 def route(model: nn.Module, adapter_per_row: Sequence[str | None]) -> Iterator[RowRouting]:
     """Within the block, row i of every batch goes through adapter `adapter_per_row[i]` only, with its
     parents if it is stacked on any (None = the base model), whatever adapters are active; module
-    copies are switched off."""
+    copies and expert adapters (which cannot be routed) are switched off."""
     adapter_per_row = list(adapter_per_row)
     check_routable(model, {n for n in adapter_per_row if n is not None})
     chains = {n: adapter_chain(model, n) for n in set(adapter_per_row) - {None}}  # each routed adapter's stack
     routing = RowRouting(len(adapter_per_row), group_rows(adapter_per_row, chains.__getitem__),
                          chained=any(len(c) > 1 for c in chains.values()))
     layers = [layer for _, layer in lora_layers(model)]
-    copies = [c for _, c in module_copies(model)]
+    copies = [c for _, c in module_copies(model)] + [p for _, p in param_layers(model)]  # both off, per row
     saved_active = [c.active for c in copies]
     for layer in layers:
         layer.routing = routing
