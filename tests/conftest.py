@@ -115,13 +115,15 @@ def jsonl(tmp_path):
 def randomize_adapters(model: torch.nn.Module, seed: int = 1) -> None:
     """Give every adapter factor non-zero values so that a delta actually shows."""
     from lorakit.adapters.layer import lora_layers
+    from lorakit.adapters.params import param_layers
 
     g = torch.Generator().manual_seed(seed)
+    adapters = [a for _, layer in lora_layers(model) for a in layer.adapters.values()]
+    adapters += [a for _, layer in param_layers(model) for named in layer.adapters.values() for a in named.values()]
     with torch.no_grad():
-        for _, layer in lora_layers(model):
-            for adapter in layer.adapters.values():
-                for p in (adapter.lora_A, adapter.lora_B):
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        for adapter in adapters:
+            for p in (adapter.lora_A, adapter.lora_B):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
 
 
 @pytest.fixture

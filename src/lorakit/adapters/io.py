@@ -338,7 +338,8 @@ def spec_from_peft(config: dict, where: Path) -> LoraSpec:
             r=config["r"],
             alpha=config["lora_alpha"],
             dropout=config.get("lora_dropout") or 0.0,
-            targets=config.get("target_modules"),
+            targets=None if config.get("target_parameters") and not config.get("target_modules")
+            else config.get("target_modules"),  # PEFT writes [] beside target_parameters
             target_parameters=list(config["target_parameters"]) if config.get("target_parameters") else None,
             bias=config.get("bias") or "none",
             rslora=bool(config.get("use_rslora", False)),
