@@ -112,9 +112,11 @@ def test_training_moves_the_expert_factors(arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_lorakit_expert_adapter_loads_in_peft(arch, tmp_path):
+@pytest.mark.parametrize("spec", [dict(r=2, alpha=4), dict(r=3, alpha=4, targets=["experts"]),
+                                  dict(r=2, alpha=4, targets=None, target_parameters=["mlp.gate.weight"])])
+def test_lorakit_expert_adapter_loads_in_peft(arch, spec, tmp_path):
     model = tiny_model(arch)
-    lorakit.inject(model, lorakit.LoraSpec(r=2, alpha=4))
+    lorakit.inject(model, lorakit.LoraSpec(**spec))
     randomize_adapters(model)
     expected = logits(model)
     lorakit.save_adapter(model, tmp_path)
@@ -215,3 +217,25 @@ def test_adapter_file_whose_expert_tensors_do_not_fit_is_refused(tmp_path):
     model = tiny_model("qwen3_moe")  # other expert sizes; PEFT's file carries no shapes of the base
     with pytest.raises(lorakit.AdapterFileError, match=r"down_proj' is \[experts=4, out=32, in=24\] but lora_A"):
         lorakit.load_adapter(model, tmp_path)
+
+
+def test_server_refuses_an_expert_adapter_saying_why(tmp_path):
+    from lorakit.adapters.io import read_adapter
+    from lorakit.serve.engine import serving_problem
+
+    model = tiny_model("mixtral")
+    lorakit.inject(model, lorakit.LoraSpec(r=2, targets=["experts"]))
+    lorakit.save_adapter(model, tmp_path / "moe")
+    problem = serving_problem(tiny_model("mixtral"), read_adapter(tmp_path / "moe"))
+    assert problem is not None and "adapts mixture-of-experts parameters" in problem and "lorakit merge" in problem
+
+
+def test_llama_cpp_adapter_export_refuses_expert_adapters(tmp_path):
+    from lorakit.adapters.io import read_adapter
+    from lorakit.export import write_adapter_gguf
+
+    model = tiny_model("mixtral")
+    lorakit.inject(model, lorakit.LoraSpec(r=2, targets=["experts"]))
+    lorakit.save_adapter(model, tmp_path / "moe")
+    with pytest.raises(ValueError, match="weights held as parameters"):
+        write_adapter_gguf(read_adapter(tmp_path / "moe"), model.config, tmp_path / "a.gguf")

@@ -315,17 +315,17 @@ def write_adapter_gguf(adapter, config, path: str | Path, dtype: str = "f32") ->
     check_dtype(dtype)
     if dtype == "q8_0":
         raise ValueError("a LoRA adapter GGUF is written in f32, f16 or bf16 (llama.cpp keeps adapters unquantized)")
-    check_architecture(config)
     spec = adapter.spec
+    if spec.target_parameters:
+        raise ValueError(f"this adapter adapts weights held as parameters ({spec.target_parameters}: mixture-of-"
+                         "experts weights, routers), which lorakit does not write to a llama.cpp adapter yet; merge "
+                         "it and export the model instead")
+    check_architecture(config)
     if spec.kind != "lora":
         raise ValueError(f"llama.cpp adapters hold plain LoRA only, not {spec.kind!r}; merge it and export the model")
     if adapter.embedding or adapter.copies or adapter.biases:
         raise ValueError("llama.cpp adapters hold Linear LoRA pairs only: this adapter also has embedding LoRA, "
                          "modules_to_save or biases; merge it and export the model instead")
-    if spec.target_parameters:
-        raise ValueError(f"this adapter adapts weights held as parameters ({spec.target_parameters}: mixture-of-"
-                         "experts weights, routers), which lorakit does not write to a llama.cpp adapter yet; merge "
-                         "it and export the model instead")
     alpha = float(spec.alpha)
 
     def fill(writer) -> None:

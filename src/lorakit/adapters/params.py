@@ -125,6 +125,7 @@ class ParamLoraLayer(nn.Module):
             self.active.append(name)
 
     def forward(self, *args, **kwargs):
+        self.base_module._parameters.update(self._parameters)  # FSDP2 swaps the registered ones (see LoraLayer)
         names = [n for n in self.active if n not in self.merged]
         if not names:
             return self.base_module(*args, **kwargs)

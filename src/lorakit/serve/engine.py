@@ -78,6 +78,9 @@ def serving_problem(model: nn.Module, adapter: AdapterFile, force: bool = False)
         return f"adapter {name!r} is a PiSSA adapter saved for its residual base, which every request would share"
     if adapter.copies:
         return f"adapter {name!r} replaces whole modules (modules_to_save), which cannot be routed per request"
+    if adapter.spec.target_parameters:
+        return (f"adapter {name!r} adapts mixture-of-experts parameters ({adapter.spec.target_parameters}), which "
+                "cannot be routed per request yet; serve the merged model (`lorakit merge`) instead")
     return None
 
 
