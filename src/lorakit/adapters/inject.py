@@ -17,9 +17,9 @@ from torch import nn
 from lorakit.adapters.adalora import AdaLoraAdapter
 from lorakit.adapters.copies import ModuleCopies, add_copy, module_copies
 from lorakit.adapters.dora import DoraAdapter
-from lorakit.adapters.layer import LoraLayer, base_kind, lora_layers
+from lorakit.adapters.layer import BaseWrapper, LoraLayer, base_kind, lora_layers
 from lorakit.adapters.lora import LoraAdapter
-from lorakit.adapters.params import ParamAdapter, ParamLoraLayer, param_layers, stacked_shape, wrap_params
+from lorakit.adapters.params import ParamAdapter, ParamLoraLayer, param_layers, stacked_shape
 from lorakit.config import LoraSpec
 from lorakit.quant.linear4bit import loose_weights
 
@@ -207,12 +207,13 @@ def describe_candidates(model: nn.Module) -> str:
     return listed or "none (no Linear, Conv1D or Embedding layers)"
 
 
-def wrap(model: nn.Module, name: str) -> LoraLayer:
-    """Replace module `name` by a LoraLayer around it (or return the existing one)."""
+def wrap(model: nn.Module, name: str, wrapper: type[BaseWrapper] = LoraLayer) -> BaseWrapper:
+    """Replace module `name` by a `wrapper` (LoraLayer, or ParamLoraLayer for held weights) around it (or
+    return the existing one)."""
     module = model.get_submodule(name)
-    if isinstance(module, LoraLayer):
+    if isinstance(module, wrapper):
         return module
-    layer = LoraLayer(module)
+    layer = wrapper(module)
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name), child, layer)
     return layer
@@ -300,7 +301,7 @@ def inject_parameters(model: nn.Module, spec: LoraSpec, params: list[str], name:
                                device=weight.device, dtype=dtype)
         by_module.setdefault(path, {})[param] = adapter.requires_grad_(trainable)
     for path, adapters in by_module.items():
-        wrap_params(model, path).add(name, adapters)
+        wrap(model, path, ParamLoraLayer).add(name, adapters)
 
 
 ADAPTER_KINDS: dict[str, type[LoraAdapter]] = {"lora": LoraAdapter, "dora": DoraAdapter, "adalora": AdaLoraAdapter}

@@ -44,7 +44,6 @@ from lorakit.adapters.params import (
     param_layers,
     peft_key_prefixes,
     stacked_shape,
-    wrap_params,
 )
 from lorakit.atomic import atomic_write_bytes, atomic_write_text
 from lorakit.config import LoraSpec
@@ -613,4 +612,4 @@ def load_params(model: nn.Module, adapter: AdapterFile, params: dict, name: str,
         lora.from_peft(pair["lora_A"], pair["lora_B"])
         by_module.setdefault(path, {})[param] = lora.requires_grad_(trainable)
     for path, adapters in by_module.items():
-        wrap_params(model, path).add(name, adapters)
+        wrap(model, path, ParamLoraLayer).add(name, adapters)

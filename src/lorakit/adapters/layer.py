@@ -55,7 +55,38 @@ def in_out(module: nn.Module) -> tuple[int, int]:
     return (rows, cols) if kind in TRANSPOSED else (cols, rows)
 
 
-class LoraLayer(nn.Module):
+class BaseWrapper(nn.Module):
+    """A module standing in for a base module kept out of the module tree, whose parameters it re-registers
+    under their own names (`share_base_parameters`): the base moves, saves and loads its parameters its own way
+    (a 4-bit weight keeps its quantization state), and answers attribute look-ups model code makes."""
+
+    def share_base_parameters(self) -> None:
+        raise NotImplementedError
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self.__dict__.get("base_module")
+            if base is None:
+                raise
+            return getattr(base, name)
+
+    def _apply(self, fn, recurse: bool = True):
+        self.base_module._apply(fn)
+        self.share_base_parameters()
+        self.adapters._apply(fn)
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        self.base_module._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
+        self.base_module._load_from_state_dict(state_dict, prefix, *args)
+        self.share_base_parameters()
+
+
+class LoraLayer(BaseWrapper):
     """A frozen base layer plus a dict of named adapters, any subset of them active."""
 
     def __init__(self, base: nn.Module) -> None:
@@ -85,30 +116,6 @@ class LoraLayer(nn.Module):
             base["weight"] = own["weight"]
             if own["bias"] is not None:
                 base["bias"] = own["bias"]
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            base = self.__dict__.get("base_module")
-            if base is None:
-                raise
-            return getattr(base, name)
-
-    # The base module decides how its parameters move, save and load (a 4-bit weight is never cast,
-    # and writes its quantization state beside itself); this layer then shares the results.
-    def _apply(self, fn, recurse: bool = True):
-        self.base_module._apply(fn)
-        self.share_base_parameters()
-        self.adapters._apply(fn)
-        return self
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
-        self.base_module._save_to_state_dict(destination, prefix, keep_vars)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
-        self.base_module._load_from_state_dict(state_dict, prefix, *args)
-        self.share_base_parameters()
 
     @property
     def in_out(self) -> tuple[int, int]:

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from lorakit.adapters.layer import BaseWrapper
 from lorakit.adapters.lora import lora_scale
 
 
@@ -75,7 +76,7 @@ class ParamAdapters(nn.ModuleDict):
     reads_base_weight = False  # (for `merge_order`) its update does not depend on the base weight
 
 
-class ParamLoraLayer(nn.Module):
+class ParamLoraLayer(BaseWrapper):
     """A module holding weight matrices as parameters (MoE experts, a router), plus named adapters on some of
     them: `adapters[name][parameter]` is a ParamAdapter. Any subset of adapters can be active."""
 
@@ -94,28 +95,6 @@ class ParamLoraLayer(nn.Module):
 
     def share_base_parameters(self) -> None:
         self._parameters.update(self.base_module._parameters)
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            base = self.__dict__.get("base_module")
-            if base is None:
-                raise
-            return getattr(base, name)
-
-    def _apply(self, fn, recurse: bool = True):
-        self.base_module._apply(fn)
-        self.share_base_parameters()
-        self.adapters._apply(fn)
-        return self
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
-        self.base_module._save_to_state_dict(destination, prefix, keep_vars)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
-        self.base_module._load_from_state_dict(state_dict, prefix, *args)
-        self.share_base_parameters()
 
     def add(self, name: str, adapters: dict[str, ParamAdapter], active: bool = True) -> None:
         if name in self.adapters:
@@ -170,17 +149,6 @@ def param_layers(model: nn.Module) -> Iterator[tuple[str, ParamLoraLayer]]:
     for path, module in model.named_modules():
         if isinstance(module, ParamLoraLayer):
             yield path, module
-
-
-def wrap_params(model: nn.Module, path: str) -> ParamLoraLayer:
-    """Replace module `path` by a ParamLoraLayer around it (or return the existing one)."""
-    module = model.get_submodule(path)
-    if isinstance(module, ParamLoraLayer):
-        return module
-    layer = ParamLoraLayer(module)
-    parent, _, child = path.rpartition(".")
-    setattr(model.get_submodule(parent), child, layer)
-    return layer
 
 
 def peft_key_prefixes(layer: ParamLoraLayer, params: list[str]) -> dict[str, str]:
