@@ -11,6 +11,7 @@ import warnings
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora.layer import ParamWrapper
 
 import lorakit
 from conftest import randomize_adapters
@@ -139,6 +140,13 @@ def test_peft_expert_adapter_loads_in_lorakit(arch, config, tmp_path):
     model = tiny_model(arch)
     lorakit.load_adapter(model, tmp_path)
     torch.testing.assert_close(logits(model), expected, rtol=1e-5, atol=1e-5)
+    wrappers = [(p, m) for p, m in theirs.named_modules() if isinstance(m, ParamWrapper)]
+    assert wrappers
+    for path, module in wrappers:  # PEFT's own per-expert delta = ours, parameter by parameter
+        owner = path.removeprefix("base_model.model.").replace(".base_layer", "")
+        ours = model.get_submodule(owner).adapters["default"][module.parameter_name]
+        delta = ours.delta_weight().reshape(module.get_param().shape)
+        torch.testing.assert_close(delta, module.get_delta_weight("default"), rtol=1e-5, atol=1e-6)
     assert count_parameters(model)[0] == 0  # loaded frozen; as many factors as PEFT's
     assert sum(p.numel() for n, p in model.named_parameters() if ".adapters." in n) == \
         theirs.get_nb_trainable_parameters()[0]
