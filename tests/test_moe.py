@@ -247,3 +247,20 @@ def test_llama_cpp_adapter_export_refuses_expert_adapters(tmp_path):
     lorakit.save_adapter(model, tmp_path / "moe")
     with pytest.raises(ValueError, match="weights held as parameters"):
         write_adapter_gguf(read_adapter(tmp_path / "moe"), model.config, tmp_path / "a.gguf")
+
+
+def test_the_training_loop_trains_expert_adapters_with_loraplus_and_checkpointing():
+    from lorakit.adapters.loraplus import loraplus_roles
+    from lorakit.config import TrainConfig
+    from lorakit.train.fit import fit
+    from test_train import toy_rows
+
+    model = lorakit.inject(tiny_model("mixtral"), lorakit.LoraSpec(r=2))
+    down = model.model.layers[1].mlp.experts.adapters["default"]["down_proj"]
+    before = down.lora_A.detach().clone()
+    cfg = TrainConfig(max_steps=3, batch_size=4, loraplus_ratio=4.0, gradient_checkpointing=True)
+    result = fit(model, toy_rows(), cfg, pad_id=0, log=lambda *_: None)
+    assert result.skipped_steps == 0
+    assert not torch.equal(down.lora_A, before) and down.lora_B.abs().sum() > 0
+    roles = loraplus_roles(model)  # LoRA+ gives expert B factors the B learning rate
+    assert roles[id(down.lora_A)] == "A" and roles[id(down.lora_B)] == "B"
