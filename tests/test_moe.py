@@ -264,3 +264,15 @@ def test_the_training_loop_trains_expert_adapters_with_loraplus_and_checkpointin
     assert not torch.equal(down.lora_A, before) and down.lora_B.abs().sum() > 0
     roles = loraplus_roles(model)  # LoRA+ gives expert B factors the B learning rate
     assert roles[id(down.lora_A)] == "A" and roles[id(down.lora_B)] == "B"
+
+
+def test_inspect_says_which_rows_are_expert_parameters(tmp_path, capsys):
+    from lorakit.cli import main
+
+    model = tiny_model("mixtral")
+    lorakit.inject(model, lorakit.LoraSpec(r=2, targets=["experts"]))
+    lorakit.save_adapter(model, tmp_path)
+    assert main(["inspect", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "target_parameters: down_proj, gate_up_proj (rows of their modules show rank x experts" in out
+    assert "model.layers.0.mlp.experts.base_layer  8" in out  # gate_up_proj, adapted first: r 2 x 4 experts

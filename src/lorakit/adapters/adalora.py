@@ -363,6 +363,9 @@ def rank_report(spec: LoraSpec, lora: dict[str, dict[str, torch.Tensor]], masks:
     width = max([len(m) for m in lora] + [6])
     lines = [f"kind: {spec.kind}  r: {spec.r}" + (f"  target_r: {spec.adalora.target_r}" if spec.adalora else ""),
              f"{'module':<{width}}  rank"]
+    if spec.target_parameters:  # PEFT's ParamWrapper keys: one row per adapted parameter, rank x experts
+        lines.insert(1, f"target_parameters: {', '.join(spec.target_parameters)} (rows of their modules show "
+                        "rank x experts; `.base_layer` rows are parameters adapted earlier on the same module)")
     total = 0
     for module in sorted(lora):
         r = lora[module]["lora_A"].shape[0]
