@@ -114,7 +114,8 @@ def test_training_moves_the_expert_factors(arch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("spec", [dict(r=2, alpha=4), dict(r=3, alpha=4, targets=["experts"]),
-                                  dict(r=2, alpha=4, targets=None, target_parameters=["mlp.gate.weight"])])
+                                  dict(r=2, alpha=4, targets=None, target_parameters=["mlp.gate.weight"]),
+                                  dict(r=2, alpha=4, targets=["experts", "q_proj"], layers=[1])])
 def test_lorakit_expert_adapter_loads_in_peft(arch, spec, tmp_path):
     model = tiny_model(arch)
     lorakit.inject(model, lorakit.LoraSpec(**spec))
