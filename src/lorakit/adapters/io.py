@@ -28,7 +28,6 @@ from lorakit.adapters.inject import (
     adapter_names,
     candidate_names,
     freeze_base,
-    held_weights,
     name_matches,
     new_adapter,
     pattern_value,
@@ -38,12 +37,13 @@ from lorakit.adapters.inject import (
 )
 from lorakit.adapters.layer import LoraLayer, base_kind, in_out, lora_layers
 from lorakit.adapters.lora import LoraAdapter
-from lorakit.adapters.params import (
-    ParamAdapter,
-    ParamLoraLayer,
-    param_layers,
-    peft_key_prefixes,
-    stacked_shape,
+from lorakit.adapters.params_io import (
+    check_param_pairs,
+    exact_parameters,
+    held_params,
+    load_params,
+    param_tensors,
+    split_params,
 )
 from lorakit.atomic import atomic_write_bytes, atomic_write_text
 from lorakit.config import LoraSpec
@@ -106,7 +106,7 @@ def save_adapter(model: nn.Module, path: str | Path, name: str = "default", conv
         for ours, theirs in adapter.peft_names().items():
             tensors[f"{PREFIX}{path_}.{theirs}"] = own.get(ours, getattr(adapter, ours))
         base_shapes[path_] = list(reversed(layer.in_out))  # [out, in], whatever the storage
-    params = param_tensors(model, name, tensors, base_shapes)
+    params = param_tensors(model, name, tensors, base_shapes, PREFIX)
     tensors.update(bias_tensors(model, spec.bias))
     saved_modules = []
     for path_, copies in module_copies(model):
@@ -135,24 +135,6 @@ def save_adapter(model: nn.Module, path: str | Path, name: str = "default", conv
     atomic_write_bytes(folder / WEIGHTS_FILE, sorted_header(safetensors_bytes(tensors, metadata=metadata)))
     atomic_write_text(folder / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True) + "\n")
     return folder
-
-
-def param_tensors(model: nn.Module, name: str, tensors: dict, base_shapes: dict) -> list[str]:
-    """Add adapter `name`'s held-weight (expert) factors to `tensors` under PEFT's nested ParamWrapper keys
-    (`<module>[.base_layer...].lora_A.weight`) and their weights' shapes to `base_shapes`; their full names."""
-    names = []
-    for path, layer in param_layers(model):
-        if name not in layer.adapters:
-            continue
-        if name in layer.merged:
-            raise ValueError(f"adapter {name!r} is merged into {path}; unmerge before saving")
-        adapters = layer.adapters[name]
-        for param, infix in peft_key_prefixes(layer, list(adapters)).items():
-            tensors[f"{PREFIX}{path}{infix}.lora_A.weight"], tensors[f"{PREFIX}{path}{infix}.lora_B.weight"] = (
-                adapters[param].peft_factors())
-            base_shapes[f"{path}.{param}"] = list(layer.base_module._parameters[param].shape)
-            names.append(f"{path}.{param}")
-    return sorted(names)
 
 
 def sorted_header(data: bytes) -> bytes:
@@ -235,13 +217,6 @@ def pissa_converted_spec(spec: LoraSpec) -> LoraSpec:
         rank_pattern={k: 2 * v for k, v in spec.rank_pattern.items()},
         alpha_pattern={k: factor * v for k, v in spec.alpha_pattern.items()},
     )
-
-
-def exact_parameters(model: nn.Module, params: list[str]) -> list[str]:
-    """Short names (`gate_up_proj`, `gate.weight`) if they select exactly `params` under PEFT's rule, else the
-    full names."""
-    short = sorted({".".join(p.split(".")[-2:]) if p.endswith(".weight") else p.rsplit(".", 1)[-1] for p in params})
-    return short if {n for n in held_weights(model) if name_matches(n, short)} == set(params) else params
 
 
 def exact_targets(model: nn.Module, targets: list[str]) -> list[str] | str:
@@ -417,57 +392,6 @@ def copy_owners(name: str, saved: list[str]):
             yield prefix
 
 
-def held_params(module: nn.Module) -> dict[str, torch.Tensor]:
-    """The weight matrices a module holds as its own parameters (through an expert wrapper too)."""
-    base = module.base_module if isinstance(module, ParamLoraLayer) else module
-    return {n: p for n, p in base._parameters.items() if p is not None and p.dim() >= 2}
-
-
-def split_params(model: nn.Module, adapter: AdapterFile) -> tuple[dict, dict]:
-    """(LoRA pairs of layers, LoRA pairs of held weights by full parameter name) of an adapter file. PEFT keys
-    a held weight by its module, one `.base_layer` deeper for each parameter adapted after it on that module
-    (`peft_key_prefixes`); which parameters those are, `target_parameters` says."""
-    where = adapter.folder / WEIGHTS_FILE
-    if not adapter.spec.target_parameters:
-        return adapter.lora, {}
-    layers, params, depths = {}, {}, {}
-    for key, pair in adapter.lora.items():
-        path, depth = key, 0
-        while path.endswith(".base_layer"):
-            path, depth = path.removesuffix(".base_layer"), depth + 1
-        try:
-            module = model.get_submodule(path)
-        except AttributeError:
-            module = None
-        if module is None or base_kind(module) is not None:
-            layers[key] = pair
-        else:
-            depths.setdefault(path, {})[depth] = pair
-    for path, pairs in depths.items():
-        named = [p for p in held_params(model.get_submodule(path))
-                 if name_matches(f"{path}.{p}", adapter.spec.target_parameters)]
-        if sorted(pairs) != list(range(len(named))):
-            raise AdapterFileError(f"{where}: module {path!r} has LoRA tensors for {len(pairs)} parameters, but "
-                                   f"target_parameters name {len(named)} of it ({named})")
-        for depth, pair in pairs.items():
-            params[f"{path}.{named[len(named) - 1 - depth]}"] = pair
-    return layers, params
-
-
-def check_param_pairs(model: nn.Module, adapter: AdapterFile, params: dict) -> None:
-    """Refuse held-weight factors whose shapes or rank do not fit: A [E * r, in], B [out, r * E]."""
-    where = adapter.folder / WEIGHTS_FILE
-    for full, pair in params.items():
-        path, _, param = full.rpartition(".")
-        experts, n_out, n_in = stacked_shape(held_params(model.get_submodule(path))[param])
-        a, b = pair["lora_A"].shape, pair["lora_B"].shape
-        r = pattern_value(full, adapter.spec.rank_pattern, adapter.spec.r)
-        if a != (experts * r, n_in) or b != (n_out, r * experts):
-            raise AdapterFileError(f"{where}: parameter {full!r} is [experts={experts}, out={n_out}, in={n_in}] "
-                                   f"but lora_A is {list(a)} and lora_B is {list(b)} (expected [{experts * r}, "
-                                   f"{n_in}] and [{n_out}, {r * experts}] at rank {r})")
-
-
 def base_mismatch(model: nn.Module, adapter: AdapterFile) -> str | None:
     """Where `model` differs from the base the adapter was saved for (the adapted modules' names and weight
     shapes its file records), or None; None also for a file that records none (PEFT's)."""
@@ -495,8 +419,11 @@ def check_fits(model: nn.Module, adapter: AdapterFile, force: bool = False) -> N
     if mismatch:
         raise AdapterFileError(f"{adapter.folder} was {mismatch} (to try anyway from Python: "
                                "load_adapter(..., force=True))")
-    layers, params = split_params(model, adapter)
-    check_param_pairs(model, adapter, params)
+    try:
+        layers, params = split_params(model, adapter.spec, adapter.lora)
+        check_param_pairs(model, adapter.spec, params)
+    except ValueError as e:
+        raise AdapterFileError(f"{where}: {e}") from None
     for path, pair in layers.items():
         module = modules.get(path)
         if module is None:
@@ -568,8 +495,8 @@ def load_adapter(
     if name in existing:
         raise ValueError(f"model already has an adapter named {name!r}")
     spec = adapter.spec
-    layers, params = split_params(model, adapter)
-    load_params(model, adapter, params, name, trainable)
+    layers, params = split_params(model, adapter.spec, adapter.lora)
+    load_params(model, adapter.spec, params, name, trainable)
     for path_, pair in layers.items():
         layer = wrap(model, path_)
         alpha = pattern_value(path_, spec.alpha_pattern, spec.alpha)
@@ -596,20 +523,3 @@ def load_adapter(
     if parent is not None:
         set_parent(model, name, parent)
     return name
-
-
-
-def load_params(model: nn.Module, adapter: AdapterFile, params: dict, name: str, trainable: bool) -> None:
-    """Add adapter `name` on the held weights `params` (full name -> PEFT's factors), one wrapper per module."""
-    spec, by_module = adapter.spec, {}
-    for full, pair in params.items():
-        path, _, param = full.rpartition(".")
-        weight = held_params(model.get_submodule(path))[param]
-        shape = stacked_shape(weight)
-        r = pair["lora_A"].shape[0] // shape[0]
-        alpha = pattern_value(full, spec.alpha_pattern, spec.alpha)
-        lora = ParamAdapter(shape, r, alpha, rslora=spec.rslora, device=weight.device, dtype=pair["lora_A"].dtype)
-        lora.from_peft(pair["lora_A"], pair["lora_B"])
-        by_module.setdefault(path, {})[param] = lora.requires_grad_(trainable)
-    for path, adapters in by_module.items():
-        wrap(model, path, ParamLoraLayer).add(name, adapters)
