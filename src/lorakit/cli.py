@@ -60,13 +60,16 @@ def cmd_train_multi(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_with_adapter(base: str | None, adapter: str | None):
-    """The base (the adapter's own unless given), 4-bit again if the adapter was trained so, + adapter."""
+def load_with_adapter(base: str | None, adapter: str | None, device: str = "auto"):
+    """The base (the adapter's own unless given), 4-bit again if the adapter was trained so, + adapter, on
+    `device` (checked before anything loads; a 4-bit base is quantized before it moves there)."""
     from lorakit.adapters.io import load_adapter, read_adapter
+    from lorakit.devices import resolve_device
     from lorakit.longlora import apply_context
     from lorakit.models import load
     from lorakit.quant.linear4bit import quantize_model
 
+    where = resolve_device(device)
     found = read_adapter(adapter) if adapter else None
     model, tokenizer = load(base or (found.base if found and found.base else "default"))
     if found is not None:
@@ -75,8 +78,14 @@ def load_with_adapter(base: str | None, adapter: str | None):
             quantize_model(model, q["type"], q["blocksize"], q["double_quant"], getattr(torch, q["compute_dtype"]))
         if "lorakit.context" in found.metadata:
             apply_context(model, json.loads(found.metadata["lorakit.context"]))
-        load_adapter(model, found)
+    model.to(where)
+    if found is not None:
+        load_adapter(model, found)  # the adapter's tensors go where the layers are
     return model, tokenizer
+
+
+def add_device_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (cuda when there is one, else cpu), cpu, cuda, cuda:N")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -84,7 +93,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from lorakit.generate import score_rows
     from lorakit.train.run import datasets
 
-    model, tokenizer = load_with_adapter(args.base, args.adapter)
+    model, tokenizer = load_with_adapter(args.base, args.adapter, args.device)
     cfg = load_train_config(None, [f"seed={args.seed}"])
     held_out = read_rows(args.dataset) if args.dataset else datasets(cfg)[1]
     em = score_rows(model, tokenizer, held_out, args.max_new_tokens)
@@ -95,7 +104,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from lorakit.generate import generate
 
-    model, tokenizer = load_with_adapter(args.base, args.adapter)
+    model, tokenizer = load_with_adapter(args.base, args.adapter, args.device)
     print(generate(model, tokenizer, [args.prompt], args.max_new_tokens)[0])
     return 0
 
@@ -105,7 +114,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from lorakit.export import write_merged_folder
     from lorakit.quant.checkpoint import save_4bit
 
-    model, tokenizer = load_with_adapter(args.base, args.adapter)
+    model, tokenizer = load_with_adapter(args.base, args.adapter, args.device)
     merged = merge_and_unload(model, safe=True)  # full precision, a 4-bit base dequantized
     if args.requantize:
         error = requantize(merged, args.requantize)
@@ -147,7 +156,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         export.write_adapter_gguf(found, config, args.out, args.dtype or "f32")
         print(f"llama.cpp LoRA adapter written to {args.out}")
         return 0
-    model, tokenizer = load_with_adapter(args.base, args.adapter)
+    model, tokenizer = load_with_adapter(args.base, args.adapter, args.device)
     merged = merge_and_unload(model, safe=True)
     if args.format == "gguf":
         export.write_model_gguf(merged, tokenizer, args.out, args.dtype or "f16")
@@ -165,6 +174,7 @@ def add_export_parser(sub) -> None:
     m.add_argument("out", help="output folder")
     m.add_argument("--dtype", choices=["f32", "bf16", "f16"], help="weight dtype (default f32)")
     m.add_argument("--base", help="base model (default: the one the adapter was saved for)")
+    add_device_argument(m)
     m.set_defaults(func=cmd_export, adapter_only=None)
     g = formats.add_parser("gguf", help="llama.cpp GGUF: a merged llama model, or the adapter alone")
     which = g.add_mutually_exclusive_group(required=True)
@@ -175,6 +185,7 @@ def add_export_parser(sub) -> None:
     g.add_argument("--dtype", choices=["f32", "f16", "bf16", "q8_0"],
                    help="2-D tensor type (default: f16 for a model, f32 for an adapter; 1-D tensors stay f32)")
     g.add_argument("--base", help="base model (default: the one the adapter was saved for)")
+    add_device_argument(g)
     g.set_defaults(func=cmd_export)
 
 
@@ -234,6 +245,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import time
 
     from lorakit.adapters.io import read_adapter
+    from lorakit.devices import resolve_device
     from lorakit.models import load
     from lorakit.multi.store import AdapterStore
     from lorakit.serve import Engine, Server, make_app, prepare_base
@@ -247,9 +259,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get("LORAKIT_API_KEY")
     if args.allow_runtime_adapters and not (api_key and args.store):
         raise ValueError("--allow-runtime-adapters needs --store ROOT and an API key (--api-key or LORAKIT_API_KEY)")
+    device = resolve_device(args.device)  # before the model loads
     model, tokenizer = load(args.base)
-    prepare_base(model, [read_adapter(folder) for folder in adapters.values()])
-    store = AdapterStore(args.store, max_ram=args.max_ram, max_device=args.max_device) if args.store else None
+    prepare_base(model, [read_adapter(folder) for folder in adapters.values()])  # a 4-bit base: quantized here,
+    model.to(device)  # then moved
+    store = AdapterStore(args.store, max_ram=args.max_ram, max_device=args.max_device,
+                         pin_memory=device.type == "cuda") if args.store else None
     engine = Engine(model, tokenizer, base_id=args.base_name or args.base, adapters=adapters, store=store,
                     max_tokens_limit=args.max_tokens_limit, max_prompt_tokens=args.max_prompt_tokens,
                     max_batch=args.max_batch, max_queue=args.max_queue, max_prefill_tokens=args.max_prefill_tokens)
@@ -289,6 +304,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--base", help="base model (default: the one the adapter was saved for)")
     e.add_argument("--seed", type=int, default=0, help="demo task seed")
     e.add_argument("--max-new-tokens", type=int, default=24)
+    add_device_argument(e)
     e.set_defaults(func=cmd_eval)
 
     g = sub.add_parser("generate", help="greedy completion of one prompt")
@@ -296,6 +312,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--adapter", help="adapter folder")
     g.add_argument("--base", help="base model (default: the adapter's, else the built-in default)")
     g.add_argument("--max-new-tokens", type=int, default=64)
+    add_device_argument(g)
     g.set_defaults(func=cmd_generate)
 
     pl = sub.add_parser("plot", help="draw RUN_DIR/loss.png again from RUN_DIR/metrics.jsonl")
@@ -308,6 +325,7 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--base", help="base model (default: the one the adapter was saved for)")
     m.add_argument("--requantize", choices=["nf4", "fp4"],
                    help="write a 4-bit model (bitsandbytes layout) instead of full precision; reports the error")
+    add_device_argument(m)
     m.set_defaults(func=cmd_merge)
 
     add_export_parser(sub)
@@ -359,6 +377,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--allow-runtime-adapters", action="store_true",
                    help="enable /v1/load_lora_adapter and /v1/unload_lora_adapter (needs --store and an API key; "
                    "paths relative to the store root, safetensors only)")
+    add_device_argument(s)
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed)")
     s.set_defaults(func=cmd_serve)

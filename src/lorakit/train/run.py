@@ -20,10 +20,11 @@ from lorakit.data.encode import CHAT_TEMPLATES, encode_all
 from lorakit.data.files import read_rows
 from lorakit.data.formats import Row
 from lorakit.data.packing import pack
+from lorakit.devices import peak_memory_mb, resolve_device, resolve_precision
 from lorakit.generate import score_rows
 from lorakit.longlora import enable_s2_attention, interpolate_positions, trainable_module_names
 from lorakit.models import load
-from lorakit.quant.linear4bit import quantize_model
+from lorakit.quant.linear4bit import quantization_of, quantize_model
 from lorakit.train import distributed
 from lorakit.train.fit import fit, validation_loss
 from lorakit.train.plot import plot_run
@@ -87,13 +88,33 @@ def training_rows(cfg: TrainConfig, tokenizer, train: list[Row], held_out: list[
     return rows, val_rows
 
 
-def prepare_base(model: nn.Module, cfg: TrainConfig) -> None:
-    """QLoRA's k-bit preparation: 4-bit linears, norms in fp32, gradient checkpointing (default on)."""
+def load_base(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, object]:
+    """(model, tokenizer): the base of `cfg` prepared for training (`prepare_base`), on `device`.
+    A 4-bit base is quantized before it moves, so the GPU never holds its full-precision weights."""
+    model, tokenizer = load(cfg.base)
+    prepare_base(model, cfg, device)
+    return model.to(device), tokenizer
+
+
+def compute_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
+    """The 4-bit layers' compute dtype: `quant.compute_dtype`, where `auto` is bf16 when the run trains in
+    bf16 on CUDA (`precision`), else fp32 (bf16 matmuls are slower than fp32 on most CPUs)."""
+    name = cfg.quant.compute_dtype
+    if name == "auto":
+        bf16 = device.type == "cuda" and resolve_precision(cfg.precision, device) == "bf16"
+        return torch.bfloat16 if bf16 else torch.float32
+    return getattr(torch, name)
+
+
+def prepare_base(model: nn.Module, cfg: TrainConfig, device: torch.device = distributed.CPU) -> None:
+    """QLoRA's k-bit preparation: 4-bit linears, norms in fp32, gradient checkpointing (default on).
+    `device`: where the model will train (it chooses `compute_dtype`)."""
     if cfg.quant is not None:
         q = cfg.quant
         storage = model.dtype if cfg.distributed == "fsdp2" else torch.uint8  # FSDP2 shards float parameters
-        quantize_model(model, q.type, q.blocksize, q.double_quant, getattr(torch, q.compute_dtype),
-                       quant_storage=storage)
+        if quantization_of(model) is None:
+            quantize_model(model, q.type, q.blocksize, q.double_quant, compute_dtype(cfg, device),
+                           quant_storage=storage)
         for module in model.modules():
             if "norm" in type(module).__name__.lower():
                 module.float()
@@ -125,15 +146,16 @@ def run(cfg: TrainConfig, log=print) -> tuple[nn.Module, dict]:
     """Train one adapter as `cfg` says. Returns the trained model and a summary, which is also
     written to output_dir/results.json; the adapter is saved to output_dir/adapter."""
     out = Path(cfg.output_dir)
-    world = distributed.init(cfg.distributed)  # distributed: only rank 0 logs, scores and saves
+    device = distributed.process_device(resolve_device(cfg.device), cfg.distributed)  # before any model loads
+    world = distributed.init(cfg.distributed, device)  # distributed: only rank 0 logs, scores and saves
     log = log if world.main else (lambda _message: None)
     train, held_out = datasets(cfg)
-    model, tokenizer = load(cfg.base)
-    prepare_base(model, cfg)
+    model, tokenizer = load_base(cfg, device)
     if cfg.chat_template is not None:
         tokenizer.chat_template = CHAT_TEMPLATES.get(cfg.chat_template, cfg.chat_template)
     rows, val_rows = training_rows(cfg, tokenizer, train, held_out, log)
-    results: dict = {"config": to_dict(cfg), "train_examples": len(train), "eval_examples": len(held_out)}
+    results: dict = {"config": to_dict(cfg), "train_examples": len(train), "eval_examples": len(held_out),
+                     "device": str(device), "precision": resolve_precision(cfg.precision, device)}
     if cfg.eval and held_out and world.main:  # the base alone, before an adapter (PiSSA's init changes the base)
         t = time.perf_counter()
         results["exact_match_before"] = score_rows(model, tokenizer, held_out, cfg.max_new_tokens)
@@ -160,7 +182,8 @@ def run(cfg: TrainConfig, log=print) -> tuple[nn.Module, dict]:
                  save_adapter=lambda path: save_adapter(model, path), param_groups=groups, log=log)
     results.update(steps=fitted.steps, first_loss=fitted.first_loss, last_loss=fitted.last_loss,
                    train_seconds=round(fitted.seconds, 1), skipped_steps=fitted.skipped_steps,
-                   best_val_loss=fitted.best_val_loss, stopped_early=fitted.stopped_early)
+                   best_val_loss=fitted.best_val_loss, stopped_early=fitted.stopped_early,
+                   peak_device_mb=peak_memory_mb(device))  # None on the CPU
     sharded = world.mode == "fsdp2"  # every rank takes part in gathering the adapter and in forward passes
     if not world.main and not sharded:
         distributed.finish(world)
