@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import sys
 
 import torch
 import yaml
 
 from lorakit.config import load_train_config, to_dict
+from lorakit.devices import resolve_device
+from lorakit.models import load
 
 
 def exec_torchrun(nproc: int, config: str | None, overrides: list[str]) -> None:
@@ -60,30 +61,6 @@ def cmd_train_multi(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_with_adapter(base: str | None, adapter: str | None, device: str = "auto"):
-    """The base (the adapter's own unless given), 4-bit again if the adapter was trained so, + adapter, on
-    `device` (checked before anything loads; a 4-bit base is quantized before it moves there)."""
-    from lorakit.adapters.io import load_adapter, read_adapter
-    from lorakit.devices import resolve_device
-    from lorakit.longlora import apply_context
-    from lorakit.models import load
-    from lorakit.quant.linear4bit import quantize_model
-
-    where = resolve_device(device)
-    found = read_adapter(adapter) if adapter else None
-    model, tokenizer = load(base or (found.base if found and found.base else "default"))
-    if found is not None:
-        if found.quant:
-            q = found.quant
-            quantize_model(model, q["type"], q["blocksize"], q["double_quant"], getattr(torch, q["compute_dtype"]))
-        if "lorakit.context" in found.metadata:
-            apply_context(model, json.loads(found.metadata["lorakit.context"]))
-    model.to(where)
-    if found is not None:
-        load_adapter(model, found)  # the adapter's tensors go where the layers are
-    return model, tokenizer
-
-
 def add_device_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda when there is one, else cpu), cpu, cuda, cuda:N")
 
@@ -93,7 +70,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from lorakit.generate import score_rows
     from lorakit.train.run import datasets
 
-    model, tokenizer = load_with_adapter(args.base, args.adapter, args.device)
+    device = resolve_device(args.device)  # before anything is read
+    model, tokenizer = load(args.base, adapters=[args.adapter] if args.adapter else [], device=device)
     cfg = load_train_config(None, [f"seed={args.seed}"])
     held_out = read_rows(args.dataset) if args.dataset else datasets(cfg)[1]
     em = score_rows(model, tokenizer, held_out, args.max_new_tokens)
@@ -104,7 +82,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from lorakit.generate import generate
 
-    model, tokenizer = load_with_adapter(args.base, args.adapter, args.device)
+    device = resolve_device(args.device)  # before anything is read
+    model, tokenizer = load(args.base, adapters=[args.adapter] if args.adapter else [], device=device)
     print(generate(model, tokenizer, [args.prompt], args.max_new_tokens)[0])
     return 0
 
@@ -114,7 +93,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from lorakit.export import write_merged_folder
     from lorakit.quant.checkpoint import save_4bit
 
-    model, tokenizer = load_with_adapter(args.base, args.adapter, args.device)
+    device = resolve_device(args.device)  # before anything is read
+    model, tokenizer = load(args.base, adapters=[args.adapter] if args.adapter else [], device=device)
     merged = merge_and_unload(model, safe=True)  # full precision, a 4-bit base dequantized
     if args.requantize:
         error = requantize(merged, args.requantize)
@@ -156,7 +136,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         export.write_adapter_gguf(found, config, args.out, args.dtype or "f32")
         print(f"llama.cpp LoRA adapter written to {args.out}")
         return 0
-    model, tokenizer = load_with_adapter(args.base, args.adapter, args.device)
+    device = resolve_device(args.device)  # before anything is read
+    model, tokenizer = load(args.base, adapters=[args.adapter] if args.adapter else [], device=device)
     merged = merge_and_unload(model, safe=True)
     if args.format == "gguf":
         export.write_model_gguf(merged, tokenizer, args.out, args.dtype or "f16")
@@ -244,11 +225,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import os
     import time
 
-    from lorakit.adapters.io import read_adapter
-    from lorakit.devices import resolve_device
-    from lorakit.models import load
     from lorakit.multi.store import AdapterStore
-    from lorakit.serve import Engine, Server, make_app, prepare_base
+    from lorakit.serve import Engine, Server, make_app
 
     adapters = {}
     for entry in args.adapter:
@@ -260,11 +238,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.allow_runtime_adapters and not (api_key and args.store):
         raise ValueError("--allow-runtime-adapters needs --store ROOT and an API key (--api-key or LORAKIT_API_KEY)")
     device = resolve_device(args.device)  # before the model loads
-    model, tokenizer = load(args.base)
-    prepare_base(model, [read_adapter(folder) for folder in adapters.values()])  # a 4-bit base: quantized here,
-    model.to(device)  # then moved
+    model, tokenizer = load(args.base, adapters=adapters, device=device)  # the base they need (4-bit, RoPE)
     store = AdapterStore(args.store, max_ram=args.max_ram, max_device=args.max_device,
-                         pin_memory=device.type == "cuda") if args.store else None
+                         pin_memory=device.type == "cuda") if args.store else None  # RAM tier pinned for the GPU
     engine = Engine(model, tokenizer, base_id=args.base_name or args.base, adapters=adapters, store=store,
                     max_tokens_limit=args.max_tokens_limit, max_prompt_tokens=args.max_prompt_tokens,
                     max_batch=args.max_batch, max_queue=args.max_queue, max_prefill_tokens=args.max_prefill_tokens)

@@ -19,6 +19,7 @@ import yaml
 
 from lorakit.data.formats import FORMATS
 from lorakit.devices import PRECISIONS, check_device_name
+from lorakit.models import DTYPE_CHOICES
 from lorakit.quant.optim import OPTIMIZERS
 
 INIT_CHOICES = ("kaiming", "gaussian", "pissa")
@@ -171,6 +172,7 @@ class TrainConfig:
     """
 
     base: str = "default"
+    dtype: str = "auto"  # how the base's float weights are stored: auto (as in the checkpoint) or a float dtype
     dataset: str | list = "demo"
     eval_dataset: str | list | None = None
     val_size: float | None = None
@@ -221,6 +223,8 @@ class TrainConfig:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         check_device_name(self.device)  # its form only: whether it exists here is checked before the model loads
+        if self.dtype not in DTYPE_CHOICES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
         if self.early_stopping_patience and not self.eval_every:
             raise ValueError("early_stopping_patience needs eval_every (and a validation set)")
         if self.truncation not in ("truncate", "drop"):

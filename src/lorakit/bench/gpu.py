@@ -229,16 +229,18 @@ def lorakit_task(w, quantized: bool, device: str = "cuda"):
     """One lorakit LoRA/QLoRA (NF4 + double quant) training step on `device`, as `lorakit train` sets it up."""
     import lorakit
     from lorakit.bench.ours import lora_spec
-    from lorakit.bench.workload import load_base, make_batch, supervised_tokens
+    from lorakit.bench.workload import make_batch, supervised_tokens
     from lorakit.config import QuantConfig, TrainConfig
+    from lorakit.models import load
     from lorakit.train.loop import loss_sum
     from lorakit.train.run import prepare_base
 
-    model = load_base(w)
     quant = QuantConfig(type="nf4", double_quant=True, blocksize=64, compute_dtype=w.dtype) if quantized else None
+    model = load(w.model_dir, quant=quant, dtype=w.torch_dtype, device=device)[0]  # as `lorakit train`: 4-bit
+    model.requires_grad_(False)  # as it is read, on the device
     prepare_base(model, TrainConfig(quant=quant, gradient_checkpointing=w.checkpointing))  # off, as PEFT's side
     lorakit.inject(model, lora_spec(w))
-    model.to(device).train()
+    model.train()
     batch = {k: v.to(device) for k, v in make_batch(w, model.config.vocab_size).items()}
     n = supervised_tokens(batch)
     return step_fn(model, lambda: loss_sum(model, batch) / n, w.lr)

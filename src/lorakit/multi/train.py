@@ -46,8 +46,8 @@ from lorakit.train.plot import plot_run
 from lorakit.train.run import datasets, load_base, training_rows
 
 # keys that build or change the one base model, or the batch layout, so every job must agree on them
-SHARED = ("base", "quant", "longlora", "gradient_checkpointing", "compile", "precision", "chat_template", "packing",
-          "device")
+SHARED = ("base", "dtype", "quant", "longlora", "gradient_checkpointing", "compile", "precision", "chat_template",
+          "packing", "device")
 
 
 def check_jobs(jobs: list[TrainConfig], where: str = "config") -> None:

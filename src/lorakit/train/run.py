@@ -23,11 +23,14 @@ from lorakit.data.packing import pack
 from lorakit.devices import peak_memory_mb, resolve_device, resolve_precision
 from lorakit.generate import score_rows
 from lorakit.longlora import enable_s2_attention, interpolate_positions, trainable_module_names
-from lorakit.models import load
-from lorakit.quant.linear4bit import quantization_of, quantize_model
+from lorakit.models import load, resolve, storage_dtype
+from lorakit.quant.linear4bit import quantization_of
+from lorakit.stream import stored_float_dtype
 from lorakit.train import distributed
 from lorakit.train.fit import fit, validation_loss
 from lorakit.train.plot import plot_run
+
+CPU = torch.device("cpu")
 
 
 def datasets(cfg: TrainConfig) -> tuple[list[Row], list[Row]]:
@@ -88,12 +91,18 @@ def training_rows(cfg: TrainConfig, tokenizer, train: list[Row], held_out: list[
     return rows, val_rows
 
 
-def load_base(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, object]:
-    """(model, tokenizer): the base of `cfg` prepared for training (`prepare_base`), on `device`.
-    A 4-bit base is quantized before it moves, so the GPU never holds its full-precision weights."""
-    model, tokenizer = load(cfg.base)
-    prepare_base(model, cfg, device)
-    return model.to(device), tokenizer
+def load_base(cfg: TrainConfig, device: torch.device = CPU) -> tuple[nn.Module, object]:
+    """(model, tokenizer) for a run on `device`: the base loaded there as `cfg` says (4-bit as it is read when
+    `quant` is set, so the device never holds its full-precision weights; float weights in `dtype`), then
+    prepared for training (`prepare_base`)."""
+    storage, quant = torch.uint8, cfg.quant
+    if quant is not None:
+        quant = dataclasses.replace(quant, compute_dtype=str(compute_dtype(cfg, device)).removeprefix("torch."))
+        if cfg.distributed == "fsdp2":  # FSDP2 shards the packed bytes as floats
+            storage = storage_dtype(cfg.dtype) or stored_float_dtype(resolve(cfg.base))
+    model, tokenizer = load(cfg.base, quant=quant, dtype=cfg.dtype, device=device, quant_storage=storage)
+    prepare_base(model, cfg)
+    return model, tokenizer
 
 
 def compute_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
@@ -106,18 +115,17 @@ def compute_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
-def prepare_base(model: nn.Module, cfg: TrainConfig, device: torch.device = distributed.CPU) -> None:
-    """QLoRA's k-bit preparation: 4-bit linears, norms in fp32, gradient checkpointing (default on).
-    `device`: where the model will train (it chooses `compute_dtype`)."""
-    if cfg.quant is not None:
-        q = cfg.quant
-        storage = model.dtype if cfg.distributed == "fsdp2" else torch.uint8  # FSDP2 shards float parameters
-        if quantization_of(model) is None:
-            quantize_model(model, q.type, q.blocksize, q.double_quant, compute_dtype(cfg, device),
-                           quant_storage=storage)
-        for module in model.modules():
-            if "norm" in type(module).__name__.lower():
-                module.float()
+def prepare_base(model: nn.Module, cfg: TrainConfig) -> None:
+    """Ready a loaded base for training: gradient checkpointing (default on with `quant`), LongLoRA, compile.
+
+    With `quant`, the base must be 4-bit already (`models.load` quantizes as it reads). Layers kept in full
+    precision (embeddings, norms, head) keep the stored dtype (`dtype`): norms are not raised to fp32 as PEFT's
+    prepare_model_for_kbit_training does, since an fp32 norm output would reach a bf16 head (PEFT raises
+    every such layer to fp32, the memory `dtype: auto` saves); RMSNorm computes in fp32 inside anyway.
+    """
+    if cfg.quant is not None and quantization_of(model) is None:
+        raise ValueError("quant is set but the base has no 4-bit layers: load it with "
+                         "lorakit.models.load(base, quant=...), which quantizes as it reads")
     if cfg.longlora is not None:
         enable_s2_attention(model, cfg.longlora.group_size_ratio)
         if cfg.longlora.target_context:
