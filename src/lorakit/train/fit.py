@@ -160,7 +160,7 @@ def resume_path(cfg: TrainConfig, out: Path) -> Path | None:
 def load_checkpoint(path: Path, model: nn.Module, optimizer, schedule,
                     params: dict[str, nn.Parameter] | None = None) -> int:
     """Restore the state saved by `save_checkpoint`; returns the step to continue from."""
-    state = torch.load(path / STATE_FILE, weights_only=True)
+    state = torch.load(path / STATE_FILE, weights_only=True, map_location="cpu")  # any device: copied to the run's
     params = trainable(model) if params is None else params
     if set(state["params"]) != set(params):
         missing = sorted(set(params) ^ set(state["params"]))[0]
@@ -379,7 +379,7 @@ def fit(
 
 def resume_allocator(allocator, checkpoint: Path) -> None:
     """Put AdaLoRA's allocator back as the checkpoint saved it (EMAs and masks)."""
-    state = torch.load(checkpoint / STATE_FILE, weights_only=True)
+    state = torch.load(checkpoint / STATE_FILE, weights_only=True, map_location="cpu")
     if "allocator" not in state:
         raise ValueError(f"{checkpoint / STATE_FILE}: no AdaLoRA allocator state (written by an older lorakit?); "
                          "resuming would restart the importance scores, so start the run again")
