@@ -199,3 +199,24 @@ def test_cuda_rng_state_of_the_training_device_is_saved_and_restored(monkeypatch
     assert len(restored) == 1 and restored[0][0] is state and restored[0][1] == torch.device("cuda", 1)
     set_rng_states(saved, torch.device("cpu"))  # a CUDA checkpoint resumed on the CPU: the state is unused
     assert len(restored) == 1
+
+
+# ---- adapter initialization ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["lora", "adalora"])
+def test_adapter_init_is_drawn_on_the_cpu_whatever_the_device(kind):
+    """As PEFT: the same seed gives the same initial adapter on a GPU as on the CPU (a CUDA generator would
+    draw other numbers), so a GPU run can be compared with, and reproduces, a CPU run."""
+    from lorakit.adapters.adalora import AdaLoraAdapter
+    from lorakit.adapters.lora import LoraAdapter
+
+    make = {"lora": LoraAdapter, "adalora": AdaLoraAdapter}[kind]
+    torch.manual_seed(5)
+    on_cpu = make(16, 8, 4, 8.0)
+    after_cpu = torch.get_rng_state()
+    torch.manual_seed(5)
+    on_meta = make(16, 8, 4, 8.0, device="meta")
+    assert on_meta.lora_A.is_meta and on_meta.lora_B.is_meta
+    assert torch.equal(torch.get_rng_state(), after_cpu)  # the meta adapter drew its values from the CPU generator
+    assert on_cpu.lora_A.abs().sum() > 0

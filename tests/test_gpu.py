@@ -150,8 +150,8 @@ def test_paged_adamw8bit_trains_on_cuda(tiny_model_dir, jsonl, tmp_path):
     the run equals the unpaged 8-bit one (tests/test_optim8bit.py checks the optimizer alone)."""
     paged = train(tiny_model_dir, jsonl, tmp_path / "paged", "device=cuda", "optim=paged_adamw8bit", "precision=fp32")
     plain = train(tiny_model_dir, jsonl, tmp_path / "plain", "device=cuda", "optim=adamw8bit", "precision=fp32")
-    assert paged["last_loss"] == plain["last_loss"]
-    assert_same_adapter(adapter(tmp_path / "paged"), adapter(tmp_path / "plain"), 0.0)
+    assert paged["last_loss"] == pytest.approx(plain["last_loss"], rel=RESUME_TOL)
+    assert_same_adapter(adapter(tmp_path / "paged"), adapter(tmp_path / "plain"), RESUME_TOL)  # same kernels
 
 
 # ---- torchrun over NCCL --------------------------------------------------------------------------------
@@ -211,6 +211,8 @@ def check_serving_mixed_batch(device: str, tmp: Path) -> None:
         return new[: new.index(1) + 1] if 1 in new else new
 
     store = AdapterStore(root, max_device=4, pin_memory=device == "cuda")
+    for future in store.prefetch([f"s{i}" for i in range(4)]):  # all in (pinned) RAM: the 8 rows join at once
+        future.result()
     engine = Engine(tiny_llama().to(device), tok, base_id="tiny", store=store, max_tokens_limit=32)
     try:
         out = {i: [] for i in range(len(jobs))}
