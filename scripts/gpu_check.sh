@@ -143,7 +143,7 @@ bench "train 1B LoRA+QLoRA vs PEFT" 80 gpu --set kernels=0 --set model="$SHAPES/
     --reps 3
 bench "train 7B-shape LoRA+QLoRA vs PEFT" 90 gpu --set kernels=0 --set model="$SHAPES/7b-8" --set batch=4 \
     --set seq=512 --reps 3
-bench "bench multi on cuda" 60 multi --set device=cuda --set dtype=bfloat16 --set model="$SHAPES/1b" --reps 3
+bench "bench multi on cuda" 75 multi --set device=cuda --set dtype=bfloat16 --set model="$SHAPES/1b" --reps 3
 bench "bench serve on cuda" 50 serve --set device=cuda --set model="$SHAPES/1b" --set adapters=1,8 \
     --set clients=32 --set max_tokens=16 --reps 1
 

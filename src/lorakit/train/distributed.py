@@ -30,6 +30,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from lorakit.devices import model_device
+
 MODES = ("none", "ddp", "fsdp2")
 CPU = torch.device("cpu")
 
@@ -109,7 +111,7 @@ def wrap(model: nn.Module, world: World) -> nn.Module:
         return shard(model, world)
     if world.size == 1:
         return model
-    device = next(model.parameters()).device
+    device = model_device(model)
     ids = [device.index] if device.type == "cuda" else None  # one GPU per process
     return nn.parallel.DistributedDataParallel(StepLoss(model), device_ids=ids)
 
@@ -139,7 +141,7 @@ def shard(model: nn.Module, world: World) -> nn.Module:
     if any(type(m).__name__.startswith("AdaLora") for m in model.modules()):
         raise ValueError("distributed=fsdp2 does not support AdaLoRA (its rank allocator reads whole "
                          "matrices); use distributed=ddp")
-    mesh = init_device_mesh(next(model.parameters()).device.type, (world.size,))  # cuda: each rank's current GPU
+    mesh = init_device_mesh(model_device(model).type, (world.size,))  # cuda: each rank's current GPU
     for block in blocks(model):
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
