@@ -25,6 +25,7 @@ import lorakit
 from conftest import tiny_llama, tiny_tokenizer
 from lorakit.config import LoraSpec, TrainConfig
 from lorakit.data.packing import pack
+from lorakit.quant.linear4bit import quantize_model
 from lorakit.quant.optim import make_optimizer
 from lorakit.train.fit import rng_states, set_rng_states, train_step, trainable, validation_loss
 
@@ -77,8 +78,10 @@ def on_meta(monkeypatch):
         yield
 
 
-def meta_model(*names: str) -> torch.nn.Module:
+def meta_model(*names: str, quantized: bool = False) -> torch.nn.Module:
     model = tiny_llama()
+    if quantized:  # QLoRA: 4-bit linears (quantized on the CPU here, then moved with the model)
+        quantize_model(model, "nf4", 32, True)
     for name in names or ("default",):
         lorakit.inject(model, LoraSpec(r=2, dropout=0.1), name=name)
     return model.to("meta")
@@ -93,10 +96,14 @@ def audit(fn) -> list:
     return watch.mixed
 
 
-@pytest.mark.parametrize("extra", [{}, {"packing": True}, {"precision": "bf16", "grad_accum": 2}],
-                         ids=["padded", "packed", "bf16-accum"])
+@pytest.mark.parametrize("extra", [{}, {"packing": True}, {"precision": "bf16", "grad_accum": 2}, {"quant": {}}],
+                         ids=["padded", "packed", "bf16-accum", "qlora"])
 def test_training_step_makes_everything_on_the_model_device(on_meta, extra):
-    model = meta_model()
+    model = meta_model(quantized="quant" in extra)
+    if "quant" in extra:
+        packed = [p for p in model.parameters() if p.dtype == torch.uint8]
+        assert packed and all(p.is_meta for p in packed)  # the 4-bit bytes moved with the model
+    extra = {k: v for k, v in extra.items() if k != "quant"}
     rows = pack(ROWS * 2, 24) if extra.get("packing") else ROWS  # packed: several examples a row
     cfg = TrainConfig(batch_size=2, max_steps=2, **extra)
     params = list(trainable(model).values())
