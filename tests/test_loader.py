@@ -224,3 +224,52 @@ def test_device_cuda_without_cuda_names_the_devices_there(tiny_model_dir):
         pytest.skip("this machine has CUDA")
     with pytest.raises(ValueError, match=r"device 'cuda' is not available: no CUDA device here \(available: cpu\)"):
         load(str(tiny_model_dir), device="cuda")
+
+
+def float_weights_shaped_like(shapes: set[tuple[int, ...]]) -> list[tuple[int, ...]]:
+    """Shapes of the float tensors alive (not on meta) whose shape is one of `shapes`."""
+    gc.collect()
+    return [tuple(t.shape) for t in gc.get_objects() if isinstance(t, torch.Tensor) and t.is_floating_point()
+            and not t.is_meta and tuple(t.shape) in shapes]
+
+
+def test_eval_generate_and_serve_on_a_4bit_base_keep_no_full_precision_weight(tmp_path):
+    """Inference over a 4-bit base (LoRA and DoRA adapters on it) dequantizes each weight for its matmul
+    only: afterwards no float tensor shaped like a quantized weight is alive anywhere."""
+    import threading
+
+    from lorakit.data.demo import make_demo
+    from lorakit.generate import generate, score_rows
+    from lorakit.quant.linear4bit import dequantize_weight
+    from lorakit.serve import Engine
+
+    folder = save(tiny_llama(), tmp_path / "m")
+    for kind in ("lora", "dora"):
+        model, _ = load(str(folder), quant={"blocksize": 32})
+        lorakit.inject(model, lorakit.LoraSpec(r=2, alpha=4, kind=kind, targets="all-linear"))
+        randomize_adapters(model)
+        lorakit.save_adapter(model, tmp_path / kind)
+    del model
+    model, tokenizer = load(str(folder), adapters={"lora": tmp_path / "lora", "dora": tmp_path / "dora"})
+    bases = [getattr(m, "base_module", m) for m in model.modules()]  # a wrapper keeps its base outside the tree
+    shapes = {tuple(m.quant_state.shape) for m in bases if isinstance(m, Linear4bit)}
+    assert len(shapes) == 4 and len([m for m in bases if isinstance(m, Linear4bit)]) == 14
+    del bases
+    assert float_weights_shaped_like(shapes) == []
+    lorakit.set_active(model, ["dora"])
+    score_rows(model, tokenizer, make_demo(0, n_train=1, n_eval=2)[1], 4)  # eval
+    generate(model, tokenizer, ["say cat"], 4)
+    assert float_weights_shaped_like(shapes) == []
+    engine = Engine(model, tokenizer, base_id="tiny", adapters={"lora": tmp_path / "lora", "dora": tmp_path / "dora"})
+    try:
+        for name in ("lora", "dora"):
+            done = threading.Event()
+            job = engine.prepare({"model": name, "prompt": "say cat", "max_tokens": 4, "temperature": 0}, chat=False)
+            engine.submit(job, lambda item, done=done: done.set() if item is None else None)
+            assert done.wait(30)
+        assert float_weights_shaped_like(shapes) == []
+    finally:
+        engine.close()
+    kept = dequantize_weight(model.model.layers[0].mlp.down_proj.base_module)  # the measure sees a kept copy
+    assert float_weights_shaped_like(shapes) == [(32, 48)]
+    del kept

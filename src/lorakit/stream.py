@@ -234,10 +234,12 @@ def _put_packed(model: nn.Module, name: str, entries: dict[str, Tensor], how: Fi
         packed, state = from_state_dict_entries(f"{name}.", entries)
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"{folder}: 4-bit layer {name}: {e.args[0]}") from None
-    if tuple(state.shape) != (linear.out_features, linear.in_features):
+    conv1d = not isinstance(linear, nn.Linear)  # GPT-2's Conv1D: weight [in, out], stored 4-bit as [out, in]
+    shape = tuple(linear.weight.shape[::-1] if conv1d else linear.weight.shape)
+    if tuple(state.shape) != shape:
         raise CheckpointError(f"{folder}: 4-bit layer {name} has shape {list(state.shape)}, but the model built "
-                              f"from config.json expects {[linear.out_features, linear.in_features]}")
+                              f"from config.json expects {list(shape)}")
     layer = Linear4bit(_as_storage(packed.view(torch.uint8), how.quant_storage), state, linear.bias,
-                       how.packed_compute_dtype)
+                       how.packed_compute_dtype, conv1d)
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent), child, layer)

@@ -185,7 +185,7 @@ def peft_config(model: nn.Module, spec: LoraSpec, targets: list[str], saved: lis
         "layers_pattern": None,
         "rank_pattern": dict(spec.rank_pattern),
         "alpha_pattern": dict(spec.alpha_pattern),
-        "fan_in_fan_out": any(model.get_submodule(t).kind == "conv1d" for t in targets),
+        "fan_in_fan_out": any(model.get_submodule(t).fan_in_fan_out for t in targets),
         "use_dora": spec.kind == "dora",
         "lora_bias": False,
     }

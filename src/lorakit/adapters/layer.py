@@ -114,6 +114,11 @@ class LoraLayer(nn.Module):
     def in_out(self) -> tuple[int, int]:
         return in_out(self.base_module)
 
+    @property
+    def fan_in_fan_out(self) -> bool:
+        """Whether the base model stores this weight [in, out] (GPT-2's Conv1D, also once made 4-bit)."""
+        return self.kind == "conv1d" or (self.kind == "linear4bit" and self.base_module.conv1d)
+
     def add(self, name: str, adapter: nn.Module, active: bool = True) -> None:
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} already exists on this layer")
@@ -212,13 +217,24 @@ class LoraLayer(nn.Module):
             weight = self.adapters[name].merged_weight(weight)
             if safe and not torch.isfinite(weight).all():
                 raise ValueError(f"merging adapter {name!r} gives non-finite weights")
-        dtype = base.compute_dtype
-        linear = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
-                           device=weight.device, dtype=dtype)
-        linear.weight.copy_(weight)
-        if base.bias is not None:
-            linear.bias.copy_(base.bias)
-        return linear.requires_grad_(False)
+        return full_precision(base, weight)
+
+
+@torch.no_grad()
+def full_precision(base: Linear4bit, weight: torch.Tensor) -> nn.Module:
+    """The layer a 4-bit base came from, holding `weight` [out, in] and the base's bias: an nn.Linear, or a
+    Conv1D (weight stored [in, out]) for one quantized from GPT-2's Conv1D, so the model's code and its
+    checkpoint layout stay what they were."""
+    if base.conv1d:
+        layer = Conv1D(base.out_features, base.in_features).to(weight.device, base.compute_dtype)
+        layer.weight.copy_(weight.T)
+    else:
+        layer = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
+                          device=weight.device, dtype=base.compute_dtype)
+        layer.weight.copy_(weight)
+    if base.bias is not None:
+        layer.bias.copy_(base.bias)
+    return layer.requires_grad_(False)
 
 
 def merge_order(names: list[str], adapters: nn.ModuleDict) -> list[str]:
