@@ -150,3 +150,24 @@ def test_cpu_training_writes_no_device_memory_in_metrics_and_none_in_results(tin
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["peak_device_mb"] is None and results["peak_device_mb"] is None
     assert (saved["device"], saved["precision"]) == ("cpu", "fp32")
+
+
+def test_loader_quant_compute_dtype_auto_is_bf16_on_cuda_only(monkeypatch):
+    """`models.load(quant=QuantConfig())` (compute_dtype auto) resolves it for the device it loads to."""
+    from lorakit.config import QuantConfig
+    from lorakit.quant.linear4bit import quant_record
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert quant_record(QuantConfig(), torch.device("cpu"))["compute_dtype"] == "float32"
+    assert quant_record(QuantConfig(), torch.device("cuda", 0))["compute_dtype"] == "bfloat16"
+    assert quant_record({"compute_dtype": "float16"}, torch.device("cuda", 0))["compute_dtype"] == "float16"
+    assert quant_record(QuantConfig())["compute_dtype"] == "float32"  # no device named: the CPU's
+
+
+def test_loader_takes_the_default_quant_config(tiny_model_dir):
+    from lorakit.config import QuantConfig
+    from lorakit.models import load
+    from lorakit.quant.linear4bit import quantization_of
+
+    model, _ = load(str(tiny_model_dir), quant=QuantConfig(), device="cpu")
+    assert quantization_of(model)["compute_dtype"] == "float32"

@@ -127,14 +127,15 @@ def load(
     pairs = list(adapters.items()) if isinstance(adapters, dict) else [(None, a) for a in adapters]
     files = [(name, a if isinstance(a, AdapterFile) else read_adapter(a)) for name, a in pairs]
     wanted, context = base_needs([a for _, a in files])
-    quant = quant_record(quant)
+    device = resolve_device(device)
+    quant = quant_record(quant, device)
     if quant is not None and wanted is not None and quant != wanted:
         raise ValueError(f"adapters were trained on a 4-bit base made with {wanted}, but quant={quant} was asked")
     if base is None:
         base = next((a.base for _, a in files if a.base), None) or "default"
     folder = resolve(base)
-    model = load_weights(folder, quant if quant is not None else wanted, storage_dtype(dtype),
-                         resolve_device(device), quant_storage)
+    model = load_weights(folder, quant if quant is not None else wanted, storage_dtype(dtype), device,
+                         quant_storage)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
