@@ -151,9 +151,9 @@ bench "bench serve on cuda" 50 serve --set device=cuda --set model="$SHAPES/1b" 
 train() {  # train NAME ARGS...: `lorakit train` on the 1B shape, results.json appended to records.jsonl
     local name=$1
     shift
-    local steps=3 length=512 device=cuda
-    [ "$MODE" = cpu ] && steps=1 length=64 device=cpu
-    step "$name" 45 "$PY" -m lorakit train base="$SHAPES/1b" dataset=stdlib max_steps=$steps batch_size=4 \
+    local steps=3 length=512 device=cuda limit=45
+    [ "$MODE" = cpu ] && steps=1 length=64 device=cpu limit=150
+    step "$name" "$limit" "$PY" -m lorakit train base="$SHAPES/1b" dataset=stdlib max_steps=$steps batch_size=4 \
         max_length=$length eval=false lora.r=16 device=$device output_dir="$WORK/$name" "$@"
     [ -f "$WORK/$name/results.json" ] && "$PY" - "$name" "$WORK/$name/results.json" >> "$RECORDS" <<'EOF'
 import json, sys

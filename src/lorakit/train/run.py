@@ -30,8 +30,6 @@ from lorakit.train import distributed
 from lorakit.train.fit import fit, validation_loss
 from lorakit.train.plot import plot_run
 
-CPU = torch.device("cpu")
-
 
 def datasets(cfg: TrainConfig) -> tuple[list[Row], list[Row]]:
     """(train, held-out) rows: the demo's splits or the dataset files, held-out from `eval_dataset`
@@ -91,7 +89,7 @@ def training_rows(cfg: TrainConfig, tokenizer, train: list[Row], held_out: list[
     return rows, val_rows
 
 
-def load_base(cfg: TrainConfig, device: torch.device = CPU) -> tuple[nn.Module, object]:
+def load_base(cfg: TrainConfig, device: torch.device = distributed.CPU) -> tuple[nn.Module, object]:
     """(model, tokenizer) for a run on `device`: the base loaded there as `cfg` says (4-bit as it is read when
     `quant` is set, so the device never holds its full-precision weights; float weights in `dtype`), then
     prepared for training (`prepare_base`)."""
