@@ -7,8 +7,9 @@
 #
 # The GPU image has python3 (3.12) with torch, transformers, peft, triton and accelerate, no network and no
 # model files: lorakit runs from src/ (PYTHONPATH), models are random weights of real shapes written here
-# (Llama-3.2-1B; Llama-2-7B's layers, 8 of its 32), and bitsandbytes is installed only from a wheel carried
-# in .whl/ (an ignored folder; without it the PEFT + bitsandbytes peer is left out, as the summary says).
+# (Llama-3.2-1B; Llama-2-7B's layers, 8 of its 32), and bitsandbytes (and pytest, if the image lacks it) is
+# installed only from wheels carried in .whl/ (an ignored folder; without bitsandbytes the PEFT + bitsandbytes
+# peer is left out, as the summary says).
 #
 # Everything lands in $OUT, in at most 6 files: summary.txt (one line a step: exit code, seconds), gpu_check.log
 # (every step's output), pytest.log (the gpu tests), records.jsonl (every benchmark's JSON records, tagged
@@ -89,15 +90,20 @@ EOF
 if [ "$MODE" = gpu ]; then
     nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || echo "nvidia-smi failed" >> "$OUT/nvidia-smi.txt"
 fi
-if compgen -G ".whl/*.whl" > /dev/null; then
+if compgen -G ".whl/*.whl" > /dev/null; then  # carried wheels: bitsandbytes, and pytest's if the image lacks it
     if "$PY" -m pip install --no-index --no-deps --target /tmp/site .whl/*.whl >> "$LOG" 2>&1; then
         export PYTHONPATH="$PYTHONPATH:/tmp/site"
-        echo "bitsandbytes: installed from $(ls .whl/*.whl | head -1)" | tee -a "$SUMMARY"
+        echo "carried wheels installed: $(cd .whl && echo *.whl)" | tee -a "$SUMMARY"
     else
-        echo "bitsandbytes: the carried wheel did not install (see gpu_check.log); bnb peer left out" | tee -a "$SUMMARY"
+        echo "carried wheels did not install (see gpu_check.log)" | tee -a "$SUMMARY"
     fi
-else
-    echo "bitsandbytes: not carried (no .whl/*.whl): the PEFT + bitsandbytes QLoRA peer and bnb kernel rows are left out" \
+fi
+if ! "$PY" -c "import bitsandbytes" > /dev/null 2>&1; then
+    echo "bitsandbytes: not importable (no wheel carried in .whl/): the PEFT + bitsandbytes QLoRA peer and the bnb" \
+        "kernel rows are left out" | tee -a "$SUMMARY"
+fi
+if ! "$PY" -c "import pytest" > /dev/null 2>&1; then
+    echo "pytest: not importable: the gpu tests cannot run (carry pytest, pluggy, iniconfig, pygments wheels in .whl/)" \
         | tee -a "$SUMMARY"
 fi
 step environment 30 "$PY" -c "
