@@ -171,6 +171,12 @@ def test_a_folder_without_safetensors_is_an_error_naming_it(tmp_path):
         load(str(folder))
 
 
+def test_a_folder_without_a_tokenizer_is_an_error_naming_it(tmp_path):
+    tiny_llama().save_pretrained(tmp_path / "m")
+    with pytest.raises(FileNotFoundError, match=rf"^{tmp_path / 'm'} has no tokenizer"):
+        load(str(tmp_path / "m"))
+
+
 def test_a_tensor_missing_from_the_checkpoint_is_an_error_naming_the_parameter(tmp_path):
     folder = save(tiny_llama(), tmp_path / "m")
     tensors = load_file(folder / "model.safetensors")

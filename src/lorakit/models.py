@@ -136,6 +136,8 @@ def load(
     folder = resolve(base)
     model = load_weights(folder, quant if quant is not None else wanted, storage_dtype(dtype), device,
                          quant_storage)
+    if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        raise FileNotFoundError(f"{folder} has no tokenizer (tokenizer.json or tokenizer_config.json)")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -178,9 +180,10 @@ def base_needs(adapters: list) -> tuple[dict | None, dict | None]:
     return found[0], found[1]
 
 
-def load_weights(folder: Path, quant: dict | None, dtype: torch.dtype | None, device: torch.device,
-                 quant_storage: torch.dtype = torch.uint8) -> nn.Module:
-    """The model of an HF folder, built on the meta device and filled tensor by tensor (`lorakit.stream`)."""
+def load_weights(folder: Path, quant: dict | None = None, dtype: torch.dtype | None = None,
+                 device: str | torch.device = "cpu", quant_storage: torch.dtype = torch.uint8) -> nn.Module:
+    """The model alone (eval mode) of an HF folder, built on the meta device and filled tensor by tensor
+    (`lorakit.stream`): `load` without tokenizer and adapters; `quant` a record (`quant_record`)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
@@ -189,7 +192,7 @@ def load_weights(folder: Path, quant: dict | None, dtype: torch.dtype | None, de
     config.__dict__.pop("quantization_config", None)
     with init_empty_weights(include_buffers=False):  # parameters on meta, buffers (rotary) real
         model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
-    fill_model(model, folder, Fill(quant, dtype, device, quant_storage, packed_compute or torch.float32))
+    fill_model(model, folder, Fill(quant, dtype, torch.device(device), quant_storage, packed_compute or torch.float32))
     if (folder / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(folder)
     return model.eval()

@@ -231,7 +231,6 @@ def bench_train(s: dict, quick: bool, reps: int, warmup: int, memory: bool) -> l
 
 def lorakit_task(w, quantized: bool, device: str = "cuda"):
     """One lorakit LoRA/QLoRA (NF4 + double quant) training step on `device`, as `lorakit train` sets it up."""
-    import torch
 
     import lorakit
     from lorakit.bench.ours import lora_spec
@@ -243,8 +242,8 @@ def lorakit_task(w, quantized: bool, device: str = "cuda"):
     from lorakit.train.run import prepare_base
 
     quant = QuantConfig(type="nf4", double_quant=True, blocksize=64, compute_dtype=w.dtype) if quantized else None
-    model = load_weights(Path(w.model_dir), quant_record(quant), w.torch_dtype, torch.device(device))  # 4-bit as
-    model.requires_grad_(False)  # it is read, on the device, as `lorakit train`
+    model = load_weights(Path(w.model_dir), quant_record(quant), w.torch_dtype, device)  # 4-bit as it is read,
+    model.requires_grad_(False)  # on the device, as `lorakit train`
     prepare_base(model, TrainConfig(quant=quant, gradient_checkpointing=w.checkpointing))  # off, as PEFT's side
     lorakit.inject(model, lora_spec(w))
     model.train()
