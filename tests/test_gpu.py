@@ -154,26 +154,6 @@ def test_paged_adamw8bit_trains_on_cuda(tiny_model_dir, jsonl, tmp_path):
     assert_same_adapter(adapter(tmp_path / "paged"), adapter(tmp_path / "plain"), RESUME_TOL)  # same kernels
 
 
-# ---- torchrun over NCCL --------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
-def test_torchrun_over_nccl_equals_one_process(tiny_model_dir, jsonl, tmp_path, mode):
-    """One GPU per process (LOCAL_RANK), NCCL; as many processes as GPUs, up to 2 (1 on a one-GPU machine,
-    which still exercises the NCCL group, the device binding and FSDP2's CUDA mesh)."""
-    n = min(2, torch.cuda.device_count())
-    data = [f"base={tiny_model_dir}", f"dataset={jsonl}", *COMMON, "device=cuda", "precision=fp32"]
-    one = load_train_config(None, [*data, f"grad_accum={n}", f"output_dir={tmp_path / 'one'}"])
-    run(one, log=lambda _m: None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n),
-           "-m", "lorakit", "train", *data, "grad_accum=1", f"distributed={mode}", f"output_dir={tmp_path / 'n'}"]
-    done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert_same_adapter(adapter(tmp_path / "n"), adapter(tmp_path / "one"), FP32_ADAPTER_TOL)
-    assert json.loads((tmp_path / "n" / "results.json").read_text())["device"] == "cuda:0"
-
-
 # ---- serving -------------------------------------------------------------------------------------------
 
 
@@ -231,3 +211,23 @@ def check_serving_mixed_batch(device: str, tmp: Path) -> None:
 
 def test_serving_a_mixed_batch_on_cuda_equals_single_adapter_decoding(tmp_path):
     check_serving_mixed_batch("cuda", tmp_path)
+
+
+# ---- torchrun over NCCL --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_torchrun_over_nccl_equals_one_process(tiny_model_dir, jsonl, tmp_path, mode):
+    """One GPU per process (LOCAL_RANK), NCCL; as many processes as GPUs, up to 2 (1 on a one-GPU machine,
+    which still exercises the NCCL group, the device binding and FSDP2's CUDA mesh)."""
+    n = min(2, torch.cuda.device_count())
+    data = [f"base={tiny_model_dir}", f"dataset={jsonl}", *COMMON, "device=cuda", "precision=fp32"]
+    one = load_train_config(None, [*data, f"grad_accum={n}", f"output_dir={tmp_path / 'one'}"])
+    run(one, log=lambda _m: None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n),
+           "-m", "lorakit", "train", *data, "grad_accum=1", f"distributed={mode}", f"output_dir={tmp_path / 'n'}"]
+    done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_adapter(adapter(tmp_path / "n"), adapter(tmp_path / "one"), FP32_ADAPTER_TOL)
+    assert json.loads((tmp_path / "n" / "results.json").read_text())["device"] == "cuda:0"
