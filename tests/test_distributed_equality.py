@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from lorakit.config import TrainConfig
+from lorakit.data.encode import IGNORE
 from lorakit.train import distributed
 from lorakit.train import fit as fit_module
 from lorakit.train.distributed import World, micro_indices
@@ -78,7 +79,7 @@ def test_ranks_hold_unequal_loss_tokens():
 
 
 def supervised_in(batch: dict) -> int:
-    return int((batch["labels"][:, 1:] != -100).sum())
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
 
 
 def test_ddp_and_fsdp2_equal_one_process_on_ragged_rows_split_unevenly(tmp_path):

@@ -24,10 +24,12 @@ BF16_LOSS_TOLERANCE = 4e-3  # relative: one bf16 rounding (8 significant bits, 2
 
 
 def output_dtypes(model: torch.nn.Module) -> list[torch.dtype]:
-    """Record the dtype of every adapted linear's output (base matmul + adapter) as the model runs."""
+    """Record, as the model runs, the dtype of every adapted linear's output (base matmul + adapter) and
+    of its base matmul alone (the frozen nn.Linear inside the wrapper)."""
     seen = []
     for _, layer in lora_layers(model):
-        layer.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+        for module in (layer, layer.base_module):
+            module.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
     return seen
 
 
@@ -43,7 +45,7 @@ def test_bf16_autocast_runs_the_matmuls_in_bf16_and_keeps_fp32_adapters(monkeypa
     want = fit(reference, rows, TrainConfig(**cfg), pad_id=1, log=lambda *_: None)  # fp32
 
     want_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    assert len(dtypes) == 2 * len(list(lora_layers(model))) and set(dtypes) == {want_dtype}  # 2 micro-batches
+    assert len(dtypes) == 2 * 2 * len(list(lora_layers(model))) and set(dtypes) == {want_dtype}  # 2 micro-batches
     assert all(p.dtype == torch.float32 for p in trainable(model).values())  # the adapter stays fp32
     assert all(g.dtype == torch.float32 for g in seen[0]["grads"])
     loss, fp32_loss = got.history[0]["loss"], want.history[0]["loss"]

@@ -4,6 +4,10 @@ optimizer state, bit for bit on the CPU (LoRA dropout on, so the RNG state must 
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import torch
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -87,3 +91,21 @@ def test_qlora_8bit_optimizer_resume_equals_a_straight_run_bitwise(tmp_path):
     a = load_file(tmp_path / "straight" / f"checkpoint-{N}" / adapter)
     b = load_file(tmp_path / "resumed" / f"checkpoint-{N}" / adapter)
     assert_same(b, a, "adapter")
+
+
+def test_cli_resume_with_the_8bit_optimizer_in_a_fresh_process(tiny_model_dir, jsonl, tmp_path):
+    """`lorakit train quant={} optim=adamw8bit`: a new process resuming from the checkpoint at N/2 ends with
+    the adapter of the run never stopped, bit for bit (it crashed on loading the 8-bit optimizer's state)."""
+    from lorakit.cli import main
+
+    common = [f"base={tiny_model_dir}", f"dataset={jsonl}", "quant={}", "optim=adamw8bit", f"max_steps={N}",
+              f"checkpoint_every={N // 2}", "batch_size=2", "lr=0.01", "lora.dropout=0.1", "eval=false"]
+    assert main(["train", *common, f"output_dir={tmp_path / 'straight'}"]) == 0
+    resume = f"resume={tmp_path / 'straight' / f'checkpoint-{N // 2}'}"
+    done = subprocess.run([sys.executable, "-m", "lorakit", "train", *common, resume,
+                           f"output_dir={tmp_path / 'resumed'}"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    adapter = "adapter/adapter_model.safetensors"
+    assert (tmp_path / "resumed" / adapter).read_bytes() == (tmp_path / "straight" / adapter).read_bytes()
+    steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(N // 2 + 1, N + 1))  # it did resume

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from lorakit.atomic import atomic_dir
+from lorakit.quant.linear4bit import dequantize_model
 
 GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")
 TORCH_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
@@ -32,9 +33,13 @@ ARCHITECTURES = ("llama",)  # model_type values whose tensor layout this writer 
 
 def write_merged_folder(model: nn.Module, tokenizer, out: str | Path, dtype: str = "f32", writer=None) -> Path:
     """A plain transformers folder (safetensors, config, generation config, tokenizer) in `dtype`,
-    written atomically; `writer(model, folder)` replaces save_pretrained (e.g. a 4-bit writer)."""
+    written atomically; `writer(model, folder)` replaces save_pretrained (e.g. a 4-bit writer). Without a
+    writer, 4-bit layers that no adapter touched (a QLoRA adapter on some layers) are dequantized first:
+    a plain folder holds no 4-bit tensors."""
     if dtype not in TORCH_DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {sorted(TORCH_DTYPES)}")
+    if writer is None:
+        dequantize_model(model)
     model = model.to(TORCH_DTYPES[dtype])
 
     def fill(tmp: Path) -> None:
