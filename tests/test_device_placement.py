@@ -6,7 +6,7 @@ without `device=`) is recorded with where it came from. On a real GPU each of th
 all tensors on the same device") or a silent copy per step; some, like CPU ids into a CUDA embedding, are
 errors on CUDA but pass on meta, which is why the audit records them instead of relying on meta to raise.
 The data-dependent reads the loops make (`loss.item()`, token counts, argmax lists) return placeholders
-(zeros) on meta, so the loops run through; these tests check placement, not numbers (tests/test_gpu.py
+on meta, so the loops run through; these tests check placement, not numbers (tests/test_gpu.py
 checks numbers on CUDA).
 """
 
@@ -33,9 +33,10 @@ READS = {Tensor.item, Tensor.tolist, Tensor.__int__, Tensor.__float__, Tensor.__
 
 
 def placeholder(func, t: Tensor):
-    """What a data-dependent read of meta tensor `t` returns here: zeros of the right type and shape."""
+    """What a data-dependent read of meta tensor `t` returns here: zeros of the right type, or a list of ones
+    of its shape (tokens the serving loop takes, flags it reads as true)."""
     if func is Tensor.tolist:
-        return torch.zeros(t.shape, dtype=t.dtype).tolist()
+        return torch.ones(t.shape, dtype=t.dtype).tolist()
     if func is Tensor.__bool__:
         return False
     if func is Tensor.__float__ or (func is Tensor.item and t.dtype.is_floating_point):
@@ -147,19 +148,19 @@ def test_serving_makes_ids_masks_positions_and_tokens_on_the_model_device(on_met
     from lorakit.serve.batch import Batcher, Sequence
 
     model = meta_model("a", "b")
-    batcher = Batcher(model, eos=1)  # not started: this thread runs its steps
-    seqs = [Sequence(a, p, 4, lambda _t: None) for a, p in [("a", [5, 6, 7]), ("b", [8, 9]), (None, [3, 4, 5, 6])]]
+    batcher = Batcher(model, eos=None)  # not started: this thread runs its steps
+    seqs = [Sequence(a, p, 6, lambda _t: None) for a, p in [("a", [5, 6, 7]), ("b", [8, 9]), (None, [3, 4, 5, 6])]]
 
     def serve() -> None:
-        batcher.prefill(seqs[:2])
+        batcher.join(seqs[:2], *batcher.prefill(seqs[:2]))
         batcher.step()
-        batcher.prefill(seqs[2:])
+        batcher.join(seqs[2:], *batcher.prefill(seqs[2:]))
         batcher.step()
         seqs[0].cancelled = True
         batcher.step()
 
     assert audit(serve) == []
-    assert batcher.rows.mask.device.type == "meta" and batcher.steps == 3
+    assert batcher.rows.mask.device.type == "meta" and batcher.steps == 3 and batcher.peak == 3
 
 
 def test_generate_hands_the_model_its_prompts_on_its_device(on_meta, monkeypatch):
