@@ -171,3 +171,17 @@ def test_loader_takes_the_default_quant_config(tiny_model_dir):
 
     model, _ = load(str(tiny_model_dir), quant=QuantConfig(), device="cpu")
     assert quantization_of(model)["compute_dtype"] == "float32"
+
+
+def test_the_serving_engine_imports_without_fastapi():
+    """The lent GPU image has no fastapi: the engine (what tests/test_gpu.py serves through) must not need it;
+    the HTTP front end still imports it when asked for."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['fastapi'] = None\n"  # `import fastapi` now fails
+            "from lorakit.serve import Engine\n"
+            "try:\n    from lorakit.serve import make_app\nexcept ImportError:\n    print('front end needs fastapi')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "front end needs fastapi"
