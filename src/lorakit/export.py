@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from lorakit.atomic import atomic_dir
+from lorakit.atomic import atomic_dir, current_umask
+from lorakit.outputs import GGUF_KIND_KEY, mark_folder
 from lorakit.quant.linear4bit import dequantize_model
 
 GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -45,6 +46,7 @@ def write_merged_folder(model: nn.Module, tokenizer, out: str | Path, dtype: str
     def fill(tmp: Path) -> None:
         (writer or type(model).save_pretrained)(model, tmp)
         tokenizer.save_pretrained(tmp)
+        mark_folder(tmp, "merged")  # a later merge/export may replace it (lorakit.outputs)
 
     atomic_dir(out, fill)
     return Path(out)
@@ -149,12 +151,6 @@ def write_atomically(writer_fill, path: str | Path, arch: str) -> Path:
     return path
 
 
-def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def check_dtype(dtype: str) -> None:
     if dtype not in GGUF_DTYPES:
         raise ValueError(f"GGUF dtype {dtype!r} is not one of {list(GGUF_DTYPES)}")
@@ -175,6 +171,7 @@ def write_model_gguf(model: nn.Module, tokenizer, path: str | Path, dtype: str =
 
     def fill(writer) -> None:
         add_model_metadata(writer, config, dtype)
+        writer.add_string(GGUF_KIND_KEY, "gguf-model")  # a later export may replace it (lorakit.outputs)
         add_tokenizer_metadata(writer, tokenizer, config.vocab_size)
         for hf_name, tensor in state.items():
             if "rotary_emb" in hf_name:
@@ -333,6 +330,7 @@ def write_adapter_gguf(adapter, config, path: str | Path, dtype: str = "f32") ->
         writer.add_float32("adapter.lora.alpha", alpha)
         writer.add_name(f"{Path(adapter.folder).name} (LoRA adapter)")
         writer.add_file_type(file_type(dtype))
+        writer.add_string(GGUF_KIND_KEY, "gguf-adapter")
         for module in sorted(adapter.lora):
             a, b = adapter.lora[module]["lora_A"], adapter.lora[module]["lora_B"]  # [r, in], [out, r]
             r = a.shape[0]

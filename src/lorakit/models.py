@@ -122,22 +122,21 @@ def load(
     from lorakit.adapters.io import AdapterFile, load_adapter, read_adapter
     from lorakit.longlora import apply_context
 
+    store, device = storage_dtype(dtype), resolve_device(device)  # bad arguments fail before any reading
     if isinstance(adapters, (str, Path, AdapterFile)):
         adapters = [adapters]
     pairs = list(adapters.items()) if isinstance(adapters, dict) else [(None, a) for a in adapters]
     files = [(name, a if isinstance(a, AdapterFile) else read_adapter(a)) for name, a in pairs]
     wanted, context = base_needs([a for _, a in files])
-    device = resolve_device(device)
     quant = quant_record(quant, device)
     if quant is not None and wanted is not None and quant != wanted:
         raise ValueError(f"adapters were trained on a 4-bit base made with {wanted}, but quant={quant} was asked")
     if base is None:
         base = next((a.base for _, a in files if a.base), None) or "default"
     folder = resolve(base)
-    model = load_weights(folder, quant if quant is not None else wanted, storage_dtype(dtype), device,
-                         quant_storage)
     if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
         raise FileNotFoundError(f"{folder} has no tokenizer (tokenizer.json or tokenizer_config.json)")
+    model = load_weights(folder, quant if quant is not None else wanted, store, device, quant_storage)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -200,12 +199,12 @@ def load_weights(folder: Path, quant: dict | None = None, dtype: torch.dtype | N
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
+    device = torch.device(device)
     config = AutoConfig.from_pretrained(folder)
     packed_compute = folder_compute_dtype(config)  # a folder in bitsandbytes' 4-bit layout
     config.__dict__.pop("quantization_config", None)
     with init_empty_weights(include_buffers=False):  # parameters on meta, buffers (rotary) real
         model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
-    device = torch.device(device)
     if packed_compute is None and merged_keys(model, folder):  # MoE experts stored one by one (Mixtral)
         model = load_converted(folder, quant, dtype, device, quant_storage)
     else:

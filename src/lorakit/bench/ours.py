@@ -102,7 +102,8 @@ def lorakit_train(w: Workload, quantized: bool = False) -> Task:
     from lorakit.train.run import prepare_base
 
     quant = QuantConfig(type="nf4", double_quant=True, blocksize=64, compute_dtype=w.dtype) if quantized else None
-    model = load_weights(Path(w.model_dir), quant_record(quant), w.torch_dtype).requires_grad_(False)  # as `train`
+    model = load_weights(Path(w.model_dir), quant_record(quant), w.torch_dtype, torch.device("cpu"))
+    model.requires_grad_(False)  # as `lorakit train`
     prepare_base(model, TrainConfig(quant=quant, gradient_checkpointing=w.checkpointing, compile=w.compile))
     lorakit.inject(model, lora_spec(w))
     model.train()
