@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -111,7 +112,7 @@ def check_resume_reproduces_the_run(device: str, base, data, tmp: Path) -> None:
     if device != "cuda":
         return
     forgetful = tmp / "forgetful" / "checkpoint-2"
-    forgetful.mkdir(parents=True)
+    shutil.copytree(tmp / "straight" / "checkpoint-2", forgetful)  # the same checkpoint, but:
     del state["cuda_rng"]
     torch.save(state, forgetful / STATE_FILE)
     train(base, data, tmp / "without", *extra, f"resume={forgetful}")
