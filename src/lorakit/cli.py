@@ -138,6 +138,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from lorakit import export
     from lorakit.adapters.merge import merge_and_unload
 
+    device = resolve_device(args.device)  # before anything is read
     check_out(args, "merged" if args.format == "merged" else "gguf-adapter" if args.adapter_only else "gguf-model")
     if args.format == "gguf" and args.adapter_only:
         from transformers import AutoConfig
@@ -150,7 +151,6 @@ def cmd_export(args: argparse.Namespace) -> int:
         export.write_adapter_gguf(found, config, args.out, args.dtype or "f32")
         print(f"llama.cpp LoRA adapter written to {args.out}")
         return 0
-    device = resolve_device(args.device)  # before anything is read
     model, tokenizer = load(args.base, adapters=[args.adapter] if args.adapter else [], device=device)
     merged = merge_and_unload(model, safe=True)
     if args.format == "gguf":
