@@ -14,6 +14,17 @@ if not torch.cuda.is_available():  # Triton kernels are tested on the CPU throug
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need CUDA: they run wherever it is, and are skipped, reported as not run, elsewhere
+    (CI has no GPU; scripts/gpu_check.sh runs them on a lent one)."""
+    if torch.cuda.is_available():
+        return
+    not_run = pytest.mark.skip(reason="needs CUDA (gpu marker): NOT RUN on this machine")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(not_run)
+
+
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(

@@ -14,11 +14,13 @@ from safetensors.torch import load_file
 
 from lorakit.cli import exec_torchrun
 from lorakit.config import load_train_config
-from lorakit.train.distributed import World, init, micro_indices
+from lorakit.train import distributed
+from lorakit.train.distributed import World, backend_for, init, micro_indices, process_device
 from lorakit.train.run import run
 
 COMMON = ["lora.r=4", "lora.alpha=8", "lora.dropout=0.0", "max_steps=4", "batch_size=2", "lr=0.01",
-          "warmup_steps=1", "eval=false", "max_length=32", "log_every=1", "seed=0"]
+          "warmup_steps=1", "eval=false", "max_length=32", "log_every=1", "seed=0",
+          "device=cpu"]  # the gloo paths, also on a machine with GPUs
 
 
 def test_ranks_split_a_step_into_the_single_process_micro_batches():
@@ -43,6 +45,39 @@ def test_plain_run_refuses_a_torchrun_launch_and_distributed_needs_a_launcher(mo
         load_train_config(None, ["distributed=dp"])
     with pytest.raises(ValueError, match="fsdp2 supports optim=adamw only"):
         load_train_config(None, ["distributed=fsdp2", "optim=adamw8bit"])
+
+
+def test_backend_is_nccl_between_gpus_and_gloo_between_cpus():
+    assert backend_for(torch.device("cpu")) == "gloo"
+    assert backend_for(torch.device("cuda", 0)) == "nccl"
+    assert backend_for(torch.device("cuda", 3)) == "nccl"
+
+
+def test_each_torchrun_process_takes_the_gpu_of_its_local_rank(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    for asked in ("cuda", "cuda:0", "cuda:3"):  # under torchrun: one GPU per process, whatever the config named
+        assert process_device(torch.device(asked), "ddp") == torch.device("cuda", 2)
+        assert process_device(torch.device(asked), "fsdp2") == torch.device("cuda", 2)
+    assert process_device(torch.device("cuda", 3), "none") == torch.device("cuda", 3)  # a plain run: as named
+    assert process_device(torch.device("cpu"), "ddp") == torch.device("cpu")  # gloo on CPUs: unchanged
+    monkeypatch.setenv("LOCAL_RANK", "4")
+    with pytest.raises(ValueError, match=r"LOCAL_RANK=4 has no GPU of its own: this machine has 4"):
+        process_device(torch.device("cuda"), "ddp")
+
+
+@pytest.mark.parametrize(("device", "backend"), [("cpu", "gloo"), ("cuda:1", "nccl")])
+def test_init_binds_the_gpu_before_joining_the_group(monkeypatch, device, backend):
+    calls = []
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: bool(calls) and calls[-1][0] == "init")
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda b: calls.append(("init", b)))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", d)))
+    monkeypatch.setattr(distributed.dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(distributed.dist, "get_world_size", lambda: 2)
+    assert init("ddp", torch.device(device)) == World(1, 2, "ddp")
+    want = [("init", backend)] if device == "cpu" else [("set_device", torch.device(device)), ("init", backend)]
+    assert calls == want
 
 
 def test_train_nproc_execs_torchrun(monkeypatch, tmp_path):

@@ -380,7 +380,20 @@ def test_paged_schedule_fetches_updates_and_writes_back_each_state(monkeypatch: 
     assert_same_run(paged, paged_params, plain, plain_params)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="paging needs CUDA")
+def test_unpaged_state_is_made_on_the_parameters_device() -> None:
+    """8-bit codes, block absmax and the small tensors' fp32 moments are made where the parameter is (on
+    a GPU: GPU memory, no host round trip per step); `meta` stands in for the GPU here."""
+    big, small = (torch.nn.Parameter(torch.zeros(shape, device="meta")) for shape in ((64, 128), (7,)))
+    optimizer = O.AdamW8bit([big, small])
+    for p in (big, small):
+        optimizer._init_state(p, optimizer.param_groups[0])
+    assert {k: (v.device.type, v.dtype) for k, v in state_tensors(optimizer, big).items()} == {
+        "exp_avg_q": ("meta", torch.uint8), "exp_avg_absmax": ("meta", torch.float32),
+        "exp_avg_sq_q": ("meta", torch.uint8), "exp_avg_sq_absmax": ("meta", torch.float32)}
+    assert {v.device.type for v in state_tensors(optimizer, small).values()} == {"meta"}
+
+
+@pytest.mark.gpu
 def test_paged_state_lives_in_pinned_host_memory_and_matches_unpaged_on_cuda() -> None:
     params = [p.cuda() for p in mixed_params(12)]
     paged_params, plain_params = copy_params(params), copy_params(params)

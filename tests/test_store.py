@@ -229,3 +229,27 @@ def test_cached_says_whether_attaching_waits_for_the_disk(root):
         store.get(name(8))
         store.get(name(9))
         assert not store.cached(name(7))  # evicted
+
+
+def test_pin_memory_puts_the_ram_tier_in_page_locked_memory(root, monkeypatch):
+    """`lorakit serve --device cuda` pins the RAM tier (the GPU copies from it directly); without it (the
+    CPU) nothing is pinned. Pinning needs CUDA, so here `Tensor.pin_memory` records what it is asked."""
+    pinned = []
+
+    def fake_pin(t):
+        copy = t.clone()
+        pinned.append(copy)
+        return copy
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
+    with AdapterStore(root) as plain:
+        plain.get(name(1))
+    assert pinned == []
+    with AdapterStore(root, pin_memory=True) as store:
+        adapter = store.get(name(1))
+        tensors = [t for pair in adapter.lora.values() for t in pair.values()]
+        assert tensors and all(any(t is p for p in pinned) for t in tensors)  # every RAM tensor is a pinned one
+        model = tiny_llama()
+        store.activate(model, name(1))
+        b = [layer.adapters[name(1)].lora_B for _, layer in lora_layers(model)]
+        assert b and all(torch.all(t == b_value(1)) for t in b)  # attached from the pinned copies

@@ -10,6 +10,7 @@ import torch
 import yaml
 
 from lorakit.config import load_train_config, to_dict
+from lorakit.devices import resolve_device
 from lorakit.models import load
 
 
@@ -60,12 +61,17 @@ def cmd_train_multi(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_device_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (cuda when there is one, else cpu), cpu, cuda, cuda:N")
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from lorakit.data.files import read_rows
     from lorakit.generate import score_rows
     from lorakit.train.run import datasets
 
-    model, tokenizer = load(args.base, adapters=[args.adapter] if args.adapter else [])
+    device = resolve_device(args.device)  # before anything is read
+    model, tokenizer = load(args.base, adapters=[args.adapter] if args.adapter else [], device=device)
     cfg = load_train_config(None, [f"seed={args.seed}"])
     held_out = read_rows(args.dataset) if args.dataset else datasets(cfg)[1]
     em = score_rows(model, tokenizer, held_out, args.max_new_tokens)
@@ -76,7 +82,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from lorakit.generate import generate
 
-    model, tokenizer = load(args.base, adapters=[args.adapter] if args.adapter else [])
+    device = resolve_device(args.device)  # before anything is read
+    model, tokenizer = load(args.base, adapters=[args.adapter] if args.adapter else [], device=device)
     print(generate(model, tokenizer, [args.prompt], args.max_new_tokens)[0])
     return 0
 
@@ -97,8 +104,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from lorakit.export import write_merged_folder
     from lorakit.quant.checkpoint import save_4bit
 
+    device = resolve_device(args.device)  # before anything is read
     check_out(args, "merged")
-    model, tokenizer = load(args.base, adapters=[args.adapter] if args.adapter else [])
+    model, tokenizer = load(args.base, adapters=[args.adapter] if args.adapter else [], device=device)
     merged = merge_and_unload(model, safe=True)  # full precision, a 4-bit base dequantized
     if args.requantize:
         error = requantize(merged, args.requantize)
@@ -130,6 +138,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from lorakit import export
     from lorakit.adapters.merge import merge_and_unload
 
+    device = resolve_device(args.device)  # before anything is read
     check_out(args, "merged" if args.format == "merged" else "gguf-adapter" if args.adapter_only else "gguf-model")
     if args.format == "gguf" and args.adapter_only:
         from transformers import AutoConfig
@@ -142,7 +151,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         export.write_adapter_gguf(found, config, args.out, args.dtype or "f32")
         print(f"llama.cpp LoRA adapter written to {args.out}")
         return 0
-    model, tokenizer = load(args.base, adapters=[args.adapter] if args.adapter else [])
+    model, tokenizer = load(args.base, adapters=[args.adapter] if args.adapter else [], device=device)
     merged = merge_and_unload(model, safe=True)
     if args.format == "gguf":
         export.write_model_gguf(merged, tokenizer, args.out, args.dtype or "f16")
@@ -164,6 +173,7 @@ def add_export_parser(sub) -> None:
     m.add_argument("--dtype", choices=["f32", "bf16", "f16"], help="weight dtype (default f32)")
     m.add_argument("--base", help="base model (default: the one the adapter was saved for)")
     m.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    add_device_argument(m)
     m.set_defaults(func=cmd_export, adapter_only=None)
     g = formats.add_parser("gguf", help="llama.cpp GGUF: a merged llama model, or the adapter alone")
     which = g.add_mutually_exclusive_group(required=True)
@@ -175,6 +185,7 @@ def add_export_parser(sub) -> None:
                    help="2-D tensor type (default: f16 for a model, f32 for an adapter; 1-D tensors stay f32)")
     g.add_argument("--base", help="base model (default: the one the adapter was saved for)")
     g.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    add_device_argument(g)
     g.set_defaults(func=cmd_export)
 
 
@@ -245,8 +256,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get("LORAKIT_API_KEY")
     if args.allow_runtime_adapters and not (api_key and args.store):
         raise ValueError("--allow-runtime-adapters needs --store ROOT and an API key (--api-key or LORAKIT_API_KEY)")
-    model, tokenizer = load(args.base, adapters=adapters)  # the base they need (4-bit, RoPE), with them on it
-    store = AdapterStore(args.store, max_ram=args.max_ram, max_device=args.max_device) if args.store else None
+    device = resolve_device(args.device)  # before the model loads
+    model, tokenizer = load(args.base, adapters=adapters, device=device)  # the base they need (4-bit, RoPE)
+    store = AdapterStore(args.store, max_ram=args.max_ram, max_device=args.max_device,
+                         pin_memory=device.type == "cuda") if args.store else None  # RAM tier pinned for the GPU
     engine = Engine(model, tokenizer, base_id=args.base_name or args.base, adapters=adapters, store=store,
                     max_tokens_limit=args.max_tokens_limit, max_prompt_tokens=args.max_prompt_tokens,
                     max_batch=args.max_batch, max_queue=args.max_queue, max_prefill_tokens=args.max_prefill_tokens)
@@ -309,6 +322,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--base", help="base model (default: the one the adapter was saved for)")
     e.add_argument("--seed", type=int, default=0, help="demo task seed")
     e.add_argument("--max-new-tokens", type=positive_int, default=24)
+    add_device_argument(e)
     e.set_defaults(func=cmd_eval)
 
     g = sub.add_parser("generate", help="greedy completion of one prompt")
@@ -316,6 +330,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--adapter", help="adapter folder")
     g.add_argument("--base", help="base model (default: the adapter's, else the built-in default)")
     g.add_argument("--max-new-tokens", type=positive_int, default=64)
+    add_device_argument(g)
     g.set_defaults(func=cmd_generate)
 
     pl = sub.add_parser("plot", help="draw RUN_DIR/loss.png again from RUN_DIR/metrics.jsonl")
@@ -329,6 +344,7 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--requantize", choices=["nf4", "fp4"],
                    help="write a 4-bit model (bitsandbytes layout) instead of full precision; reports the error")
     m.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    add_device_argument(m)
     m.set_defaults(func=cmd_merge)
 
     add_export_parser(sub)
@@ -380,6 +396,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--allow-runtime-adapters", action="store_true",
                    help="enable /v1/load_lora_adapter and /v1/unload_lora_adapter (needs --store and an API key; "
                    "paths relative to the store root, safetensors only)")
+    add_device_argument(s)
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed)")
     s.set_defaults(func=cmd_serve)

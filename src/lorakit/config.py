@@ -22,6 +22,7 @@ import yaml
 
 from lorakit.data.encode import CHAT_TEMPLATES
 from lorakit.data.formats import FORMATS
+from lorakit.devices import PRECISIONS, check_device_name
 from lorakit.models import DTYPE_CHOICES
 from lorakit.quant.optim import OPTIMIZERS
 
@@ -135,7 +136,7 @@ def check_positive_int(name: str, value: Any) -> None:
 
 
 QUANT_TYPES = ("nf4", "fp4")
-COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -145,7 +146,7 @@ class QuantConfig:
     type: str = "nf4"
     double_quant: bool = True
     blocksize: int = 64
-    compute_dtype: str = "float32"  # fp32 on CPU (bf16 matmul is much slower there); bf16 on CUDA
+    compute_dtype: str = "auto"  # auto: bf16 where the run's precision is bf16 on CUDA, else fp32 (the CPU)
 
     def __post_init__(self) -> None:
         if self.type not in QUANT_TYPES:
@@ -213,7 +214,8 @@ class TrainConfig:
     max_length: int = 256
     max_grad_norm: float = 1.0
     schedule: str = "cosine"  # after warmup: cosine or linear decay to 0, or constant
-    precision: str = "fp32"  # or "bf16" (autocast; fp32 is faster on CPUs without bf16 matmul)
+    precision: str = "auto"  # auto: bf16 autocast on a CUDA device with bf16, else fp32; or "fp32", "bf16"
+    device: str = "auto"  # auto (cuda when there is one, else cpu), cpu, cuda, cuda:N; torchrun: cuda:LOCAL_RANK
     checkpoint_every: int | None = None  # steps; checkpoints go to output_dir/checkpoint-STEP
     keep_checkpoints: int = 2
     resume: str | None = None  # "auto" (latest checkpoint in output_dir) or a checkpoint folder
@@ -230,8 +232,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.schedule not in ("cosine", "linear", "constant"):
             raise ValueError(f"schedule must be cosine, linear or constant, got {self.schedule!r}")
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        check_device_name(self.device)  # its form only: whether it exists here is checked before the model loads
         if self.dtype not in DTYPE_CHOICES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
         if self.early_stopping_patience and not self.eval_every:

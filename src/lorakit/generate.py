@@ -7,6 +7,7 @@ from torch import nn
 
 from lorakit.data.encode import prompt_text
 from lorakit.data.formats import Row
+from lorakit.devices import model_device
 
 
 @torch.no_grad()
@@ -16,6 +17,7 @@ def generate(
     """Greedy completions of user strings or message lists (chat template applied), decoded
     without special tokens."""
     was_training = model.training
+    device = model_device(model)  # prompts are tokenized on the host, then moved to the model
     model.eval()
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation continues from the last column
@@ -23,7 +25,7 @@ def generate(
     try:
         for start in range(0, len(prompts), batch_size):
             texts = [prompt_text(tokenizer, p) for p in prompts[start : start + batch_size]]
-            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             ids = model.generate(
                 **batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,

@@ -128,7 +128,7 @@ def load(
     pairs = list(adapters.items()) if isinstance(adapters, dict) else [(None, a) for a in adapters]
     files = [(name, a if isinstance(a, AdapterFile) else read_adapter(a)) for name, a in pairs]
     wanted, context = base_needs([a for _, a in files])
-    quant = quant_record(quant)
+    quant = quant_record(quant, device)
     if quant is not None and wanted is not None and quant != wanted:
         raise ValueError(f"adapters were trained on a 4-bit base made with {wanted}, but quant={quant} was asked")
     if base is None:

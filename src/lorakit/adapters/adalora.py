@@ -61,11 +61,13 @@ class AdaLoraAdapter(LoraAdapter):
         self.r, self.alpha, self.rslora, self.embedding, self.init = r, alpha, rslora, False, init
         self.ranknum = float(r)  # the initial rank: the scale's divisor, kept when triplets are pruned
         self.rank_mask: torch.Tensor | None = None  # [ranknum] bool, the allocator's last mask (None: never masked)
-        self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=dtype))
-        self.lora_E = nn.Parameter(torch.empty(r, 1, device=device, dtype=dtype))
-        self.lora_B = nn.Parameter(torch.empty(out_features, r, device=device, dtype=dtype))
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, dtype=dtype))
+        self.lora_E = nn.Parameter(torch.empty(r, 1, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.empty(out_features, r, dtype=dtype))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.reset_parameters(init)
+        self.reset_parameters(init)  # drawn on the CPU, as PEFT does: a seed gives the same adapter on any device
+        if device is not None:
+            self.to(device)
 
     @property
     def scale(self) -> float:

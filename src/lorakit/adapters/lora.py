@@ -53,10 +53,12 @@ class LoraAdapter(nn.Module):
         super().__init__()
         self.r, self.alpha, self.rslora, self.embedding, self.init = r, alpha, rslora, embedding, init
         self.scale = lora_scale(r, alpha, rslora)
-        self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=dtype))
-        self.lora_B = nn.Parameter(torch.empty(out_features, r, device=device, dtype=dtype))
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.empty(out_features, r, dtype=dtype))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.reset_parameters(init)
+        self.reset_parameters(init)  # drawn on the CPU, as PEFT does: a seed gives the same adapter on any device
+        if device is not None:
+            self.to(device)
 
     @torch.no_grad()
     def reset_parameters(self, init: str) -> None:

@@ -15,8 +15,10 @@ Parts (each a record; a table with ratios is printed):
 
 Settings (`--set KEY=VALUE`): size (4096; --quick 1024), rank (16), adapters (8), rows (16),
 prefill (128: tokens per row for SGMV), inner (20: calls per timed repetition of a kernel),
-train (1: the training part; 0: skip), batch (8), seq (512). --quick: small sizes and the tiny
-random model, seconds. Kernel times are CUDA-event medians over --reps repetitions.
+kernels (1: the copy/dequant/decode/multi parts; 0: skip), train (1: the training part; 0: skip), batch (8),
+seq (512), model (default: the default model; or an HF folder, e.g. one `workload.write_shaped_model`
+wrote). --quick: small sizes and the tiny random model, seconds. Kernel times are CUDA-event medians
+over --reps repetitions.
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ from pathlib import Path
 from lorakit.bench.settings import parse_settings
 
 MIB = 1 << 20
-DEFAULTS = {"size": 4096, "rank": 16, "adapters": 8, "rows": 16, "prefill": 128, "inner": 20, "train": 1,
-            "batch": 8, "seq": 512}
+DEFAULTS = {"size": 4096, "rank": 16, "adapters": 8, "rows": 16, "prefill": 128, "inner": 20, "kernels": 1,
+            "train": 1, "batch": 8, "seq": 512, "model": "default"}
 
 
 def settings(args: argparse.Namespace) -> dict:
@@ -57,7 +59,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     print(f"device: {env['device']}, driver {env['driver']}, torch {env['torch']}, triton {env['triton']}, "
           f"bitsandbytes {env['bitsandbytes']}, peft {env['peft']}")
     records = []
-    records += bench_kernels(s, reps, warmup)
+    if s["kernels"]:
+        records += bench_kernels(s, reps, warmup)
     if s["train"]:
         records += bench_train(s, args.quick, reps, warmup, memory=not args.no_memory)
     for r in records:
@@ -192,7 +195,7 @@ def bench_train(s: dict, quick: bool, reps: int, warmup: int, memory: bool) -> l
 
     from lorakit.bench.workload import QUICK, Workload, resolve_model
 
-    w = Workload(dtype="bfloat16", batch=s["batch"], seq=s["seq"])
+    w = Workload(model=s["model"], dtype="bfloat16", batch=s["batch"], seq=s["seq"])
     if quick:
         w = dataclasses.replace(w, **{**QUICK, "batch": s["batch"], "seq": s["seq"]})
     w = resolve_model(w)
@@ -228,7 +231,6 @@ def bench_train(s: dict, quick: bool, reps: int, warmup: int, memory: bool) -> l
 
 def lorakit_task(w, quantized: bool, device: str = "cuda"):
     """One lorakit LoRA/QLoRA (NF4 + double quant) training step on `device`, as `lorakit train` sets it up."""
-    import torch
 
     import lorakit
     from lorakit.bench.ours import lora_spec
@@ -240,11 +242,11 @@ def lorakit_task(w, quantized: bool, device: str = "cuda"):
     from lorakit.train.run import prepare_base
 
     quant = QuantConfig(type="nf4", double_quant=True, blocksize=64, compute_dtype=w.dtype) if quantized else None
-    model = load_weights(Path(w.model_dir), quant_record(quant), w.torch_dtype, torch.device("cpu"))
-    model.requires_grad_(False)  # as `lorakit train`
+    model = load_weights(Path(w.model_dir), quant_record(quant), w.torch_dtype, device)  # 4-bit as it is read,
+    model.requires_grad_(False)  # on the device, as `lorakit train`
     prepare_base(model, TrainConfig(quant=quant, gradient_checkpointing=w.checkpointing))  # off, as PEFT's side
     lorakit.inject(model, lora_spec(w))
-    model.to(device).train()
+    model.train()
     batch = {k: v.to(device) for k, v in make_batch(w, model.config.vocab_size).items()}
     n = supervised_tokens(batch)
     return step_fn(model, lambda: loss_sum(model, batch) / n, w.lr)

@@ -11,7 +11,8 @@ them). The clients are threads of the same process (stdlib http.client), so they
 the server: figures are for this one machine.
 
 Settings (--set KEY=VALUE): adapters=1,8,64; clients=64; max_tokens=16; r=16; model=default (or an
-HF folder); serial=0 (1: also the 1-adapter load with --max-batch 1, i.e. one request at a time).
+HF folder); serial=0 (1: also the 1-adapter load with --max-batch 1, i.e. one request at a time); device=cpu
+(or cuda[:N]: the engine on the GPU, the store's RAM tier pinned).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from pathlib import Path
 
 from lorakit.bench.settings import parse_settings
 
-DEFAULTS = {"adapters": [1, 8, 64], "clients": 64, "max_tokens": 16, "r": 16, "model": "default", "serial": 0}
+DEFAULTS = {"adapters": [1, 8, 64], "clients": 64, "max_tokens": 16, "r": 16, "model": "default", "serial": 0,
+            "device": "cpu"}
 QUICK = {"adapters": [1, 4], "clients": 8, "max_tokens": 4, "r": 4, "model": "tiny"}
 TOPICS = ["a cat", "the sea", "a city", "winter", "a robot", "the moon", "a garden", "music"]
 
@@ -53,15 +55,15 @@ def char_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<|im_end|>")
 
 
-def load_model(name: str):
-    """(model, tokenizer): the tiny random model with a character tokenizer, or `lorakit.models.load`."""
+def load_model(name: str, device: str = "cpu"):
+    """(model, tokenizer) on `device`: the tiny random model with a character tokenizer, or `lorakit.models.load`."""
     if name == "tiny":
         from lorakit.bench.workload import tiny_model
 
-        return tiny_model(0), char_tokenizer()
+        return tiny_model(0).to(device), char_tokenizer()
     from lorakit.models import load
 
-    return load(name)
+    return load(name, device=device)
 
 
 def write_adapters(model, root: Path, n: int, r: int) -> list[str]:
@@ -144,7 +146,7 @@ def measure(model, tokenizer, root: Path, names: list[str], cfg: dict, reps: int
     from lorakit.multi.store import AdapterStore
     from lorakit.serve import Engine, Server, make_app
 
-    store = AdapterStore(root, max_device=max(64, len(names)))
+    store = AdapterStore(root, max_device=max(64, len(names)), pin_memory=cfg["device"].startswith("cuda"))
     engine = Engine(model, tokenizer, base_id="base", store=store, max_tokens_limit=cfg["max_tokens"],
                     max_batch=max_batch, max_queue=max(256, cfg["clients"]))
     try:
@@ -175,7 +177,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     cfg = settings(args.set, args.quick)
     threads = args.threads or 2
     torch.set_num_threads(threads)
-    model, tokenizer = load_model(cfg["model"])
+    model, tokenizer = load_model(cfg["model"], cfg["device"])
     records = []
     with tempfile.TemporaryDirectory(prefix="lorakit-bench-serve-") as tmp:
         root = Path(tmp)

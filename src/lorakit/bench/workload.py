@@ -102,6 +102,41 @@ def resolve_model(w: Workload) -> Workload:
     return dataclasses.replace(w, model_dir=str(folder))
 
 
+# real models' shapes, for random-weight models on a GPU machine that has no model files: Llama-3.2-1B, Llama-2-7B
+SHAPES = {
+    "1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+               num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True, rope_theta=500000.0),
+    "7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+               num_attention_heads=32, num_key_value_heads=32, tie_word_embeddings=False),
+}
+
+
+def write_shaped_model(shape: str, folder: str | Path, layers: int | None = None, device: str = "cpu",
+                       seed: int = 0) -> Path:
+    """A Llama folder with `SHAPES[shape]`'s dimensions (`layers` of them, default all), random bf16 weights
+    (built on `device`, written as safetensors) and a character tokenizer (ids < 128): a stand-in with the
+    real layer shapes for speed and memory figures where no model can be downloaded."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lorakit.bench.serve import char_tokenizer
+
+    if shape not in SHAPES:
+        raise ValueError(f"unknown model shape {shape!r}; known: {', '.join(SHAPES)}")
+    dims = {**SHAPES[shape], **({"num_hidden_layers": layers} if layers else {})}
+    config = LlamaConfig(**dims, max_position_embeddings=4096, bos_token_id=2, eos_token_id=1, pad_token_id=1)
+    torch.manual_seed(seed)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    model.save_pretrained(folder)
+    char_tokenizer().save_pretrained(folder)
+    return Path(folder)
+
+
 def tiny_model(seed: int) -> nn.Module:
     """A small random Llama with a tied head, like SmolLM2's layout, for quick runs and tests."""
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -2,6 +2,9 @@
 
     disk (PEFT folders root/<name>/) --read--> RAM (LRU by count and bytes) --load--> model (LRU slots)
 
+With `pin_memory` (a model on CUDA: `lorakit serve --device cuda` sets it) the RAM tier is page-locked
+host memory, which the GPU copies from directly when an adapter is attached; on the CPU it stays plain.
+
 One base model serves many adapters: reading a folder costs disk I/O and parsing, attaching it
 costs a copy into the model's memory, so both levels keep the least recently used out. Reads can
 run ahead on a background thread (`prefetch`), so a request for an adapter that is coming does
@@ -73,17 +76,26 @@ def adapter_bytes(adapter: AdapterFile) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def pin(adapter: AdapterFile) -> None:
+    """Move the adapter's tensors into page-locked host memory, in place (needs CUDA)."""
+    adapter.lora = {m: {k: t.pin_memory() for k, t in pair.items()} for m, pair in adapter.lora.items()}
+    adapter.biases = {m: t.pin_memory() for m, t in adapter.biases.items()}
+    adapter.base_weights = {m: t.pin_memory() for m, t in adapter.base_weights.items()}
+    adapter.copies = {m: {k: t.pin_memory() for k, t in state.items()} for m, state in adapter.copies.items()}
+
+
 class AdapterStore:
     """Adapters under `root`, at most `max_ram` (and `max_ram_bytes`) in RAM and `max_device` on a model."""
 
     def __init__(self, root: str | Path, max_ram: int = 256, max_device: int = 8,
-                 max_ram_bytes: int | None = None, force: bool = False) -> None:
+                 max_ram_bytes: int | None = None, force: bool = False, pin_memory: bool = False) -> None:
         if max_ram < 1 or max_device < 1:
             raise ValueError(f"max_ram and max_device must be at least 1, got {max_ram} and {max_device}")
         self.root = Path(root).resolve()
         if not self.root.is_dir():
             raise ValueError(f"adapter store root {self.root} is not a folder")
         self.max_ram, self.max_device, self.max_ram_bytes, self.force = max_ram, max_device, max_ram_bytes, force
+        self.pin_memory = pin_memory
         self.ram: OrderedDict[str, AdapterFile] = OrderedDict()  # least recently used first
         self.ram_bytes = 0
         self.slots: weakref.WeakKeyDictionary[nn.Module, OrderedDict[str, None]] = weakref.WeakKeyDictionary()
@@ -124,6 +136,8 @@ class AdapterStore:
     def read(self, name: str) -> AdapterFile:
         """Read from disk into RAM (most recently used), evicting the least recently used."""
         adapter = read_adapter(self.folder(name))
+        if self.pin_memory:
+            pin(adapter)
         size = adapter_bytes(adapter)
         with self.lock:
             self.counts["disk_reads"] += 1

@@ -36,6 +36,7 @@ from lorakit.adapters.loraplus import loraplus_param_groups
 from lorakit.atomic import atomic_write_text
 from lorakit.config import TrainConfig, to_dict
 from lorakit.data.encode import CHAT_TEMPLATES, IGNORE
+from lorakit.devices import device_metrics, peak_memory_mb, resolve_device, resolve_precision
 from lorakit.generate import score_rows
 from lorakit.multi.routing import route
 from lorakit.train import distributed
@@ -46,7 +47,7 @@ from lorakit.train.run import check_output_dir, datasets, load_base, training_ro
 
 # keys that build or change the one base model, or the batch layout, so every job must agree on them
 SHARED = ("base", "dtype", "quant", "longlora", "gradient_checkpointing", "compile", "precision", "chat_template",
-          "packing")
+          "packing", "device")
 
 
 def check_jobs(jobs: list[TrainConfig], where: str = "config") -> None:
@@ -144,6 +145,8 @@ def multi_step(model: nn.Module, jobs: list[Job], pad_id: int) -> list[dict]:
     """One optimizer step of each job, their micro-batches routed through the model together; one record
     per job as `fit.train_step` makes it (step_seconds: the shared step's time)."""
     t = time.perf_counter()
+    device = next(iter(jobs[0].run.params.values())).device
+    bf16 = resolve_precision(jobs[0].cfg.precision, device) == "bf16"
     micro = [[micro_batch(job.rows, job.cfg, pad_id, k)
               for k in distributed.micro_indices(job.run.step, job.cfg.grad_accum, distributed.SINGLE)]
              for job in jobs]
@@ -152,11 +155,10 @@ def multi_step(model: nn.Module, jobs: list[Job], pad_id: int) -> list[dict]:
     for i in range(max(len(m) for m in micro)):
         present = [j for j, m in enumerate(micro) if i < len(m)]  # jobs with a micro-batch i this step
         batch, spans = combine([micro[j][i] for j in present], pad_id)
-        batch = on_device(batch, next(iter(jobs[0].run.params.values())).device)
+        batch = on_device(batch, device)
         names = [jobs[j].name for j, s in zip(present, spans, strict=True) for _ in range(s.stop - s.start)]
         with route(model, names):  # backward inside too: gradient checkpointing re-runs the routed forward
-            with torch.autocast(batch["input_ids"].device.type, dtype=torch.bfloat16,
-                                enabled=jobs[0].cfg.precision == "bf16"):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 losses = [loss / max(1, n_tokens[j]) for j, loss in zip(present, job_losses(model, batch, spans),
                                                                          strict=True)]
             sum(losses).backward()
@@ -174,7 +176,7 @@ def multi_step(model: nn.Module, jobs: list[Job], pad_id: int) -> list[dict]:
         records.append({"step": run.step + 1, "loss": total, "lr": run.schedule.get_last_lr()[0],
                         "grad_norm": round(grad_norm, 6), "tokens": n,
                         "tokens_seen": sum(int(b["lengths"].sum()) for b in m), "step_seconds": seconds,
-                        "peak_rss_mb": round(peak_rss_mb(), 1)})
+                        "peak_rss_mb": round(peak_rss_mb(), 1), **device_metrics(device)})
     return records
 
 
@@ -236,7 +238,8 @@ def run_multi(cfgs: list[TrainConfig], where: str = "config", log=print) -> tupl
     for cfg in cfgs:  # before the model loads: each output_dir writable, its checkpoints this job's
         check_output_dir(cfg)
     first = cfgs[0]
-    model, tokenizer = load_base(first)
+    device = resolve_device(first.device)  # before any model loads
+    model, tokenizer = load_base(first, device)
     if first.chat_template is not None:
         tokenizer.chat_template = CHAT_TEMPLATES.get(first.chat_template, first.chat_template)
     jobs = []
@@ -257,7 +260,8 @@ def run_multi(cfgs: list[TrainConfig], where: str = "config", log=print) -> tupl
     for job, result in zip(jobs, fitted, strict=True):
         job.results.update(steps=result.steps, first_loss=result.first_loss, last_loss=result.last_loss,
                            train_seconds=round(result.seconds, 1), skipped_steps=result.skipped_steps,
-                           best_val_loss=result.best_val_loss, stopped_early=result.stopped_early)
+                           best_val_loss=result.best_val_loss, stopped_early=result.stopped_early,
+                           device=str(device), peak_device_mb=peak_memory_mb(device))  # None on the CPU
         save_adapter(model, job.out / "adapter", name=job.name)
         log(f"[{job.name}] adapter saved to {job.out / 'adapter'} (loss {result.first_loss:.3f} -> "
             f"{result.last_loss:.3f})")

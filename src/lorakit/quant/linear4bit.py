@@ -306,16 +306,20 @@ def quantization_targets(model: nn.Module, skip: tuple[str, ...] = ("lm_head",))
     ]  # fmt: skip
 
 
-def quant_record(quant) -> dict | None:
+def quant_record(quant, device: torch.device | None = None) -> dict | None:
     """`quant` as a quantization record (the shape `quantization_of` returns and adapters record):
     None, a dict with the keys type, blocksize, double_quant, compute_dtype (missing ones take
-    QLoRA's defaults), or an object with those fields (`config.QuantConfig`)."""
+    QLoRA's defaults), or an object with those fields (`config.QuantConfig`). compute_dtype `auto` is
+    bfloat16 on a CUDA `device` that supports it, else float32."""
     if quant is None:
         return None
     get = quant.get if isinstance(quant, dict) else (lambda key, default: getattr(quant, key, default))
     record = {"type": get("type", "nf4"), "double_quant": bool(get("double_quant", True)),
               "blocksize": int(get("blocksize", 64)),
               "compute_dtype": str(get("compute_dtype", "float32")).removeprefix("torch.")}
+    if record["compute_dtype"] == "auto":
+        bf16 = device is not None and device.type == "cuda" and torch.cuda.is_bf16_supported()
+        record["compute_dtype"] = "bfloat16" if bf16 else "float32"
     if getattr(torch, record["compute_dtype"], None) not in COMPUTE_DTYPES:
         raise ValueError(f"quant compute_dtype must be float32, bfloat16 or float16, got {record['compute_dtype']!r}")
     return record

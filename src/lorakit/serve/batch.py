@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from lorakit.devices import model_device
 from lorakit.multi.routing import route
 
 
@@ -136,7 +137,7 @@ class Batcher:
                  idle: Callable[[list[str]], None] = lambda running: None, max_prefill_tokens: int = 4096) -> None:
         self.model, self.eos, self.max_batch, self.max_queue = model, eos, max_batch, max_queue
         self.max_prefill_tokens = max_prefill_tokens
-        self.device = next(model.parameters()).device
+        self.device = model_device(model)  # every id, mask and position is made there
         self.ready, self.attach, self.idle = ready, attach, idle
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -259,12 +260,10 @@ class Batcher:
         """Run the prompts in one forward (left-padded): (their KV cache, mask [k, T], last logits [k, V]).
         Changes nothing else, so that a failure leaves no trace."""
         width = max(len(s.prompt) for s in seqs)
-        ids = torch.zeros(len(seqs), width, dtype=torch.long)  # [k, T], left-padded (0: a masked pad)
-        mask = torch.zeros(len(seqs), width, dtype=torch.long)
-        for i, seq in enumerate(seqs):
-            ids[i, width - len(seq.prompt):] = torch.tensor(seq.prompt, dtype=torch.long)
-            mask[i, width - len(seq.prompt):] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
+        rows = [[0] * (width - len(s.prompt)) + s.prompt for s in seqs]  # left-padded (0: a masked pad)
+        ids = torch.tensor(rows, dtype=torch.long, device=self.device)  # [k, T]: one copy to the device
+        mask = torch.tensor([[0] * (width - len(s.prompt)) + [1] * len(s.prompt) for s in seqs], dtype=torch.long,
+                            device=self.device)
         positions = (mask.cumsum(1) - 1).clamp(min=0)  # each row's own positions from 0
         with route(self.model, [s.adapter for s in seqs]):
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,

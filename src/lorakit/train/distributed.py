@@ -13,6 +13,9 @@ One optimizer step covers
 to rank k % world_size, so the step reads exactly the micro-batches a single process with
 `grad_accum * world_size` reads, and ends with the same adapter (up to fp32 reduction order).
 Metrics, checkpoints and the saved adapter come from rank 0 only.
+
+Devices: on CPUs the processes talk over gloo; with `device` cuda (or auto on a GPU machine) each process
+takes the GPU of its LOCAL_RANK and they talk over NCCL (`process_device`, `init`).
 """
 
 from __future__ import annotations
@@ -27,7 +30,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from lorakit.devices import model_device
+
 MODES = ("none", "ddp", "fsdp2")
+CPU = torch.device("cpu")
 
 
 @dataclass(frozen=True)
@@ -52,9 +58,27 @@ def launched_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init(mode: str) -> World:
-    """Join the process group torchrun set up (gloo on CPU, nccl on CUDA) for `mode`, or check
-    that a plain run was not launched by torchrun by mistake."""
+def backend_for(device: torch.device) -> str:
+    """The collective backend for processes training on `device`: nccl between GPUs, gloo on CPUs."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def process_device(device: torch.device, mode: str) -> torch.device:
+    """The device this process trains on: under torchrun (`mode` not "none") a CUDA device means one GPU
+    per process, `cuda:LOCAL_RANK`; otherwise `device` itself."""
+    if mode == "none" or device.type != "cuda":
+        return device
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if local >= torch.cuda.device_count():
+        raise ValueError(f"process with LOCAL_RANK={local} has no GPU of its own: this machine has "
+                         f"{torch.cuda.device_count()} (start at most that many processes per node, or device=cpu)")
+    return torch.device("cuda", local)
+
+
+def init(mode: str, device: torch.device = CPU) -> World:
+    """Join the process group torchrun set up for `mode` (nccl when `device`, from `process_device`, is a
+    GPU, which becomes this process's current device; gloo on CPUs), or check that a plain run was not
+    launched by torchrun by mistake."""
     if mode not in MODES:
         raise ValueError(f"distributed must be one of {MODES}, got {mode!r}")
     if mode == "none":
@@ -65,7 +89,9 @@ def init(mode: str) -> World:
     if "RANK" not in os.environ and not dist.is_initialized():
         raise ValueError(f"distributed={mode} needs a launcher: torchrun --nproc-per-node N -m lorakit train ...")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # before the process group: NCCL binds each rank to its GPU
+        dist.init_process_group(backend_for(device))
     return current(mode)
 
 
@@ -85,7 +111,9 @@ def wrap(model: nn.Module, world: World) -> nn.Module:
         return shard(model, world)
     if world.size == 1:
         return model
-    return nn.parallel.DistributedDataParallel(StepLoss(model))
+    device = model_device(model)
+    ids = [device.index] if device.type == "cuda" else None  # one GPU per process
+    return nn.parallel.DistributedDataParallel(StepLoss(model), device_ids=ids)
 
 
 class StepLoss(nn.Module):
@@ -113,7 +141,7 @@ def shard(model: nn.Module, world: World) -> nn.Module:
     if any(type(m).__name__.startswith("AdaLora") for m in model.modules()):
         raise ValueError("distributed=fsdp2 does not support AdaLoRA (its rank allocator reads whole "
                          "matrices); use distributed=ddp")
-    mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (world.size,))
+    mesh = init_device_mesh(model_device(model).type, (world.size,))  # cuda: each rank's current GPU
     for block in blocks(model):
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
@@ -206,7 +234,8 @@ def all_sum(value: float, world: World) -> float:
     """Sum of a number over all ranks (the number itself without distribution)."""
     if world.size == 1:
         return value
-    t = torch.tensor([value], dtype=torch.float64)
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"  # nccl reduces GPU tensors only (current GPU)
+    t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return float(t.item())
 

@@ -6,13 +6,18 @@ the same update as one large batch. Micro-batch k of the run is a pure function 
 k), so a resumed run reads exactly the batches an uninterrupted one would have.
 
 A checkpoint (`output_dir/checkpoint-STEP/`, written atomically, the last `keep_checkpoints`
-kept) holds the trainable parameters, optimizer, schedule, RNG states and step: resuming from it
-ends with the same adapter, bit for bit on the CPU, as a run never stopped.
+kept) holds the trainable parameters, optimizer, schedule, RNG states (CPU, Python, and the CUDA
+device's when training on one) and step: resuming from it ends with the same adapter, bit for bit on the
+CPU, as a run never stopped.
 
 A checkpoint also records the settings that make a run what it is (`RUN_KEYS`, in `run.json`): a
 checkpoint written with other values there is another run's. An output_dir holding checkpoints is
 refused unless `resume` is set, and resuming (`auto` or a path) refuses another run's checkpoint,
 naming the first setting that differs; pruning deletes only this run's checkpoints.
+
+Devices: batches are made on the host and moved to the trained parameters' device; `precision: auto`
+is bf16 autocast on a CUDA device with bf16 support and fp32 elsewhere (`lorakit.devices`); on CUDA every
+record carries the peak device memory (`peak_device_mb`).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from lorakit.atomic import atomic_dir, atomic_write_text
 from lorakit.config import TrainConfig
 from lorakit.data.encode import IGNORE, collate
 from lorakit.data.packing import collate_packed
+from lorakit.devices import device_metrics, model_device, resolve_precision
 from lorakit.quant.optim import make_optimizer
 from lorakit.train import distributed
 from lorakit.train.loop import loss_sum, on_device
@@ -116,8 +122,7 @@ def save_checkpoint(out: Path, step: int, model: nn.Module, optimizer, schedule,
         "params": {n: distributed.full(p).detach().clone() for n, p in params.items()},  # FSDP2: gathered
         "optimizer": distributed.full_state(optimizer.state_dict()),
         "schedule": schedule.state_dict(),
-        "torch_rng": torch.get_rng_state(),
-        "python_rng": random.getstate(),
+        **rng_states(next(iter(params.values())).device),
         **(extra or {}),
     }
 
@@ -245,7 +250,7 @@ def truncate_metrics(path: Path, step: int, log: Callable[[str], None]) -> None:
 def load_checkpoint(path: Path, model: nn.Module, optimizer, schedule,
                     params: dict[str, nn.Parameter] | None = None) -> int:
     """Restore the state saved by `save_checkpoint`; returns the step to continue from."""
-    state = torch.load(path / STATE_FILE, weights_only=True)
+    state = torch.load(path / STATE_FILE, weights_only=True, map_location="cpu")  # any device: copied to the run's
     params = trainable(model) if params is None else params
     if set(state["params"]) != set(params):
         missing = sorted(set(params) ^ set(state["params"]))[0]
@@ -255,9 +260,26 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, schedule,
             params[name].copy_(distributed.like(value, params[name]))  # FSDP2: this rank's shard
     optimizer.load_state_dict(distributed.sharded_state(state["optimizer"], optimizer))
     schedule.load_state_dict(state["schedule"])
+    set_rng_states(state, next(iter(params.values())).device)
+    return state["step"]
+
+
+def rng_states(device: torch.device) -> dict:
+    """The random states a resumed run needs: CPU and Python, and on CUDA the state of `device`'s generator
+    (this process's GPU only: asking for every GPU's would start a CUDA context on each)."""
+    states = {"torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
+    if device.type == "cuda":
+        states["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def set_rng_states(state: dict, device: torch.device) -> None:
+    """Put back the states `rng_states` saved; a CUDA state goes to `device` when it is a CUDA device (a
+    checkpoint moved to the CPU leaves it unused)."""
     torch.set_rng_state(state["torch_rng"])
     random.setstate(state["python_rng"])
-    return state["step"]
+    if "cuda_rng" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
 
 
 @torch.no_grad()
@@ -265,8 +287,9 @@ def validation_loss(model: nn.Module, rows: list, batch_size: int, pad_id: int) 
     """Mean loss per supervised token over `rows`, and its perplexity."""
     model.eval()
     total, n = 0.0, 0
+    device = model_device(model)
     for i in range(0, len(rows), batch_size):
-        batch = collate(rows[i : i + batch_size], pad_id)
+        batch = on_device(collate(rows[i : i + batch_size], pad_id), device)
         total += float(loss_sum(model, batch))
         n += int((batch["labels"][:, 1:] != IGNORE).sum())
     loss = total / max(1, n)
@@ -438,7 +461,8 @@ def fit(
         for step in bar:
             record = run.book(train_step(net, rows, cfg, pad_id, step, params, run.optimizer, run.schedule, world,
                                          allocator))
-            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=record["tokens_per_s"])
+            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=record["tokens_per_s"],
+                            **({"mem_mb": record["peak_device_mb"]} if "peak_device_mb" in record else {}))
             if run.stopped:  # early stop; the last step ends the loop itself, so the bar shows N/N
                 break
     except KeyboardInterrupt:
@@ -454,7 +478,7 @@ def fit(
 
 def resume_allocator(allocator, checkpoint: Path) -> None:
     """Put AdaLoRA's allocator back as the checkpoint saved it (EMAs and masks)."""
-    state = torch.load(checkpoint / STATE_FILE, weights_only=True)
+    state = torch.load(checkpoint / STATE_FILE, weights_only=True, map_location="cpu")
     if "allocator" not in state:
         raise ValueError(f"{checkpoint / STATE_FILE}: no AdaLoRA allocator state (written by an older lorakit?); "
                          "resuming would restart the importance scores, so start the run again")
@@ -469,13 +493,15 @@ def train_step(model, rows, cfg: TrainConfig, pad_id: int, step: int, params, op
     world size, which DDP's gradient averaging divides out again.
     """
     t = time.perf_counter()
+    device = params[0].device
+    bf16 = resolve_precision(cfg.precision, device) == "bf16"
     indices = distributed.micro_indices(step, cfg.grad_accum, world)
-    micro = [on_device(micro_batch(rows, cfg, pad_id, k), params[0].device) for k in indices]
+    micro = [on_device(micro_batch(rows, cfg, pad_id, k), device) for k in indices]
     n_tokens = int(distributed.all_sum(sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro), world))
     total = 0.0
     for i, b in enumerate(micro):
         with distributed.sync_gradients(model, last=i == len(micro) - 1):
-            with torch.autocast(params[0].device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 ddp = isinstance(model, nn.parallel.DistributedDataParallel)  # around a StepLoss (loss_sum)
                 loss = (model(b) if ddp else loss_sum(model, b)) / max(1, n_tokens)
             if allocator is not None:  # AdaLoRA: the orthogonal regularization, once per step over all micro-batches
@@ -492,4 +518,4 @@ def train_step(model, rows, cfg: TrainConfig, pad_id: int, step: int, params, op
     optimizer.zero_grad(set_to_none=True)
     return {"step": step + 1, "loss": total, "lr": schedule.get_last_lr()[0], "grad_norm": round(grad_norm, 6),
             "tokens": n_tokens, "tokens_seen": sum(int(b["lengths"].sum()) for b in micro),
-            "step_seconds": time.perf_counter() - t, "peak_rss_mb": round(peak_rss_mb(), 1)}
+            "step_seconds": time.perf_counter() - t, "peak_rss_mb": round(peak_rss_mb(), 1), **device_metrics(device)}

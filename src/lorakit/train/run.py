@@ -21,6 +21,7 @@ from lorakit.data.encode import CHAT_TEMPLATES, encode_all
 from lorakit.data.files import read_rows
 from lorakit.data.formats import Row
 from lorakit.data.packing import pack
+from lorakit.devices import peak_memory_mb, resolve_device, resolve_precision
 from lorakit.generate import score_rows
 from lorakit.longlora import enable_s2_attention, interpolate_positions, trainable_module_names
 from lorakit.models import load, resolve, storage_dtype
@@ -89,15 +90,28 @@ def training_rows(cfg: TrainConfig, tokenizer, train: list[Row], held_out: list[
     return rows, val_rows
 
 
-def load_base(cfg: TrainConfig) -> tuple[nn.Module, object]:
-    """(model, tokenizer) for a run: the base loaded as `cfg` says (4-bit as it is read when `quant` is set,
-    float weights in `dtype`), then prepared for training (`prepare_base`)."""
-    storage = torch.uint8
-    if cfg.quant is not None and cfg.distributed == "fsdp2":  # FSDP2 shards the packed bytes as floats
-        storage = storage_dtype(cfg.dtype) or stored_float_dtype(resolve(cfg.base))
-    model, tokenizer = load(cfg.base, quant=cfg.quant, dtype=cfg.dtype, quant_storage=storage)
+def load_base(cfg: TrainConfig, device: torch.device = distributed.CPU) -> tuple[nn.Module, object]:
+    """(model, tokenizer) for a run on `device`: the base loaded there as `cfg` says (4-bit as it is read when
+    `quant` is set, so the device never holds its full-precision weights; float weights in `dtype`), then
+    prepared for training (`prepare_base`)."""
+    storage, quant = torch.uint8, cfg.quant
+    if quant is not None:
+        quant = dataclasses.replace(quant, compute_dtype=str(compute_dtype(cfg, device)).removeprefix("torch."))
+        if cfg.distributed == "fsdp2":  # FSDP2 shards the packed bytes as floats
+            storage = storage_dtype(cfg.dtype) or stored_float_dtype(resolve(cfg.base))
+    model, tokenizer = load(cfg.base, quant=quant, dtype=cfg.dtype, device=device, quant_storage=storage)
     prepare_base(model, cfg)
     return model, tokenizer
+
+
+def compute_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
+    """The 4-bit layers' compute dtype: `quant.compute_dtype`, where `auto` is bf16 when the run trains in
+    bf16 on CUDA (`precision`), else fp32 (bf16 matmuls are slower than fp32 on most CPUs)."""
+    name = cfg.quant.compute_dtype
+    if name == "auto":
+        bf16 = device.type == "cuda" and resolve_precision(cfg.precision, device) == "bf16"
+        return torch.bfloat16 if bf16 else torch.float32
+    return getattr(torch, name)
 
 
 def prepare_base(model: nn.Module, cfg: TrainConfig) -> None:
@@ -154,15 +168,17 @@ def run(cfg: TrainConfig, log=print) -> tuple[nn.Module, dict]:
     """Train one adapter as `cfg` says. Returns the trained model and a summary, which is also
     written to output_dir/results.json; the adapter is saved to output_dir/adapter."""
     out = Path(cfg.output_dir)
-    world = distributed.init(cfg.distributed)  # distributed: only rank 0 logs, scores and saves
+    device = distributed.process_device(resolve_device(cfg.device), cfg.distributed)  # before any model loads
+    world = distributed.init(cfg.distributed, device)  # distributed: only rank 0 logs, scores and saves
     log = log if world.main else (lambda _message: None)
     train, held_out = datasets(cfg)
     check_output_dir(cfg)
-    model, tokenizer = load_base(cfg)
+    model, tokenizer = load_base(cfg, device)
     if cfg.chat_template is not None:
         tokenizer.chat_template = CHAT_TEMPLATES.get(cfg.chat_template, cfg.chat_template)
     rows, val_rows = training_rows(cfg, tokenizer, train, held_out, log)
-    results: dict = {"config": to_dict(cfg), "train_examples": len(train), "eval_examples": len(held_out)}
+    results: dict = {"config": to_dict(cfg), "train_examples": len(train), "eval_examples": len(held_out),
+                     "device": str(device), "precision": resolve_precision(cfg.precision, device)}
     if cfg.eval and held_out and world.main:  # the base alone, before an adapter (PiSSA's init changes the base)
         t = time.perf_counter()
         results["exact_match_before"] = score_rows(model, tokenizer, held_out, cfg.max_new_tokens)
@@ -189,7 +205,8 @@ def run(cfg: TrainConfig, log=print) -> tuple[nn.Module, dict]:
                  save_adapter=lambda path: save_adapter(model, path), param_groups=groups, log=log)
     results.update(steps=fitted.steps, first_loss=fitted.first_loss, last_loss=fitted.last_loss,
                    train_seconds=round(fitted.seconds, 1), skipped_steps=fitted.skipped_steps,
-                   best_val_loss=fitted.best_val_loss, stopped_early=fitted.stopped_early)
+                   best_val_loss=fitted.best_val_loss, stopped_early=fitted.stopped_early,
+                   peak_device_mb=peak_memory_mb(device))  # None on the CPU
     sharded = world.mode == "fsdp2"  # every rank takes part in gathering the adapter and in forward passes
     if not world.main and not sharded:
         distributed.finish(world)
