@@ -101,11 +101,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
+    from lorakit import export
     from lorakit.adapters.merge import merge_and_unload
     from lorakit.export import write_merged_folder
     from lorakit.quant.checkpoint import save_4bit
 
-    model, tokenizer = load_with_adapter(args.base, args.adapter)
+    base, found = export.merge_inputs(args.base, args.adapter)
+    if not args.requantize and export.streamable(base):  # shard by shard
+        export.write_merged_streamed(base, found, args.out, dequantized=args.qlora_base == "dequantized")
+        print(f"merged model written to {args.out}")
+        return 0
+    model, tokenizer = load_with_adapter(args.base, args.adapter)  # in memory: a 4-bit base, --requantize
     merged = merge_and_unload(model, safe=True)  # full precision, a 4-bit base dequantized
     if args.requantize:
         error = requantize(merged, args.requantize)
@@ -147,6 +153,14 @@ def cmd_export(args: argparse.Namespace) -> int:
         export.write_adapter_gguf(found, config, args.out, args.dtype or "f32")
         print(f"llama.cpp LoRA adapter written to {args.out}")
         return 0
+    base, found = export.merge_inputs(args.base, args.adapter)
+    if export.streamable(base):  # shard by shard
+        if args.format == "gguf":
+            export.write_merged_gguf_streamed(base, found, args.out, args.dtype or "f16")
+        else:
+            export.write_merged_streamed(base, found, args.out, args.dtype)
+        print(f"merged model written to {args.out}")
+        return 0
     model, tokenizer = load_with_adapter(args.base, args.adapter)
     merged = merge_and_unload(model, safe=True)
     if args.format == "gguf":
@@ -163,7 +177,7 @@ def add_export_parser(sub) -> None:
     m = formats.add_parser("merged", help="base + adapter as one transformers folder (safetensors, tokenizer)")
     m.add_argument("adapter", help="adapter folder")
     m.add_argument("out", help="output folder")
-    m.add_argument("--dtype", choices=["f32", "bf16", "f16"], help="weight dtype (default f32)")
+    m.add_argument("--dtype", choices=["f32", "bf16", "f16"], help="weight dtype (default: the base checkpoint's)")
     m.add_argument("--base", help="base model (default: the one the adapter was saved for)")
     m.set_defaults(func=cmd_export, adapter_only=None)
     g = formats.add_parser("gguf", help="llama.cpp GGUF: a merged llama model, or the adapter alone")
@@ -308,6 +322,9 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--base", help="base model (default: the one the adapter was saved for)")
     m.add_argument("--requantize", choices=["nf4", "fp4"],
                    help="write a 4-bit model (bitsandbytes layout) instead of full precision; reports the error")
+    m.add_argument("--qlora-base", choices=["dequantized", "original"], default="dequantized",
+                   help="an adapter trained over a 4-bit base merges into that base dequantized (the model it "
+                   "was trained as; default) or into the checkpoint's original weights (docs/DEPLOY.md)")
     m.set_defaults(func=cmd_merge)
 
     add_export_parser(sub)

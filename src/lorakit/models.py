@@ -111,3 +111,13 @@ def load(base: str = "default", dtype: torch.dtype = torch.float32) -> tuple[nn.
     if base in ("default", DEFAULT_NAME):
         model.config._name_or_path = DEFAULT_NAME
     return model.eval(), tokenizer
+
+
+def load_tokenizer(folder: str | Path):
+    """The folder's tokenizer, with the end-of-sequence token as padding where it has none (as `load`)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

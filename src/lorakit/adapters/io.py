@@ -448,19 +448,8 @@ def load_adapter(
     if name in existing:
         raise ValueError(f"model already has an adapter named {name!r}")
     spec = adapter.spec
-    for path_, pair in adapter.lora.items():
-        layer = wrap(model, path_)
-        alpha = pattern_value(path_, spec.alpha_pattern, spec.alpha)
-        lora = new_adapter(layer, spec, pair["lora_A"].shape[0], alpha, pair["lora_A"].dtype)
-        if spec.init == "pissa":  # saved for the residual base: redo the SVD that made it (as PEFT does)
-            lora.init_from_base(layer)
-        with torch.no_grad():
-            for ours, t in pair.items():
-                getattr(lora, ours).copy_(t)
-        if spec.kind == "adalora":
-            adalora.restore_masks(lora, spec.r, adapter.masks.get(path_))
-        lora.requires_grad_(trainable)
-        layer.add(name, lora)
+    for path_ in adapter.lora:
+        attach(wrap(model, path_), adapter, path_, name, trainable)
     with torch.no_grad():
         for path_, bias in adapter.biases.items():
             model.get_submodule(path_).bias.copy_(bias)
@@ -475,3 +464,19 @@ def load_adapter(
         set_parent(model, name, parent)
     return name
 
+
+
+def attach(layer: LoraLayer, adapter: AdapterFile, path: str, name: str, trainable: bool = False) -> None:
+    """Add the adapter file's factors for module `path` to `layer` as adapter `name` (of the file's kind)."""
+    spec, pair = adapter.spec, adapter.lora[path]
+    alpha = pattern_value(path, spec.alpha_pattern, spec.alpha)
+    lora = new_adapter(layer, spec, pair["lora_A"].shape[0], alpha, pair["lora_A"].dtype)
+    if spec.init == "pissa":  # saved for the residual base: redo the SVD that made it (as PEFT does)
+        lora.init_from_base(layer)
+    with torch.no_grad():
+        for ours, t in pair.items():
+            getattr(lora, ours).copy_(t)
+    if spec.kind == "adalora":
+        adalora.restore_masks(lora, spec.r, adapter.masks.get(path))
+    lora.requires_grad_(trainable)
+    layer.add(name, lora)
