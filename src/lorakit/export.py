@@ -339,7 +339,7 @@ class MergePlan:
     merges: dict[str, list[str]]  # weight key -> adapted module paths merged into it, in model order
     quantized: dict[str, str]  # weight key -> module path of a linear that was 4-bit in training
     replaced: dict[str, torch.Tensor]  # key -> trained bias or modules_to_save tensor
-    dtype: torch.dtype | None  # cast float tensors to it (None: keep the checkpoint's)
+    dtype: torch.dtype | None  # write float tensors in it, once merged (None: keep the checkpoint's)
 
 
 def skeleton(config) -> nn.Module:
@@ -407,9 +407,7 @@ def merged_tensor(plan: MergePlan, key: str, tensor: torch.Tensor) -> torch.Tens
 
     if key in plan.replaced:
         tensor = plan.replaced[key]
-    if plan.dtype is not None and tensor.is_floating_point():
-        tensor = tensor.to(plan.dtype)
-    stored = tensor.dtype
+    stored = plan.dtype if plan.dtype is not None and tensor.is_floating_point() else tensor.dtype
     layer = None
     if key in plan.quantized:  # the 4-bit base it was trained on, rebuilt as the loader makes it
         q = plan.adapter.quant
