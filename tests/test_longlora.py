@@ -89,7 +89,6 @@ def test_longlora_training_saves_embeddings_norms_and_context(tiny_model_dir, js
     from peft import PeftModel
     from safetensors import safe_open
 
-    from lorakit.cli import load_with_adapter
     from lorakit.config import load_train_config
     from lorakit.models import load
     from lorakit.train.run import run
@@ -107,7 +106,7 @@ def test_longlora_training_saves_embeddings_norms_and_context(tiny_model_dir, js
     assert '"factor": 2.0' in context and '"rope_type": "linear"' in context
     ids = torch.tensor([[2, 117, 115, 101, 114, 10, 115, 97, 121, 1]])
     expected = trained.eval()(ids).logits  # inference: full attention
-    reloaded, _ = load_with_adapter(None, str(tmp_path / "adapter"))
+    reloaded, _ = load(None, adapters=[tmp_path / "adapter"])  # the base the adapter records, its RoPE setup
     assert reloaded.config.rope_parameters["factor"] == 2.0
     torch.testing.assert_close(reloaded(ids).logits, expected, rtol=1e-5, atol=1e-5)
     # PEFT reads the embeddings and norms as modules_to_save (its base needs the same RoPE setup)

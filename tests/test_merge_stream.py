@@ -22,7 +22,7 @@ from lorakit.adapters.layer import lora_layers
 from lorakit.cli import main
 from lorakit.export import write_merged_streamed
 from lorakit.models import load
-from lorakit.shards import INDEX_FILE, read_tensor, shard_files, shard_tensors
+from lorakit.stream import INDEX_FILE, checkpoint_files, iter_tensors
 
 
 def llama(tied: bool, bias: bool, seed: int = 0) -> LlamaForCausalLM:
@@ -63,7 +63,7 @@ def in_memory(base: Path, adapter: Path) -> dict[str, torch.Tensor]:
 
 
 def streamed_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    return {i.name: read_tensor(i) for f in shard_files(folder) for i in shard_tensors(f)}
+    return {key: t for f in checkpoint_files(folder) for key, t in iter_tensors(f)}
 
 
 CASES = {  # name: (model, spec)
@@ -84,7 +84,7 @@ CASES = {  # name: (model, spec)
 def test_streamed_merge_equals_in_memory_merge(case, tmp_path):
     make, spec = CASES[case]
     base = save_sharded(make(), tmp_path / "base")
-    assert len(shard_files(base)) > 2
+    assert len(checkpoint_files(base)) > 2
     model, _ = load(str(base))
     lorakit.inject(model, spec)
     randomize(model)
@@ -208,7 +208,7 @@ def test_merge_of_a_folder_without_weights_names_it(tmp_path, capsys):
     model, _ = load(str(base))
     lorakit.inject(model, lorakit.LoraSpec(r=2, targets=["q_proj"]))
     lorakit.save_adapter(model, tmp_path / "adapter")
-    shard = shard_files(base)[1]
+    shard = checkpoint_files(base)[1]
     shard.unlink()
     assert main(["merge", str(tmp_path / "adapter"), str(tmp_path / "m"), "--base", str(base)]) == 2
     assert shard.name in capsys.readouterr().err
@@ -248,7 +248,7 @@ def test_streamed_merge_peak_memory_stays_under_two_shards(tmp_path):
     shard_bytes = 60_000_000
     write_random_model(tmp_path / "model", config, None, max_shard_bytes=shard_bytes)
     write_random_adapter(tmp_path / "adapter", config, str(tmp_path / "model"))
-    files = shard_files(tmp_path / "model")
+    files = checkpoint_files(tmp_path / "model")
     sizes = [f.stat().st_size for f in files]
     assert len(files) >= 4 and sum(sizes) > 200_000_000
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": str(Path(lorakit.__file__).parents[1])}
@@ -257,4 +257,4 @@ def test_streamed_merge_peak_memory_stays_under_two_shards(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     rss = json.loads(done.stdout.strip().splitlines()[-1])
     assert rss["peak"] - rss["start"] < 2 * max(sizes), rss
-    assert [f.name for f in shard_files(tmp_path / "merged")] == [f.name for f in files]
+    assert [f.name for f in checkpoint_files(tmp_path / "merged")] == [f.name for f in files]

@@ -103,8 +103,9 @@ def test_gradient_reaches_input_through_4bit_base_only():
 def test_qlora_train_then_merge_reproduces_the_trained_model(tiny_model_dir, jsonl, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from lorakit.cli import load_with_adapter, main
+    from lorakit.cli import main
     from lorakit.config import load_train_config
+    from lorakit.models import load
     from lorakit.train.run import run
 
     cfg = load_train_config(None, [f"base={tiny_model_dir}", f"dataset={jsonl}", f"output_dir={tmp_path / 'run'}",
@@ -116,8 +117,8 @@ def test_qlora_train_then_merge_reproduces_the_trained_model(tiny_model_dir, jso
     assert trained.model.layers[0].mlp.up_proj.kind == "linear4bit"
     ids = torch.tensor([[2, 117, 115, 101, 114, 10, 115, 97, 121, 32, 99, 97, 116, 1]])
     expected = trained(ids).logits
-    # eval/generate rebuild the same 4-bit base from the adapter's metadata
-    reloaded, _ = load_with_adapter(None, str(tmp_path / "run" / "adapter"))
+    # eval/generate rebuild the same 4-bit base from the adapter's metadata (the loader, base from the adapter)
+    reloaded, _ = load(None, adapters=[tmp_path / "run" / "adapter"])
     torch.testing.assert_close(reloaded(ids).logits, expected, rtol=0, atol=1e-6)
     # merge writes full precision: dequantized base + delta, the trained model's function
     assert main(["merge", str(tmp_path / "run" / "adapter"), str(tmp_path / "merged")]) == 0
@@ -176,3 +177,34 @@ def test_merge_requantize_writes_4bit_and_reports_error(tiny_model_dir, tmp_path
     assert 0.01 < error < 0.2  # NF4 at blocksize 64 on Gaussian weights: about 0.09
     reloaded, _ = load(str(tmp_path / "q"))
     assert isinstance(reloaded.model.layers[0].self_attn.q_proj, Linear4bit)
+
+
+def test_qlora_over_a_base_with_biased_linears_matches_its_dequantized_base():
+    """Qwen2-style q/k/v biases: the LoRA wrapper adds its delta in place into the 4-bit layer's output,
+    which therefore must not be a view made inside the 4-bit Function (autograd refuses to change those).
+    Loss and adapter gradients equal those over the full-precision model holding the dequantized weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, attention_bias=True, initializer_range=0.2)
+    ours = quantize_model(LlamaForCausalLM(config), blocksize=32)
+    plain = LlamaForCausalLM(config)
+    plain.load_state_dict({k: v for k, v in ours.state_dict().items() if "proj.weight" not in k}, strict=False)
+    with torch.no_grad():
+        for name, module in ours.named_modules():
+            if isinstance(module, Linear4bit):
+                plain.get_submodule(name).weight.copy_(dequantize_weight(module, torch.float32))
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+    grads = []
+    for model in (ours, plain):
+        torch.manual_seed(2)
+        lorakit.inject(model, lorakit.LoraSpec(r=2, alpha=4, targets="all-linear"))
+        randomize_adapters(model)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-6)
+    assert grads[0][1].keys() == grads[1][1].keys() and len(grads[0][1]) == 4 * 7
+    for name, grad in grads[0][1].items():
+        torch.testing.assert_close(grad, grads[1][1][name], rtol=1e-4, atol=1e-6)

@@ -20,11 +20,12 @@ import torch
 
 import lorakit
 from conftest import randomize_adapters, tiny_llama, tiny_tokenizer
-from lorakit.adapters.io import WEIGHTS_FILE, read_adapter
+from lorakit.adapters.io import WEIGHTS_FILE
 from lorakit.longlora import interpolate_positions
+from lorakit.models import load
 from lorakit.multi import AdapterStore
 from lorakit.quant.linear4bit import quantize_model
-from lorakit.serve import Engine, Server, make_app, prepare_base
+from lorakit.serve import Engine, Server, make_app
 
 PROMPT = "say cat"
 KEY = "s3cret-key"
@@ -466,8 +467,9 @@ def test_runtime_routes_need_the_flag_and_a_key(engine):
         assert call(server.url, "GET", "/v1/models", key=None)[0] == 200  # no key configured: open
 
 
-def test_prepare_base_rebuilds_4bit_and_longlora_bases(adapters, tmp_path):
-    """Adapters given at start make the base 4-bit / RoPE-interpolated as they were trained."""
+def test_loader_rebuilds_4bit_and_longlora_bases_for_served_adapters(adapters, tiny_model_dir):
+    """Adapters given at start (`models.load(base, adapters=...)`, as `lorakit serve` loads) make the base
+    4-bit / RoPE-interpolated as they were trained; the engine serves them as they are on the model."""
     def q4(m):
         quantize_model(m, "nf4", 64, True)
 
@@ -475,10 +477,10 @@ def test_prepare_base_rebuilds_4bit_and_longlora_bases(adapters, tmp_path):
         interpolate_positions(m, 128)
 
     for name, prepare in (("q4", q4), ("long", long)):
-        model = llama()
-        prepare_base(model, [read_adapter(adapters[name])])
-        engine = Engine(model, tiny_tokenizer(), base_id="tiny", adapters={name: adapters[name]})
+        model, tokenizer = load(str(tiny_model_dir), adapters={name: adapters[name]})
+        engine = Engine(model, tokenizer, base_id="tiny", adapters={name: adapters[name]})
         try:
+            assert engine.fixed == [name]
             done, out = threading.Event(), []
             job = engine.prepare({"model": name, "prompt": PROMPT, "max_tokens": 8, "temperature": 0}, chat=False)
             engine.submit(job, lambda item, done=done, out=out: done.set() if item is None else out.append(item))
@@ -488,7 +490,7 @@ def test_prepare_base_rebuilds_4bit_and_longlora_bases(adapters, tmp_path):
         finally:
             engine.close()
     with pytest.raises(ValueError, match="need different bases"):
-        prepare_base(llama(), [read_adapter(adapters["q4"]), read_adapter(adapters["long"])])
+        load(str(tiny_model_dir), adapters=[adapters["q4"], adapters["long"]])
 
 
 def test_cli_serve_starts_and_answers(tiny_model_dir, adapters):

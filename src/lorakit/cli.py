@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import sys
 
 import torch
 import yaml
 
 from lorakit.config import load_train_config, to_dict
+from lorakit.models import load
 
 
 def exec_torchrun(nproc: int, config: str | None, overrides: list[str]) -> None:
@@ -60,31 +60,12 @@ def cmd_train_multi(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_with_adapter(base: str | None, adapter: str | None):
-    """The base (the adapter's own unless given), 4-bit again if the adapter was trained so, + adapter."""
-    from lorakit.adapters.io import load_adapter, read_adapter
-    from lorakit.longlora import apply_context
-    from lorakit.models import load
-    from lorakit.quant.linear4bit import quantize_model
-
-    found = read_adapter(adapter) if adapter else None
-    model, tokenizer = load(base or (found.base if found and found.base else "default"))
-    if found is not None:
-        if found.quant:
-            q = found.quant
-            quantize_model(model, q["type"], q["blocksize"], q["double_quant"], getattr(torch, q["compute_dtype"]))
-        if "lorakit.context" in found.metadata:
-            apply_context(model, json.loads(found.metadata["lorakit.context"]))
-        load_adapter(model, found)
-    return model, tokenizer
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
     from lorakit.data.files import read_rows
     from lorakit.generate import score_rows
     from lorakit.train.run import datasets
 
-    model, tokenizer = load_with_adapter(args.base, args.adapter)
+    model, tokenizer = load(args.base, adapters=[args.adapter] if args.adapter else [])
     cfg = load_train_config(None, [f"seed={args.seed}"])
     held_out = read_rows(args.dataset) if args.dataset else datasets(cfg)[1]
     em = score_rows(model, tokenizer, held_out, args.max_new_tokens)
@@ -95,7 +76,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from lorakit.generate import generate
 
-    model, tokenizer = load_with_adapter(args.base, args.adapter)
+    model, tokenizer = load(args.base, adapters=[args.adapter] if args.adapter else [])
     print(generate(model, tokenizer, [args.prompt], args.max_new_tokens)[0])
     return 0
 
@@ -111,7 +92,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         export.write_merged_streamed(base, found, args.out, dequantized=args.qlora_base == "dequantized")
         print(f"merged model written to {args.out}")
         return 0
-    model, tokenizer = load_with_adapter(args.base, args.adapter)  # in memory: a 4-bit base, --requantize
+    model, tokenizer = load(base, adapters=[found])  # in memory: a 4-bit base folder, or --requantize
     merged = merge_and_unload(model, safe=True)  # full precision, a 4-bit base dequantized
     if args.requantize:
         error = requantize(merged, args.requantize)
@@ -161,7 +142,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             export.write_merged_streamed(base, found, args.out, args.dtype)
         print(f"merged model written to {args.out}")
         return 0
-    model, tokenizer = load_with_adapter(args.base, args.adapter)
+    model, tokenizer = load(base, adapters=[found])  # in memory: a 4-bit base folder
     merged = merge_and_unload(model, safe=True)
     if args.format == "gguf":
         export.write_model_gguf(merged, tokenizer, args.out, args.dtype or "f16")
@@ -247,10 +228,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import os
     import time
 
-    from lorakit.adapters.io import read_adapter
-    from lorakit.models import load
     from lorakit.multi.store import AdapterStore
-    from lorakit.serve import Engine, Server, make_app, prepare_base
+    from lorakit.serve import Engine, Server, make_app
 
     adapters = {}
     for entry in args.adapter:
@@ -261,8 +240,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get("LORAKIT_API_KEY")
     if args.allow_runtime_adapters and not (api_key and args.store):
         raise ValueError("--allow-runtime-adapters needs --store ROOT and an API key (--api-key or LORAKIT_API_KEY)")
-    model, tokenizer = load(args.base)
-    prepare_base(model, [read_adapter(folder) for folder in adapters.values()])
+    model, tokenizer = load(args.base, adapters=adapters)  # the base they need (4-bit, RoPE), with them on it
     store = AdapterStore(args.store, max_ram=args.max_ram, max_device=args.max_device) if args.store else None
     engine = Engine(model, tokenizer, base_id=args.base_name or args.base, adapters=adapters, store=store,
                     max_tokens_limit=args.max_tokens_limit, max_prompt_tokens=args.max_prompt_tokens,

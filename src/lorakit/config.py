@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from lorakit.data.formats import FORMATS
+from lorakit.models import DTYPE_CHOICES
 from lorakit.quant.optim import OPTIMIZERS
 
 INIT_CHOICES = ("kaiming", "gaussian", "pissa")
@@ -170,6 +171,7 @@ class TrainConfig:
     """
 
     base: str = "default"
+    dtype: str = "auto"  # how the base's float weights are stored: auto (as in the checkpoint) or a float dtype
     dataset: str | list = "demo"
     eval_dataset: str | list | None = None
     val_size: float | None = None
@@ -218,6 +220,8 @@ class TrainConfig:
             raise ValueError(f"schedule must be cosine, linear or constant, got {self.schedule!r}")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
+        if self.dtype not in DTYPE_CHOICES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
         if self.early_stopping_patience and not self.eval_every:
             raise ValueError("early_stopping_patience needs eval_every (and a validation set)")
         if self.truncation not in ("truncate", "drop"):

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from lorakit.adapters.io import AdapterFile
-from lorakit.atomic import atomic_dir
+from lorakit.atomic import atomic_dir, current_umask
 
 GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")
 TORCH_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
@@ -147,12 +147,6 @@ def write_atomically(writer_fill, path: str | Path, arch: str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
-
-
-def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def check_dtype(dtype: str) -> None:
@@ -453,7 +447,7 @@ def streamed_merge(base: str | Path, adapter: AdapterFile, dtype: str | None = N
     from transformers import AutoConfig
 
     from lorakit.models import resolve
-    from lorakit.shards import checkpoint_tensors
+    from lorakit.stream import checkpoint_files, read_header
 
     if dtype is not None and dtype not in TORCH_DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {sorted(TORCH_DTYPES)}")
@@ -463,18 +457,18 @@ def streamed_merge(base: str | Path, adapter: AdapterFile, dtype: str | None = N
         context = json.loads(adapter.metadata["lorakit.context"])
         config.rope_parameters = dict(context["rope_parameters"])
         config.max_position_embeddings = context["max_position_embeddings"]
-    shards = checkpoint_tensors(folder)
-    keys = {i.name for infos in shards.values() for i in infos}
+    shards = {file: read_header(file) for file in checkpoint_files(folder)}  # file -> {key: where, dtype, shape}
+    keys = {key for entries in shards.values() for key in entries}
     return folder, config, merge_plan(folder, config, adapter, keys, TORCH_DTYPES.get(dtype), dequantized), shards
 
 
 def merged_stream(plan: MergePlan, shards: dict) -> Iterator[tuple[str, torch.Tensor]]:
     """(key, merged tensor) for every checkpoint tensor, one at a time."""
-    from lorakit.shards import read_tensor
+    from lorakit.stream import iter_tensors
 
-    for infos in shards.values():
-        for info in infos:
-            yield info.name, merged_tensor(plan, info.name, read_tensor(info))
+    for file in shards:
+        for key, tensor in iter_tensors(file):
+            yield key, merged_tensor(plan, key, tensor)
 
 
 def write_merged_streamed(base: str | Path, adapter: AdapterFile, out: str | Path, dtype: str | None = None,
@@ -484,21 +478,23 @@ def write_merged_streamed(base: str | Path, adapter: AdapterFile, out: str | Pat
     Keeps the checkpoint's shard layout and key names; `dtype` (f32, bf16, f16; None: each tensor's own)
     casts the float tensors. Then the index, config.json and every other non-weight file of the base
     folder (generation config, tokenizer). Atomic as a whole. See `merge_plan` for `dequantized`."""
-    from lorakit.shards import read_tensor, write_index, write_streamed
+    from lorakit.shards import write_index, write_streamed
+    from lorakit.stream import read_tensor
 
     folder, config, plan, shards = streamed_merge(base, adapter, dtype, dequantized)
-    infos = {i.name: i for tensors in shards.values() for i in tensors}
-    out_dtype = lambda i: plan.dtype if plan.dtype is not None and i.dtype.is_floating_point else i.dtype
+    out_dtype = lambda e: plan.dtype if plan.dtype is not None and e.dtype.is_floating_point else e.dtype
 
     def fill(tmp: Path) -> None:
         weight_map, total = {}, 0
-        for file, tensors in shards.items():
+        for file, entries in shards.items():
             if log:
-                log(f"merging {file.name} ({len(tensors)} tensors)")
-            layout = [(i.name, out_dtype(i), i.shape) for i in tensors]
-            total += write_streamed(tmp / file.name, layout, lambda key: merged_tensor(plan, key, read_tensor(
-                infos[key])), metadata={"format": "pt"})
-            weight_map.update({i.name: file.name for i in tensors})
+                log(f"merging {file.name} ({len(entries)} tensors)")
+            layout = sorted(entries, key=lambda key: entries[key].start)  # the file's order: reads go forward
+            with open(file, "rb") as f:
+                read = lambda key, f=f, entries=entries: merged_tensor(plan, key, read_tensor(f, entries[key]))
+                total += write_streamed(tmp / file.name, [(k, out_dtype(entries[k]), entries[k].shape) for k in layout],
+                                        read, metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(entries, file.name))
         if len(shards) > 1:
             write_index(tmp, weight_map, total)
         if plan.dtype is not None:

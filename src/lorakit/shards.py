@@ -1,10 +1,8 @@
-"""Safetensors checkpoints read and written one tensor at a time, so that a 7B model never needs
-its whole size in memory.
+"""Safetensors checkpoints written one tensor at a time (reading one tensor at a time is `lorakit.stream`).
 
-Reading opens a shard (memory-mapped) for each tensor and closes it again, so the mapped pages of a
-multi-GB shard do not accumulate in the process. Writing computes the safetensors header from the
-tensors' dtypes and shapes first, then appends each tensor's bytes as it is produced: the file is
-never held in memory, and it is renamed into place only when complete (temp file + fsync).
+The header is computed from the tensors' dtypes and shapes first, then each tensor's bytes are
+appended as it is produced: a shard is never held in memory, and it is renamed into place only when
+complete (temp file + fsync), readable as a plain `open()` would make it.
 """
 
 from __future__ import annotations
@@ -12,80 +10,15 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
-SAFETENSORS_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL",
-}  # fmt: skip
-TORCH_DTYPES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+from lorakit.atomic import atomic_write_text, current_umask
+from lorakit.stream import DTYPES, INDEX_FILE, SINGLE_FILE
 
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """Where one checkpoint tensor lives, and its dtype and shape (read from the header only)."""
-
-    name: str
-    file: Path
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n * self.dtype.itemsize
-
-
-def shard_files(folder: str | Path) -> list[Path]:
-    """The checkpoint's safetensors files in index order (`model.safetensors.index.json`, else
-    `model.safetensors`); a missing file is an error naming it."""
-    folder = Path(folder)
-    index = folder / INDEX_FILE
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{index}: not a safetensors index with a weight_map ({e})") from None
-        files = [folder / name for name in dict.fromkeys(weight_map.values())]
-    elif (folder / SINGLE_FILE).is_file():
-        files = [folder / SINGLE_FILE]
-    else:
-        raise FileNotFoundError(f"{folder} has neither {INDEX_FILE} nor {SINGLE_FILE}")
-    for f in files:
-        if not f.is_file():
-            raise FileNotFoundError(f"{f} is listed in {index} but missing")
-    return files
-
-
-def shard_tensors(file: Path) -> list[TensorInfo]:
-    """The tensors of one shard, in the file's order, from its header (no data read)."""
-    with safe_open(file, framework="pt") as f:
-        infos = []
-        for name in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
-            s = f.get_slice(name)
-            infos.append(TensorInfo(name, file, TORCH_DTYPES[s.get_dtype()], tuple(s.get_shape())))
-    return infos
-
-
-def checkpoint_tensors(folder: str | Path) -> dict[Path, list[TensorInfo]]:
-    """Every shard's tensors (headers only), shard by shard."""
-    return {file: shard_tensors(file) for file in shard_files(folder)}
-
-
-def read_tensor(info: TensorInfo) -> torch.Tensor:
-    """One tensor, read from its shard; the mapping is closed again, so only the copy stays resident."""
-    with safe_open(info.file, framework="pt") as f:
-        return f.get_tensor(info.name)
+SAFETENSORS_DTYPES = {v: k for k, v in DTYPES.items()}
 
 
 def header_bytes(infos: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str] | None) -> bytes:
@@ -130,6 +63,7 @@ def write_streamed(
                 del t, data
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it private; a model folder is read by other users
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -139,8 +73,6 @@ def write_streamed(
 
 def write_index(folder: Path, weight_map: dict[str, str], total_size: int) -> None:
     """`model.safetensors.index.json` as transformers writes it (keys sorted)."""
-    from lorakit.atomic import atomic_write_text
-
     index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
     atomic_write_text(folder / INDEX_FILE, json.dumps(index, indent=2) + "\n")
 
@@ -164,10 +96,3 @@ def plan_shards(infos: Iterable[tuple[str, torch.dtype, tuple[int, ...]]], max_b
 
 def shard_name(i: int, count: int) -> str:
     return SINGLE_FILE if count == 1 else f"model-{i + 1:05d}-of-{count:05d}.safetensors"
-
-
-def iter_checkpoint(folder: str | Path) -> Iterator[tuple[TensorInfo, torch.Tensor]]:
-    """(info, tensor) for every tensor of the checkpoint, one at a time."""
-    for infos in checkpoint_tensors(folder).values():
-        for info in infos:
-            yield info, read_tensor(info)

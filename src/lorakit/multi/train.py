@@ -37,16 +37,16 @@ from lorakit.atomic import atomic_write_text
 from lorakit.config import TrainConfig, to_dict
 from lorakit.data.encode import CHAT_TEMPLATES, IGNORE
 from lorakit.generate import score_rows
-from lorakit.models import load
 from lorakit.multi.routing import route
 from lorakit.train import distributed
 from lorakit.train.fit import FitResult, Run, micro_batch, peak_rss_mb, validation_loss
 from lorakit.train.loop import head_loss_sum, model_inputs, on_device, plain_head
 from lorakit.train.plot import plot_run
-from lorakit.train.run import datasets, prepare_base, training_rows
+from lorakit.train.run import datasets, load_base, training_rows
 
 # keys that build or change the one base model, or the batch layout, so every job must agree on them
-SHARED = ("base", "quant", "longlora", "gradient_checkpointing", "compile", "precision", "chat_template", "packing")
+SHARED = ("base", "dtype", "quant", "longlora", "gradient_checkpointing", "compile", "precision", "chat_template",
+          "packing")
 
 
 def check_jobs(jobs: list[TrainConfig], where: str = "config") -> None:
@@ -234,8 +234,7 @@ def run_multi(cfgs: list[TrainConfig], where: str = "config", log=print) -> tupl
     adapter, metrics.jsonl, loss.png, checkpoints and results.json, as `lorakit train` writes them."""
     check_jobs(cfgs, where)
     first = cfgs[0]
-    model, tokenizer = load(first.base)
-    prepare_base(model, first)
+    model, tokenizer = load_base(first)
     if first.chat_template is not None:
         tokenizer.chat_template = CHAT_TEMPLATES.get(first.chat_template, first.chat_template)
     jobs = []

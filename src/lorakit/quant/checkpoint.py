@@ -4,8 +4,9 @@ Writing: the model's `Linear4bit` layers already produce bitsandbytes' state-dic
 (`weight`, `weight.absmax`, `weight.quant_map`, `weight.nested_*`, `weight.quant_state.*`);
 config.json gets the `quantization_config` transformers writes, so
 `AutoModelForCausalLM.from_pretrained(folder)` with bitsandbytes installed reads the folder.
-Reading: the model is built on the meta device and each 4-bit weight is rebuilt from its packed
-bytes, so nothing is quantized twice and no full-precision copy is made.
+Reading (`lorakit.models.load`, through `lorakit.stream`): the model is built on the meta device and
+each 4-bit weight is rebuilt from its packed bytes, so nothing is quantized twice and no
+full-precision copy is made.
 """
 
 from __future__ import annotations
@@ -14,11 +15,9 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
-from lorakit.quant.linear4bit import Linear4bit, quantization_of
-from lorakit.quant.nf4 import from_state_dict_entries
+from lorakit.quant.linear4bit import quantization_of
 
 
 def bnb_quantization_config(quant: dict) -> dict:
@@ -58,41 +57,10 @@ def is_4bit_folder(config) -> bool:
     return q.get("quant_method") == "bitsandbytes" and bool(q.get("load_in_4bit"))
 
 
-def checkpoint_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    index = folder / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [
-        "model.safetensors"]
-    tensors = {}
-    for name in files:
-        tensors.update(load_file(folder / name))
-    return tensors
-
-
-def load_4bit(folder: Path, config) -> nn.Module:
-    """A model from a bitsandbytes-layout 4-bit folder, its 4-bit layers as our `Linear4bit`."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
+def folder_compute_dtype(config) -> torch.dtype | None:
+    """The compute dtype of a bitsandbytes-layout 4-bit folder's layers (None: not such a folder)."""
+    if not is_4bit_folder(config):
+        return None
     quant = config.quantization_config
     quant = quant if isinstance(quant, dict) else quant.to_dict()
-    compute_dtype = getattr(torch, str(quant.get("bnb_4bit_compute_dtype") or "float32").removeprefix("torch."))
-    config.__dict__.pop("quantization_config", None)
-    with init_empty_weights(include_buffers=False):  # parameters on meta, buffers (rotary) real
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    tensors = checkpoint_tensors(folder)
-    for name, module in list(model.named_modules()):
-        if type(module) is nn.Linear and f"{name}.weight.absmax" in tensors:
-            packed, state = from_state_dict_entries(f"{name}.", tensors)
-            bias = tensors.pop(f"{name}.bias", None)
-            for key in [k for k in tensors if k.startswith(f"{name}.weight")]:
-                del tensors[key]
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, Linear4bit(packed, state, bias, compute_dtype))
-    missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
-    if unexpected:
-        raise ValueError(f"{folder}: unexpected tensors {unexpected[:3]} in the checkpoint")
-    model.tie_weights()
-    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
-    if still_meta:
-        raise ValueError(f"{folder}: the checkpoint has no tensor for {still_meta[0]}")
-    return model.eval()
+    return getattr(torch, str(quant.get("bnb_4bit_compute_dtype") or "float32").removeprefix("torch."))

@@ -143,7 +143,10 @@ class _Linear4bitFn(torch.autograd.Function):
             from lorakit.kernels.triton_matmul4bit import linear_4bit
 
             return linear_4bit(x, packed, state, bias)
-        return F.linear(x, dequantize(packed, state, x.dtype), bias)
+        y = F.linear(x, dequantize(packed, state, x.dtype))  # [..., out]
+        # bias added in place: F.linear's fused bias returns a view of its 2-d result, and a view made inside
+        # a Function may not be changed in place later (the LoRA wrapper adds its delta into y in place)
+        return y if bias is None else y.add_(bias)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
@@ -205,22 +208,50 @@ def quantize_model(
     `nn.MultiheadAttention`, read directly by its owner) keep their own semantics. A linear
     registered under several names is quantized once and shared.
     """
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     replaced: dict[int, Linear4bit] = {}
-    targets = [
-        (name, module) for name, module in model.named_modules(remove_duplicate=False)
-        if type(module) is nn.Linear and module is not head and not _skipped(name, skip)
-    ]  # fmt: skip
-    for name, module in targets:
+    for name, module in quantization_targets(model, skip):
         if id(module) not in replaced:
             try:
-                replaced[id(module)] = Linear4bit.from_linear(module, quant_type, blocksize, double_quant,
-                                                              compute_dtype, quant_storage)
+                replaced[id(module)] = quantize_layer(module, quant_type, blocksize, double_quant, compute_dtype,
+                                                      quant_storage)
             except ValueError as e:
                 raise ValueError(f"{name}: {e}") from e
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, replaced[id(module)])
     return model
+
+
+def quantize_layer(
+    module: nn.Module, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
+    compute_dtype: torch.dtype = torch.float32, quant_storage: torch.dtype = torch.uint8,
+) -> Linear4bit:  # fmt: skip
+    """The 4-bit layer that replaces one of `quantization_targets`, quantized on its weight's device: the
+    one step `quantize_model` and the loader (`lorakit.stream`, which fills the weight first) share."""
+    return Linear4bit.from_linear(module, quant_type, blocksize, double_quant, compute_dtype, quant_storage)
+
+
+def quantization_targets(model: nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every layer `quantize_model` replaces, under each of its names (see there)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return [
+        (name, module) for name, module in model.named_modules(remove_duplicate=False)
+        if type(module) is nn.Linear and module is not head and not _skipped(name, skip)
+    ]  # fmt: skip
+
+
+def quant_record(quant) -> dict | None:
+    """`quant` as a quantization record (the shape `quantization_of` returns and adapters record):
+    None, a dict with the keys type, blocksize, double_quant, compute_dtype (missing ones take
+    QLoRA's defaults), or an object with those fields (`config.QuantConfig`)."""
+    if quant is None:
+        return None
+    get = quant.get if isinstance(quant, dict) else (lambda key, default: getattr(quant, key, default))
+    record = {"type": get("type", "nf4"), "double_quant": bool(get("double_quant", True)),
+              "blocksize": int(get("blocksize", 64)),
+              "compute_dtype": str(get("compute_dtype", "float32")).removeprefix("torch.")}
+    if getattr(torch, record["compute_dtype"], None) not in COMPUTE_DTYPES:
+        raise ValueError(f"quant compute_dtype must be float32, bfloat16 or float16, got {record['compute_dtype']!r}")
+    return record
 
 
 def quantization_of(model: nn.Module) -> dict | None:

@@ -22,15 +22,14 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from lorakit.adapters.inject import adapter_names, remove_adapter
 from lorakit.adapters.io import AdapterFile, check_fits, load_adapter, read_adapter
 from lorakit.data.encode import prompt_text
-from lorakit.longlora import apply_context, context_of
+from lorakit.longlora import context_of, saved_context
 from lorakit.multi.store import AdapterStore, UnknownAdapterError, check_safetensors, confined
-from lorakit.quant.linear4bit import quantization_of, quantize_model
+from lorakit.quant.linear4bit import quantization_of
 from lorakit.serve.batch import Batcher, QueueFull, Sequence
 
 ROLES = ("system", "user", "assistant")
@@ -42,28 +41,6 @@ class RequestError(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
-
-
-def saved_context(adapter: AdapterFile) -> dict | None:
-    return json.loads(adapter.metadata["lorakit.context"]) if "lorakit.context" in adapter.metadata else None
-
-
-def prepare_base(model: nn.Module, adapters: list[AdapterFile]) -> None:
-    """Make `model` the base these adapters were trained on, as `load_adapter`'s callers do: 4-bit
-    again if they were trained so, their RoPE / context length (LongLoRA). They must agree."""
-    for what, of in (("4-bit quantization", lambda a: a.quant), ("positional setup", saved_context)):
-        kinds = {json.dumps(of(a), sort_keys=True): a for a in adapters if of(a) is not None}
-        if len(kinds) > 1:
-            a, b = list(kinds.values())[:2]
-            raise ValueError(f"adapters {a.folder} and {b.folder} need different bases ({what}: {of(a)} vs "
-                             f"{of(b)}); serve them from two servers")
-    quant = next((a.quant for a in adapters if a.quant), None)
-    if quant and quantization_of(model) is None:
-        quantize_model(model, quant["type"], quant["blocksize"], quant["double_quant"],
-                       getattr(torch, quant["compute_dtype"]))
-    context = next((saved_context(a) for a in adapters if saved_context(a)), None)
-    if context:
-        apply_context(model, context)
 
 
 def serving_problem(model: nn.Module, adapter: AdapterFile) -> str | None:
@@ -100,12 +77,12 @@ class Engine:
         self.retired: set[str] = set()  # unloaded, still on the model until no running row uses them
         self.reading: dict[str, Future] = {}  # store adapters being read into RAM for waiting requests
         self.fixed = []
-        for name, path in (adapters or {}).items():
+        for name, path in (adapters or {}).items():  # already on the model when `models.load` put them there
             adapter = read_adapter(path)
             problem = serving_problem(model, adapter)
             if problem:
-                raise ValueError(problem + " (prepare_base makes the base fit the adapters given at start)")
-            self.fixed.append(load_adapter(model, adapter, name=name))
+                raise ValueError(problem + " (lorakit.models.load(base, adapters=...) makes the base they need)")
+            self.fixed.append(name if name in adapter_names(model) else load_adapter(model, adapter, name=name))
         eos = tokenizer.eos_token_id
         self.batcher = Batcher(model, eos, max_batch, max_queue, self.ready, self.attach, self.idle,
                                max_prefill_tokens).start()

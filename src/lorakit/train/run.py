@@ -22,8 +22,9 @@ from lorakit.data.formats import Row
 from lorakit.data.packing import pack
 from lorakit.generate import score_rows
 from lorakit.longlora import enable_s2_attention, interpolate_positions, trainable_module_names
-from lorakit.models import load
-from lorakit.quant.linear4bit import quantize_model
+from lorakit.models import load, resolve, storage_dtype
+from lorakit.quant.linear4bit import quantization_of
+from lorakit.stream import stored_float_dtype
 from lorakit.train import distributed
 from lorakit.train.fit import fit, validation_loss
 from lorakit.train.plot import plot_run
@@ -87,13 +88,24 @@ def training_rows(cfg: TrainConfig, tokenizer, train: list[Row], held_out: list[
     return rows, val_rows
 
 
+def load_base(cfg: TrainConfig) -> tuple[nn.Module, object]:
+    """(model, tokenizer) for a run: the base loaded as `cfg` says (4-bit as it is read when `quant` is set,
+    float weights in `dtype`), then prepared for training (`prepare_base`)."""
+    storage = torch.uint8
+    if cfg.quant is not None and cfg.distributed == "fsdp2":  # FSDP2 shards the packed bytes as floats
+        storage = storage_dtype(cfg.dtype) or stored_float_dtype(resolve(cfg.base))
+    model, tokenizer = load(cfg.base, quant=cfg.quant, dtype=cfg.dtype, quant_storage=storage)
+    prepare_base(model, cfg)
+    return model, tokenizer
+
+
 def prepare_base(model: nn.Module, cfg: TrainConfig) -> None:
-    """QLoRA's k-bit preparation: 4-bit linears, norms in fp32, gradient checkpointing (default on)."""
+    """QLoRA's k-bit preparation of a loaded base (4-bit already when `quant` is set: `models.load`):
+    norms in fp32, gradient checkpointing (default on with `quant`); LongLoRA; compile."""
     if cfg.quant is not None:
-        q = cfg.quant
-        storage = model.dtype if cfg.distributed == "fsdp2" else torch.uint8  # FSDP2 shards float parameters
-        quantize_model(model, q.type, q.blocksize, q.double_quant, getattr(torch, q.compute_dtype),
-                       quant_storage=storage)
+        if quantization_of(model) is None:
+            raise ValueError("quant is set but the base has no 4-bit layers: load it with "
+                             "lorakit.models.load(base, quant=...), which quantizes as it reads")
         for module in model.modules():
             if "norm" in type(module).__name__.lower():
                 module.float()
@@ -128,8 +140,7 @@ def run(cfg: TrainConfig, log=print) -> tuple[nn.Module, dict]:
     world = distributed.init(cfg.distributed)  # distributed: only rank 0 logs, scores and saves
     log = log if world.main else (lambda _message: None)
     train, held_out = datasets(cfg)
-    model, tokenizer = load(cfg.base)
-    prepare_base(model, cfg)
+    model, tokenizer = load_base(cfg)
     if cfg.chat_template is not None:
         tokenizer.chat_template = CHAT_TEMPLATES.get(cfg.chat_template, cfg.chat_template)
     rows, val_rows = training_rows(cfg, tokenizer, train, held_out, log)

@@ -1,0 +1,239 @@
+"""Fill a model built on the meta device from a safetensors checkpoint folder, one tensor at a time.
+
+Each tensor is read from its shard with a positioned read (not through a memory map: the pages of
+a mapped file stay resident, and count in the process's memory, until the file is closed, so a
+5 GB shard would cost 5 GB), moved to the device, checked against the parameter it fills, and put
+in place in the file's dtype (or cast to `dtype`). The weight of a linear layer that `quant` makes
+4-bit goes straight into its `Linear4bit`; a folder already in the bitsandbytes 4-bit layout is
+rebuilt from its packed bytes. So the full-precision model never exists: the peak is the finished
+model plus one tensor in flight.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from lorakit.quant.linear4bit import Linear4bit, quantization_targets, quantize_layer
+from lorakit.quant.nf4 import _as_storage, from_state_dict_entries
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}  # fmt: skip
+PACKED_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder or file that cannot be loaded; the message names the file."""
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    """The safetensors shards of an HF model folder: those its index names, or model.safetensors."""
+    folder = Path(folder)
+    index = folder / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index} is not a safetensors index (JSON with a weight_map): {e}") from None
+        for name in names:
+            if not (folder / name).is_file():
+                raise CheckpointError(f"{index} names the shard {name}, which is missing from {folder}")
+        return [folder / name for name in names]
+    if (folder / SINGLE_FILE).is_file():
+        return [folder / SINGLE_FILE]
+    pickled = sorted(p.name for p in folder.glob("pytorch_model*.bin"))
+    hint = (f"; it has {pickled[0]}, but lorakit loads safetensors only (pickle files can run code): convert "
+            "it with transformers' save_pretrained(safe_serialization=True)") if pickled else ""
+    raise CheckpointError(f"{folder} has neither {INDEX_FILE} nor {SINGLE_FILE}{hint}")
+
+
+@dataclass
+class TensorEntry:
+    """Where one tensor lies in a safetensors file."""
+
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # byte offset in the file
+    end: int
+
+
+def read_header(file: Path) -> dict[str, TensorEntry]:
+    """The tensors a safetensors file holds, from its header (8-byte length, then JSON)."""
+    try:
+        with open(file, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file} is not a readable safetensors file: {e}") from None
+    entries = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, end = info["data_offsets"]
+            entries[name] = TensorEntry(file, DTYPES[info["dtype"]], tuple(info["shape"]), 8 + length + begin,
+                                        8 + length + end)
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{file}: unreadable header entry for tensor {name}: {info}") from None
+    return entries
+
+
+def stored_float_dtype(folder: Path) -> torch.dtype:
+    """The dtype of the checkpoint's first float tensor (from the headers only): what `dtype: auto` stores."""
+    for file in checkpoint_files(folder):
+        for entry in read_header(file).values():
+            if entry.dtype.is_floating_point:
+                return entry.dtype
+    return torch.float32
+
+
+def iter_tensors(file: Path, device: torch.device | str = "cpu") -> Iterator[tuple[str, Tensor]]:
+    """(name, tensor) for each tensor of a safetensors file, in file order, each read on its own."""
+    entries = sorted(read_header(file).items(), key=lambda item: item[1].start)
+    with open(file, "rb") as f:
+        for name, entry in entries:
+            yield name, read_tensor(f, entry).to(device)
+
+
+def read_tensor(f, entry: TensorEntry) -> Tensor:
+    buffer = torch.empty(entry.end - entry.start, dtype=torch.uint8)
+    f.seek(entry.start)
+    if f.readinto(buffer.numpy()) != buffer.numel():
+        raise CheckpointError(f"{entry.file} is truncated: it ends inside a tensor")
+    itemsize = torch.empty(0, dtype=entry.dtype).element_size()
+    if buffer.numel() != itemsize * _numel(entry.shape):
+        raise CheckpointError(f"{entry.file}: a tensor's byte range does not fit its shape {list(entry.shape)}")
+    return buffer.view(entry.dtype).reshape(entry.shape)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+@dataclass
+class Fill:
+    """What `fill_model` does with the tensors it reads."""
+
+    quant: dict | None = None  # quantize the linear layers (`quant_record`), or keep them as stored
+    dtype: torch.dtype | None = None  # cast float tensors (not packed 4-bit bytes) to it; None: keep
+    device: torch.device = torch.device("cpu")
+    quant_storage: torch.dtype = torch.uint8
+    packed_compute_dtype: torch.dtype = torch.float32  # for layers stored 4-bit in the folder
+
+
+def fill_model(model: nn.Module, folder: Path, how: Fill) -> nn.Module:
+    """Load every tensor of the checkpoint in `folder` into `model` (built on the meta device), quantizing on
+    the way as `how` says; ties the weights and moves the buffers to the device. Returns the model."""
+    files = checkpoint_files(folder)
+    expected = dict(model.state_dict(keep_vars=True))  # params and persistent buffers, still on meta
+    headers = {file: read_header(file) for file in files}
+    packed = {key.split(".weight.quant_state.")[0] for h in headers.values() for key in h
+              if ".weight.quant_state." in key}  # fmt: skip  # layers stored 4-bit (bitsandbytes layout)
+    to_quantize: dict[str, list[str]] = {}  # a linear quantized now -> every name it has in the model
+    if how.quant is not None:
+        by_id: dict[int, list[str]] = {}
+        for name, module in quantization_targets(model):
+            by_id.setdefault(id(module), []).append(name)
+        to_quantize = {names[0]: names for names in by_id.values() if not packed.intersection(names)}
+    pending: dict[str, dict[str, Tensor]] = {name: {} for name in packed}
+    for file in files:
+        for key, tensor in iter_tensors(file, how.device):
+            name = _model_key(model, key, expected)
+            module_name, _, attr = name.rpartition(".")
+            owner = next((m for m in packed if name.startswith(f"{m}.weight")), None)
+            if owner is not None:
+                pending[owner][name] = tensor
+                continue
+            if name not in expected:
+                if _ignored(model, key):
+                    continue
+                raise CheckpointError(f"{file}: tensor {key} is not a parameter or buffer of {type(model).__name__}")
+            if tuple(expected[name].shape) != tuple(tensor.shape):
+                raise CheckpointError(f"{file}: tensor {key} has shape {list(tensor.shape)}, but the model built "
+                                      f"from config.json expects {list(expected[name].shape)}")
+            if how.dtype is not None and tensor.is_floating_point():
+                tensor = tensor.to(how.dtype)
+            if attr == "weight" and module_name in to_quantize:
+                _put_4bit(model, to_quantize[module_name], tensor, how)
+            else:
+                _put(model, name, tensor)
+    for name, entries in pending.items():
+        _put_packed(model, name, entries, how, folder)
+    model.tie_weights()
+    for module in model.modules():  # buffers made at construction (rotary inv_freq) follow the weights
+        for key, buffer in module._buffers.items():
+            if buffer is not None and not buffer.is_meta:
+                module._buffers[key] = buffer.to(how.device)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise CheckpointError(f"{folder}: the checkpoint has no tensor for {left[0]}"
+                              + (f" (and {len(left) - 1} more)" if len(left) > 1 else ""))
+    return model
+
+
+def _model_key(model: nn.Module, key: str, expected: dict) -> str:
+    """The model's name for a checkpoint key; a base model's checkpoint (GPT-2's) lacks the prefix."""
+    prefix = getattr(model, "base_model_prefix", "")
+    if key not in expected and prefix and f"{prefix}.{key}" in expected:
+        return f"{prefix}.{key}"
+    return key
+
+
+def _ignored(model: nn.Module, key: str) -> bool:
+    """Tensors transformers itself skips on load (recomputed buffers such as rotary inv_freq)."""
+    patterns = [*(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []), r"rotary_emb\.inv_freq$"]
+    return any(re.search(p, key) for p in patterns)
+
+
+def _put(model: nn.Module, name: str, tensor: Tensor) -> None:
+    """Assign `tensor` as the parameter or buffer `name` (no copy; a parameter keeps its requires_grad)."""
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if attr in module._parameters:
+        module._parameters[attr] = nn.Parameter(tensor, requires_grad=module._parameters[attr].requires_grad)
+    else:
+        module._buffers[attr] = tensor
+
+
+def _put_4bit(model: nn.Module, names: list[str], weight: Tensor, how: Fill) -> None:
+    """Replace the layer `names[0]` (and its other names) by its 4-bit form, made from `weight`."""
+    _put(model, f"{names[0]}.weight", weight)
+    q = how.quant
+    layer = quantize_layer(model.get_submodule(names[0]), q["type"], q["blocksize"], q["double_quant"],
+                           getattr(torch, q["compute_dtype"]), how.quant_storage)
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer)
+
+
+def _put_packed(model: nn.Module, name: str, entries: dict[str, Tensor], how: Fill, folder: Path) -> None:
+    """Replace the linear `name` by a `Linear4bit` rebuilt from its bitsandbytes-layout entries."""
+    linear = model.get_submodule(name)
+    try:
+        packed, state = from_state_dict_entries(f"{name}.", entries)
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{folder}: 4-bit layer {name}: {e.args[0]}") from None
+    if tuple(state.shape) != (linear.out_features, linear.in_features):
+        raise CheckpointError(f"{folder}: 4-bit layer {name} has shape {list(state.shape)}, but the model built "
+                              f"from config.json expects {[linear.out_features, linear.in_features]}")
+    layer = Linear4bit(_as_storage(packed.view(torch.uint8), how.quant_storage), state, linear.bias,
+                       how.packed_compute_dtype)
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, layer)
