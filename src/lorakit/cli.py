@@ -183,6 +183,7 @@ BENCH_SUITES = {
     "ddp": "lorakit.bench.ddp",
     "gpu": "lorakit.bench.gpu",
     "serve": "lorakit.bench.serve",
+    "scale": "lorakit.bench.scale",
 }
 
 
