@@ -270,3 +270,24 @@ def test_malformed_entries_name_the_key():
     truncated = entries | {"m.weight": entries["m.weight"][:-1]}
     with pytest.raises(ValueError, match=r"m\.weight: "):
         from_state_dict_entries("m.", truncated)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize(("shape", "dtype", "blocksize", "chunk"), [
+    ((257, 130), torch.float32, 32, 4096),  # 9 chunks, a ragged last one
+    ((37, 333), torch.bfloat16, 64, 4096),  # odd count: the padding nibble in the last chunk
+    ((1031, 1025), torch.bfloat16, 64, None),  # the real chunk size: just over one chunk, odd, ragged block
+])  # fmt: skip
+def test_quantizing_in_chunks_gives_bnb_bytes(bnb_reference, monkeypatch, shape, dtype, blocksize, chunk, quant_type):
+    """A weight is quantized a chunk of whole blocks at a time (bounded temporaries for big layers): the
+    bytes, absmax and nested state are those of bitsandbytes quantizing it whole."""
+    from lorakit.quant import nf4
+
+    if chunk is not None:
+        monkeypatch.setattr(nf4, "QUANTIZE_CHUNK", chunk)
+    x = sample(shape, dtype)
+    assert x.numel() > nf4.QUANTIZE_CHUNK
+    ref_packed, ref = bnb_quantize(x, quant_type, blocksize, True)
+    packed, state = quantize_4bit(x, quant_type, blocksize, True)
+    assert same_bytes(packed, ref_packed) and same_bytes(state.absmax, ref.absmax)
+    assert same_bytes(state.offset, ref.offset) and same_bytes(state.nested_absmax, ref.state2.absmax)

@@ -126,3 +126,43 @@ def test_compile_refuses_a_model_without_named_blocks():
 
     with pytest.raises(ValueError, match="_no_split_modules"):
         compile_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+@pytest.mark.parametrize("quant", [[], ["quant={}"]], ids=["lora", "qlora"])
+def test_training_over_a_bf16_checkpoint_keeps_it_bf16_and_learns(quant, jsonl, tmp_path):
+    """dtype: auto (the default) stores a bf16 checkpoint's weights in bf16; the adapter stays fp32 (as PEFT
+    keeps it), reads the bf16 activations cast to fp32 and adds its delta back in bf16; QLoRA quantizes the
+    bf16 weights (computing in fp32) and keeps the norms and head bf16. A few steps lower the loss."""
+    from conftest import tiny_tokenizer
+    from lorakit.adapters.layer import lora_layers
+    from lorakit.config import load_train_config
+    from lorakit.quant.linear4bit import Linear4bit
+    from lorakit.train.run import run
+
+    folder = tmp_path / "bf16"
+    tiny_llama().to(torch.bfloat16).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    cfg = load_train_config(None, [f"base={folder}", f"dataset={jsonl}", f"output_dir={tmp_path / 'run'}",
+                                   "max_steps=12", "lr=0.02", "warmup_steps=1", "eval=false", *quant])
+    assert cfg.dtype == "auto"
+    model, results = run(cfg, log=lambda *_: None)
+    assert results["last_loss"] < 0.7 * results["first_loss"]
+    assert model.model.embed_tokens.weight.dtype == model.lm_head.weight.dtype == torch.bfloat16
+    layers = [layer for _, layer in lora_layers(model)]
+    assert layers and all(p.dtype == torch.float32 for layer in layers for a in layer.adapters.values()
+                          for p in a.parameters())
+    base = layers[0].base_module
+    assert model.model.norm.weight.dtype == torch.bfloat16
+    if quant:
+        assert isinstance(base, Linear4bit) and base.quant_state.dtype == torch.bfloat16
+    else:
+        assert base.weight.dtype == torch.bfloat16
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "run" / "adapter" / "adapter_model.safetensors", framework="pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}  # noqa: SIM118
+
+
+def test_train_config_refuses_an_unknown_dtype():
+    with pytest.raises(ValueError, match="dtype must be one of auto, float32, bfloat16, float16, got 'fp8'"):
+        TrainConfig(dtype="fp8")

@@ -146,12 +146,7 @@ def fill_model(model: nn.Module, folder: Path, how: Fill) -> nn.Module:
     headers = {file: read_header(file) for file in files}
     packed = {key.split(".weight.quant_state.")[0] for h in headers.values() for key in h
               if ".weight.quant_state." in key}  # fmt: skip  # layers stored 4-bit (bitsandbytes layout)
-    to_quantize: dict[str, list[str]] = {}  # a linear quantized now -> every name it has in the model
-    if how.quant is not None:
-        by_id: dict[int, list[str]] = {}
-        for name, module in quantization_targets(model):
-            by_id.setdefault(id(module), []).append(name)
-        to_quantize = {names[0]: names for names in by_id.values() if not packed.intersection(names)}
+    to_quantize = _names_to_quantize(model, packed) if how.quant is not None else {}
     pending: dict[str, dict[str, Tensor]] = {name: {} for name in packed}
     for file in files:
         for key, tensor in iter_tensors(file, how.device):
@@ -186,6 +181,15 @@ def fill_model(model: nn.Module, folder: Path, how: Fill) -> nn.Module:
         raise CheckpointError(f"{folder}: the checkpoint has no tensor for {left[0]}"
                               + (f" (and {len(left) - 1} more)" if len(left) > 1 else ""))
     return model
+
+
+def _names_to_quantize(model: nn.Module, packed: set[str]) -> dict[str, list[str]]:
+    """A layer to quantize as it is read -> every name it has (not those stored 4-bit already). Names
+    only: a reference to a layer here would keep its full-precision weight alive once it is read."""
+    by_id: dict[int, list[str]] = {}
+    for name, module in quantization_targets(model):
+        by_id.setdefault(id(module), []).append(name)
+    return {names[0]: names for names in by_id.values() if not packed.intersection(names)}
 
 
 def _model_key(model: nn.Module, key: str, expected: dict) -> str:

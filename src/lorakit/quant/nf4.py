@@ -30,6 +30,7 @@ QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+QUANTIZE_CHUNK = 1 << 20  # values quantized at once: a multiple of every blocksize, and even
 STORAGE_DTYPES = (torch.uint8, torch.bfloat16, torch.float16, torch.float32)
 
 # NF4: quantiles of N(0, 1), normalized to [-1, 1] (QLoRA; bitsandbytes' `get_4bit_type("nf4")`).
@@ -146,12 +147,17 @@ def quantize_4bit(
     if t.numel() == 0:
         raise ValueError("cannot quantize an empty tensor")
     code = code_book(quant_type, t.device)
-    flat = t.reshape(-1).float()  # [n]
-    absmax, scaled = _scale_blocks(flat, blocksize)  # [blocks], [n]
-    scaled = F.pad(scaled, (0, flat.numel() % 2))  # odd n: one padding 0.0, quantized like the rest
-    q = _nearest_code(scaled, code).to(torch.uint8)  # [n rounded up to even]
-    packed = (q[0::2] << 4 | q[1::2]).unsqueeze(1)  # [(n + 1) // 2, 1]: even element in the high nibble
-    state = QuantState(absmax, t.shape, t.dtype, blocksize, quant_type, code)
+    flat = t.reshape(-1)  # [n]
+    packed, absmax = [], []
+    for start in range(0, flat.numel(), QUANTIZE_CHUNK):  # whole blocks at a time: a few MB of temporaries
+        part = flat[start : start + QUANTIZE_CHUNK].float()  # [c]
+        part_absmax, scaled = _scale_blocks(part, blocksize)  # [c / blocksize], [c]
+        scaled = F.pad(scaled, (0, part.numel() % 2))  # odd n: one padding 0.0, quantized like the rest
+        q = _nearest_code(scaled, code).to(torch.uint8)  # [c rounded up to even]
+        packed.append(q[0::2] << 4 | q[1::2])  # [c / 2]: even element in the high nibble
+        absmax.append(part_absmax)
+    packed = torch.cat(packed).unsqueeze(1)  # [(n + 1) // 2, 1]
+    state = QuantState(torch.cat(absmax), t.shape, t.dtype, blocksize, quant_type, code)
     if double_quant:
         state = _double_quantize(state)
     return _as_storage(packed, quant_storage), state

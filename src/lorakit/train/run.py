@@ -100,15 +100,16 @@ def load_base(cfg: TrainConfig) -> tuple[nn.Module, object]:
 
 
 def prepare_base(model: nn.Module, cfg: TrainConfig) -> None:
-    """QLoRA's k-bit preparation of a loaded base (4-bit already when `quant` is set: `models.load`):
-    norms in fp32, gradient checkpointing (default on with `quant`); LongLoRA; compile."""
-    if cfg.quant is not None:
-        if quantization_of(model) is None:
-            raise ValueError("quant is set but the base has no 4-bit layers: load it with "
-                             "lorakit.models.load(base, quant=...), which quantizes as it reads")
-        for module in model.modules():
-            if "norm" in type(module).__name__.lower():
-                module.float()
+    """Ready a loaded base for training: gradient checkpointing (default on with `quant`), LongLoRA, compile.
+
+    With `quant`, the base must be 4-bit already (`models.load` quantizes as it reads). Layers kept in full
+    precision (embeddings, norms, head) keep the stored dtype (`dtype`): norms are not raised to fp32 as PEFT's
+    prepare_model_for_kbit_training does, since an fp32 norm output would reach a bf16 head (PEFT raises
+    every such layer to fp32, the memory `dtype: auto` saves); RMSNorm computes in fp32 inside anyway.
+    """
+    if cfg.quant is not None and quantization_of(model) is None:
+        raise ValueError("quant is set but the base has no 4-bit layers: load it with "
+                         "lorakit.models.load(base, quant=...), which quantizes as it reads")
     if cfg.longlora is not None:
         enable_s2_attention(model, cfg.longlora.group_size_ratio)
         if cfg.longlora.target_context:
