@@ -93,12 +93,18 @@ def make_record(size: str, model: Path, steps: dict, cfg: dict, env: dict) -> di
     """One size's steps, the model's sizes, ours / peer ratios, and the issue's targets checked."""
     shards = sorted(model.glob("*.safetensors"))
     sizes = {"bf16_bytes": sum(f.stat().st_size for f in shards), "largest_shard_bytes":
-             max(f.stat().st_size for f in shards), "shards": len(shards)}  # fmt: skip
-    four = steps.get("ours-load-4bit", {}).get("weight_bytes")
+             max(f.stat().st_size for f in shards), "shards": len(shards),
+             "tensor_bytes": sum(f.stat().st_size - 8 - header_length(f) for f in shards)}  # fmt: skip
+    four = steps.get("ours-load-4bit", steps.get("ours-qlora-step", {})).get("weight_bytes")
     if four:
         sizes["4bit_bytes"] = four
     return {"suite": "scale", "size": size, "steps": steps, "model": sizes, "ratios": ratios(steps),
             "targets": targets(size, steps, sizes), "config": cfg, "env": env}
+
+
+def header_length(file: Path) -> int:
+    with open(file, "rb") as f:
+        return int.from_bytes(f.read(8), "little")
 
 
 def ratios(steps: dict) -> dict[str, dict[str, float]]:
@@ -146,7 +152,7 @@ def table(record: dict) -> str:
              + (f", 4-bit model {m['4bit_bytes'] / GIB:.2f} GiB" if "4bit_bytes" in m else ""), "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for step, r in record["steps"].items():
-        cell = lambda key, spec, scale=1: format(r[key] / scale, spec) if key in r else "-"
+        cell = lambda key, spec, scale=1, r=r: format(r[key] / scale, spec) if key in r else "-"
         notes = r.get("skipped") or (f"loss {r['loss']:.3f}" if "loss" in r else "")
         lines.append("| " + " | ".join([step, cell("seconds", ".1f"), cell("load_s", ".1f"), cell("step_s", ".1f"),
                                         cell("process_s", ".1f"), cell("peak_rss", ".2f", GIB), notes]) + " |")
@@ -199,7 +205,7 @@ def ours_qlora_step(request: dict) -> dict:
     """As `lorakit train base=FOLDER quant={} lora.r=R` builds its model, then one step."""
     import lorakit
     from lorakit.bench.ours import train_step_task
-    from lorakit.bench.workload import Workload, make_batch, supervised_tokens
+    from lorakit.bench.workload import Workload, make_batch, supervised_tokens, weight_mib
     from lorakit.config import load_train_config
     from lorakit.train.loop import loss_sum
     from lorakit.train.run import load_base
@@ -209,13 +215,14 @@ def ours_qlora_step(request: dict) -> dict:
     cfg = load_train_config(None, [f"base={request['model']}", "quant={}", f"lora.r={r}", f"lora.alpha={2 * r}",
                                    "lora.targets=all-linear", "lora.dropout=0"])
     model, _ = load_base(cfg)
+    weight_bytes = int(weight_mib(model)["base_weight_mib"] * (1 << 20))  # the 4-bit model, before LoRA
     lorakit.inject(model, cfg.lora)
     model.train()
     load_s = time.perf_counter() - start
     batch = make_batch(Workload(batch=1, seq=request["seq"]), model.config.vocab_size)
     n = supervised_tokens(batch)
     task = train_step_task(model, batch, 1e-4, lambda: loss_sum(model, batch) / n)
-    return {"load_s": load_s, **timed(task.run)}
+    return {"load_s": load_s, "weight_bytes": weight_bytes, **timed(task.run)}
 
 
 def peer_qlora_step(request: dict) -> dict:
@@ -252,7 +259,7 @@ def ours_merge(request: dict) -> dict:
     out = Path(request["adapter"]).parent / "merged"
     try:
         write_merged_streamed(request["model"], read_adapter(request["adapter"]), out)
-        written = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+        written = sum(f.stat().st_size - 8 - header_length(f) for f in out.glob("*.safetensors"))  # tensor data
     finally:
         shutil.rmtree(out, ignore_errors=True)
     return {"written_bytes": written}
