@@ -79,6 +79,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                            "seq": cfg["seq"], "r": cfg["r"], "threads": threads}
                 print(f"{size} {step} ...", flush=True)
                 steps[step] = run_child("lorakit.bench.scale", request, threads, cfg["max_rss_gib"])
+                print(json.dumps(steps[step]), flush=True)  # a long run keeps what it measured if stopped
             records.append(make_record(size, folder / "model", steps, cfg, measured_environment(threads, load_before)))
             print(table(records[-1]) + "\n", flush=True)
             if args.json:
