@@ -53,6 +53,44 @@ def tiny_tokenizer():
     return tok
 
 
+BPE_TEXT = "Convert the date 1987-03-09 to the format 'Month D, YYYY'. March 9, 1987. say cat, say dog.\n"
+
+
+def tiny_bpe_tokenizer():
+    """A byte-level BPE tokenizer of 128 tokens trained in code on BPE_TEXT (the tiny char-level
+    WordLevel tokenizer has no GGUF tokenizer model to be written as)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=128, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  show_progress=False)
+    backend.train_from_iterator([BPE_TEXT] * 20, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|im_end|>",
+                                  bos_token="<|im_start|>", unk_token="<|endoftext|>")
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+@pytest.fixture
+def adapter_dir(tmp_path):
+    """A tiny llama with a BPE tokenizer saved as a base folder (tmp_path/base), and a random LoRA
+    adapter on it (tmp_path/adapter)."""
+    import lorakit
+    from lorakit.models import load
+
+    base = tmp_path / "base"
+    tiny_llama().save_pretrained(base)
+    tiny_bpe_tokenizer().save_pretrained(base)
+    model, _ = load(str(base))
+    lorakit.inject(model, lorakit.LoraSpec(r=4, alpha=8, targets="all-linear"))
+    randomize_adapters(model)
+    lorakit.save_adapter(model, tmp_path / "adapter")
+    return tmp_path / "adapter"
+
+
 @pytest.fixture
 def tiny_model_dir(tmp_path):
     """A tiny Llama + tokenizer saved as an HF folder, as `lorakit.models.load` reads it."""

@@ -83,6 +83,7 @@ def test_ddp_on_two_processes_equals_one_process_on_the_same_global_batch(tiny_m
     assert [r["step"] for r in records] == [1, 2, 3, 4]  # rank 0 alone wrote, once per step
     for a, b in zip(records, ones, strict=True):
         assert a["tokens"] == b["tokens"] and a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)  # the norm of the whole gradient
 
     resumed = load_train_config(None, [*data, "grad_accum=2", f"output_dir={tmp_path / 'three'}",
                                        f"resume={tmp_path / 'two' / 'checkpoint-2'}"])

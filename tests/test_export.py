@@ -3,53 +3,20 @@ LoRA-adapter GGUF read back by gguf.GGUFReader, and merged HF folders in a chose
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
 import lorakit
-from conftest import CHAT_TEMPLATE, randomize_adapters, tiny_llama, tiny_tokenizer
+from conftest import BPE_TEXT, tiny_llama, tiny_tokenizer
 from lorakit.adapters.io import read_adapter
 from lorakit.cli import main
 from lorakit.export import permute_rows, write_model_gguf
 from lorakit.models import load
 
 gguf = pytest.importorskip("gguf")
-
-TEXT = "Convert the date 1987-03-09 to the format 'Month D, YYYY'. March 9, 1987. say cat, say dog.\n"
-
-
-def tiny_bpe_tokenizer():
-    """A byte-level BPE tokenizer of 128 tokens trained in code (the tiny char-level WordLevel
-    tokenizer has no GGUF tokenizer model to be written as)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=128, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  show_progress=False)
-    backend.train_from_iterator([TEXT] * 20, trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|im_end|>",
-                                  bos_token="<|im_start|>", unk_token="<|endoftext|>")
-    tok.chat_template = CHAT_TEMPLATE
-    return tok
-
-
-@pytest.fixture
-def adapter_dir(tmp_path):
-    """A tiny llama with a BPE tokenizer saved as a base folder, and a random LoRA adapter on it."""
-    base = tmp_path / "base"
-    tiny_llama().save_pretrained(base)
-    tiny_bpe_tokenizer().save_pretrained(base)
-    model, _ = load(str(base))
-    spec = lorakit.LoraSpec(r=4, alpha=8, targets="all-linear")
-    lorakit.inject(model, spec)
-    randomize_adapters(model)
-    lorakit.save_adapter(model, tmp_path / "adapter")
-    return tmp_path / "adapter"
-
 
 def merged_model(adapter_dir):
     model, tokenizer = load(read_adapter(adapter_dir).base)
@@ -78,7 +45,7 @@ def test_merged_gguf_loads_back_in_transformers_with_close_logits(adapter_dir, t
     assert want.abs().max() > 0.1  # a real signal to compare
     torch.testing.assert_close(got, want, atol=tol, rtol=tol)
     tok_back = AutoTokenizer.from_pretrained(out.parent, gguf_file=out.name)
-    assert tok_back(TEXT)["input_ids"] == tokenizer(TEXT)["input_ids"]
+    assert tok_back(BPE_TEXT)["input_ids"] == tokenizer(BPE_TEXT)["input_ids"]
     assert tok_back.eos_token == "<|im_end|>"
 
 
@@ -94,7 +61,9 @@ def test_merged_gguf_has_llama_cpp_names_and_metadata(adapter_dir, tmp_path):
     field = reader.fields["llama.attention.head_count_kv"]
     assert int(field.parts[field.data[0]][0]) == 2
     field = reader.fields["tokenizer.ggml.model"]
-    assert bytes(field.parts[field.data[0]]).decode() == "gpt2"
+    assert bytes(field.parts[field.data[0]]).decode() == "gpt2"  # llama.cpp's name for byte-level BPE
+    field = reader.fields["tokenizer.ggml.pre"]
+    assert bytes(field.parts[field.data[0]]).decode() == "gpt-2"  # GPT-2's split (llama.cpp refuses "gpt2")
 
 
 def test_q8_0_gguf_is_close(adapter_dir, tmp_path, tokens):
@@ -182,20 +151,33 @@ def test_export_merged_folder_in_bf16(adapter_dir, tmp_path, tokens):
 
 
 def test_pre_tokenizer_names_follow_llama_cpp():
-    import json
+    """Names from llama.cpp's llama-vocab.cpp (`gpt2` is not one: llama.cpp refuses it), each for the
+    split it implements; a tokenizer that splits otherwise is refused, never given a near name."""
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
 
-    from tokenizers import Regex, pre_tokenizers
+    from lorakit.export import LLAMA3_SPLIT, pre_from_config
 
-    from lorakit.export import LLAMA3_SPLIT, llama_cpp_pre
+    def name(pre, ignore_merges=False, normalizer=None):
+        backend = Tokenizer(models.BPE(ignore_merges=ignore_merges))
+        backend.pre_tokenizer = pre
+        backend.normalizer = normalizer
+        return pre_from_config(json.loads(backend.to_str()))
 
-    def name(pre):
-        return llama_cpp_pre(json.loads(pre.__getstate__()))
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    digits = pre_tokenizers.Digits(individual_digits=True)
+    llama3 = [pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+              pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    assert name(byte_level) == "gpt-2"
+    assert name(pre_tokenizers.Sequence([digits, byte_level])) == "smollm"
+    assert name(pre_tokenizers.Sequence(llama3), ignore_merges=True) == "llama-bpe"
+    refused = [
+        (pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), byte_level]), False, None),
+        (pre_tokenizers.ByteLevel(add_prefix_space=True), False, None),  # llama.cpp adds no space
+        (byte_level, False, normalizers.NFC()),  # llama.cpp does not normalize BPE text
+        (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=False), byte_level]), False, None),
+        (pre_tokenizers.Sequence(llama3), False, None),  # llama.cpp's llama-bpe ignores merges
+    ]
+    for pre, ignore_merges, normalizer in refused:
+        with pytest.raises(ValueError, match="no llama.cpp pre-tokenizer"):
+            name(pre, ignore_merges, normalizer)
 
-    assert name(pre_tokenizers.ByteLevel(add_prefix_space=False)) == "gpt2"
-    assert name(pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                         pre_tokenizers.ByteLevel(add_prefix_space=False)])) == "smollm"
-    assert name(pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
-                                         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])) \
-        == "llama-bpe"
-    with pytest.raises(ValueError, match="no llama.cpp pre-tokenizer"):
-        name(pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.ByteLevel()]))

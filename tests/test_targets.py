@@ -87,3 +87,22 @@ def test_duplicate_adapter_name_and_bad_spec_are_refused():
         lorakit.LoraSpec(bias="some")
     with pytest.raises(ValueError, match="modules_to_save entry 'head' matches no module"):
         lorakit.inject(tiny_llama(), lorakit.LoraSpec(modules_to_save=["head"]))
+
+
+def test_default_targets_are_peft_table_for_every_model_type_it_lists():
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TABLE
+
+    from lorakit.adapters.inject import DEFAULT_TARGETS
+
+    assert "gemma3_text" in PEFT_TABLE and "stablelm" in PEFT_TABLE  # the ones lorakit lacked
+    for model_type, targets in PEFT_TABLE.items():
+        assert DEFAULT_TARGETS.get(model_type) == targets, model_type
+    assert DEFAULT_TARGETS["phi3"] == ["qkv_proj"] and "phi3" not in PEFT_TABLE  # ours where PEFT has none
+
+
+@pytest.mark.parametrize("arch", ["gemma3_text", "stablelm", "qwen2", "bloom", "falcon"])
+def test_default_targets_select_what_peft_selects(arch):
+    from tiny_archs import tiny_model
+
+    selected = ours(tiny_model(arch), lorakit.LoraSpec(targets=None))
+    assert selected and selected == theirs(tiny_model(arch), target_modules=None)

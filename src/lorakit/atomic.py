@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -57,3 +58,12 @@ def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def stale_temps(path: str | Path) -> list[Path]:
+    """What atomic writes of `path` that were killed left beside it: temp files and folders
+    (`.NAME.XXXXXXXX.tmp`, 8 random characters, as `tempfile` names them) and a replaced folder
+    (`.NAME.old`). Never read as `path`; safe to delete when no write of `path` is running."""
+    path = Path(path)
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.([a-z0-9_]{{8}}\.tmp|old)")
+    return sorted(p for p in path.parent.iterdir() if pattern.fullmatch(p.name)) if path.parent.is_dir() else []

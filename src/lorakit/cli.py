@@ -106,11 +106,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def requantize(model, quant_type: str) -> dict:
     """Quantize a merged model's linears again (blocksize 64, double quant) and measure the
     relative Frobenius error ||Q(W) - W|| / ||W|| that this adds, per layer."""
-    from torch import nn
+    from transformers.pytorch_utils import Conv1D
 
-    from lorakit.quant.linear4bit import Linear4bit, dequantize_weight, quantize_model
+    from lorakit.quant.linear4bit import Linear4bit, dequantize_weight, quantizable, quantize_model
 
-    before = {n: m.weight.detach().clone() for n, m in model.named_modules() if type(m) is nn.Linear}
+    before = {n: (m.weight.T if isinstance(m, Conv1D) else m.weight).detach().clone()  # [out, in]
+              for n, m in model.named_modules() if quantizable(m)}
     quantize_model(model, quant_type, 64, True, torch.float32)
     errors = {n: float((dequantize_weight(m, torch.float32) - before[n]).norm() / before[n].norm())
               for n, m in model.named_modules() if isinstance(m, Linear4bit)}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -26,6 +27,7 @@ from torch import nn
 
 from lorakit.adapters.io import AdapterFile
 from lorakit.atomic import atomic_dir, current_umask
+from lorakit.quant.linear4bit import dequantize_model
 
 GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")
 TORCH_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
@@ -37,9 +39,13 @@ ARCHITECTURES = ("llama",)  # model_type values whose tensor layout this writer 
 
 def write_merged_folder(model: nn.Module, tokenizer, out: str | Path, dtype: str = "f32", writer=None) -> Path:
     """A plain transformers folder (safetensors, config, generation config, tokenizer) in `dtype`,
-    written atomically; `writer(model, folder)` replaces save_pretrained (e.g. a 4-bit writer)."""
+    written atomically; `writer(model, folder)` replaces save_pretrained (e.g. a 4-bit writer). Without a
+    writer, 4-bit layers that no adapter touched (a QLoRA adapter on some layers) are dequantized first:
+    a plain folder holds no 4-bit tensors."""
     if dtype not in TORCH_DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {sorted(TORCH_DTYPES)}")
+    if writer is None:
+        dequantize_model(model)
     model = model.to(TORCH_DTYPES[dtype])
 
     def fill(tmp: Path) -> None:
@@ -215,7 +221,7 @@ def add_tokenizer_metadata(writer, tokenizer, vocab_size: int) -> None:
     if model["type"] != "BPE" or "ByteLevel" not in json.dumps(backend.get("pre_tokenizer")):
         raise ValueError(f"GGUF export writes byte-level BPE tokenizers only; this one is a {model['type']} "
                          f"tokenizer, which llama.cpp's tokenizer models cannot express")
-    pre = llama_cpp_pre(backend.get("pre_tokenizer"))
+    pre = llama_cpp_pre(tokenizer, backend)
     vocab = tokenizer.get_vocab()
     by_id = {i: t for t, i in vocab.items()}
     if len(by_id) > vocab_size:
@@ -252,21 +258,54 @@ def add_tokenizer_metadata(writer, tokenizer, vocab_size: int) -> None:
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
+# llama.cpp's converter (convert_hf_to_gguf.py, `get_vocab_base_pre`) names a tokenizer's pre-tokenizer by
+# the sha256 of its ids for this text; these are its entries for the byte-level BPE tokenizers of llama models.
+CHKTXT = (
+    '\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multi'
+    'ple emojis concatenated) ✅ 🦙🦙 3 33 333 3333 33333 333333'
+    ' 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在app'
+    "le工作1314151天～ ------======= нещо на Български ''''''````"
+    '```""""......!!!!!!?????? I\'ve been \'told he\'s there, \'R'
+    "E you sure? 'M not sure I'll make it, 'D you like some t"
+    "ea? We'Ve a'lL"
+)
+KNOWN_TOKENIZERS = {
+    "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",  # openai-community/gpt2
+    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",  # HuggingFaceTB/SmolLM(2)
+    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",  # meta-llama/Meta-Llama-3-8B
+}
 
-def llama_cpp_pre(pre_tokenizer: dict | None) -> str:
-    """llama.cpp's name (`tokenizer.ggml.pre`) for how an HF byte-level tokenizer splits text
-    before BPE: GPT-2's regex ("gpt2"), digits one by one then GPT-2's ("smollm"), Llama 3's
-    ("llama-bpe"). Anything else is refused: llama.cpp would split it differently."""
-    steps = pre_tokenizer.get("pretokenizers", []) if pre_tokenizer and pre_tokenizer["type"] == "Sequence" \
-        else [pre_tokenizer or {}]
+
+def llama_cpp_pre(tokenizer, backend: dict) -> str:
+    """llama.cpp's name (`tokenizer.ggml.pre`) for how this byte-level BPE tokenizer splits text before
+    BPE: the name llama.cpp's converter gives a tokenizer it knows, else the name of the llama.cpp split
+    that this tokenizer's own configuration spells out. Anything else is refused, as the converter
+    refuses it: llama.cpp would split the text differently."""
+    fingerprint = hashlib.sha256(str(tokenizer.encode(CHKTXT)).encode()).hexdigest()
+    return KNOWN_TOKENIZERS.get(fingerprint) or pre_from_config(backend)
+
+
+def pre_from_config(backend: dict) -> str:
+    """The llama.cpp pre-tokenizer equal to an HF tokenizer.json's normalizer + pre_tokenizer + BPE
+    flags: GPT-2's regex ("gpt-2"), digits one by one then GPT-2's ("smollm"), Llama 3's
+    ("llama-bpe", which also takes whole words from the vocabulary: `ignore_merges`)."""
+    pre = backend.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
     kinds = [p.get("type") for p in steps]
-    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
-        return "gpt2"
-    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
+    byte_level = steps[-1] if kinds and kinds[-1] == "ByteLevel" else {}
+    plain = backend.get("normalizer") is None and not byte_level.get("add_prefix_space", True)
+    ignore_merges = bool(backend["model"].get("ignore_merges", False))
+    if plain and not ignore_merges and kinds == ["ByteLevel"] and byte_level.get("use_regex", True):
+        return "gpt-2"
+    if plain and not ignore_merges and kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") \
+            and byte_level.get("use_regex", True):
         return "smollm"
-    if kinds == ["Split", "ByteLevel"] and steps[0].get("pattern", {}).get("Regex") == LLAMA3_SPLIT:
+    if plain and ignore_merges and kinds == ["Split", "ByteLevel"] and not byte_level.get("use_regex", True) \
+            and steps[0].get("pattern", {}).get("Regex") == LLAMA3_SPLIT:
         return "llama-bpe"
-    raise ValueError(f"GGUF export: no llama.cpp pre-tokenizer matches this tokenizer's {json.dumps(pre_tokenizer)}")
+    raise ValueError("GGUF export: no llama.cpp pre-tokenizer splits text as this tokenizer does (normalizer "
+                     f"{json.dumps(backend.get('normalizer'))}, pre-tokenizer {json.dumps(pre)}, ignore_merges "
+                     f"{ignore_merges}); llama.cpp's converter refuses it too")
 
 
 # ----------------------------------------------------------------------------- LoRA adapter GGUF

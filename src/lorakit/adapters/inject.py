@@ -8,6 +8,7 @@ name or a dotted suffix, "all-linear" is every Linear/Conv1D except the output h
 from __future__ import annotations
 
 import re
+import warnings
 from collections import Counter
 
 import torch
@@ -19,25 +20,63 @@ from lorakit.adapters.dora import DoraAdapter
 from lorakit.adapters.layer import LoraLayer, base_kind, lora_layers
 from lorakit.adapters.lora import LoraAdapter
 from lorakit.config import LoraSpec
+from lorakit.quant.linear4bit import listed, loose_weights
 
-# PEFT's per-architecture defaults when no targets are given
-DEFAULT_TARGETS = {
+# Targets when none are given (`targets: null`), by `config.model_type`. PEFT's table
+# (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, peft 0.21), entry for entry, so the same config
+# adapts the same layers; tests/test_targets.py compares it with the installed peft's.
+PEFT_DEFAULT_TARGETS: dict[str, list[str] | str] = {
+    "t5": ["q", "v"],
+    "mt5": ["q", "v"],
+    "bart": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+    "bloom": ["query_key_value"],
+    "blip-2": ["q", "v", "q_proj", "v_proj"],
+    "opt": ["q_proj", "v_proj"],
+    "gptj": ["q_proj", "v_proj"],
+    "gpt_neox": ["query_key_value"],
+    "gpt_neo": ["q_proj", "v_proj"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "electra": ["query", "value"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "deberta": ["in_proj"],
+    "layoutlm": ["query", "value"],
     "llama": ["q_proj", "v_proj"],
+    "llama4": ["q_proj", "v_proj"],
+    "chatglm": ["query_key_value"],
+    "gpt_bigcode": ["c_attn"],
+    "mpt": ["Wqkv"],
+    "RefinedWebModel": ["query_key_value"],
+    "RefinedWeb": ["query_key_value"],
+    "falcon": ["query_key_value"],
+    "btlm": ["c_proj", "c_attn"],
+    "codegen": ["qkv_proj"],
     "mistral": ["q_proj", "v_proj"],
     "mixtral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "qwen3": ["q_proj", "v_proj"],
+    "stablelm": ["q_proj", "v_proj"],
+    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
     "gemma": ["q_proj", "v_proj"],
     "gemma2": ["q_proj", "v_proj"],
-    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+    "gemma3_text": ["q_proj", "v_proj"],
+    "gemma4": r".*language_model\..*\.(q_proj|v_proj)",
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "nemotron_h": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "rwkv": ["key", "value", "receptance", "output"],
+    "rwkv7": ["r_proj", "k_proj", "v_proj", "o_proj", "key", "value"],
+}
+# Ours where PEFT has none (it then asks for target_modules): the attention's query and value projections,
+# as PEFT picks for the Llama-like models it lists; phi3 fuses them into qkv_proj.
+DEFAULT_TARGETS: dict[str, list[str] | str] = {
+    **PEFT_DEFAULT_TARGETS,
     "phi3": ["qkv_proj"],
-    "opt": ["q_proj", "v_proj"],
-    "gpt2": ["c_attn"],
-    "gpt_neox": ["query_key_value"],
-    "bloom": ["query_key_value"],
-    "falcon": ["query_key_value"],
-    "gptj": ["q_proj", "v_proj"],
-    "gpt_bigcode": ["c_attn"],
+    "olmo2": ["q_proj", "v_proj"],
+    "starcoder2": ["q_proj", "v_proj"],
+    "qwen3_moe": ["q_proj", "v_proj"],
+    "granite": ["q_proj", "v_proj"],
+    "cohere": ["q_proj", "v_proj"],
 }
 LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)(?:\.|$)")
 
@@ -99,6 +138,12 @@ def match_targets(model: nn.Module, spec: LoraSpec) -> list[str]:
         names.append(name)
     if not names:
         raise ValueError(f"targets {targets!r} match no module. Candidates: {describe_candidates(model)}")
+    loose = loose_weights(model) if targets == "all-linear" else []
+    if loose:
+        warnings.warn(f"all-linear leaves {len(loose)} weight matrices without an adapter: they are held outside "
+                      f"linear layers (fused mixture-of-experts parameters, routers), which lorakit cannot adapt "
+                      f"yet (PEFT's all-linear adapts them through target_parameters): {listed(loose)}",
+                      stacklevel=3)
     return names
 
 

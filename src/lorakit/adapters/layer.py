@@ -114,6 +114,11 @@ class LoraLayer(nn.Module):
     def in_out(self) -> tuple[int, int]:
         return in_out(self.base_module)
 
+    @property
+    def fan_in_fan_out(self) -> bool:
+        """Whether the base model stores this weight [in, out] (GPT-2's Conv1D, also once made 4-bit)."""
+        return self.kind == "conv1d" or (self.kind == "linear4bit" and self.base_module.conv1d)
+
     def add(self, name: str, adapter: nn.Module, active: bool = True) -> None:
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} already exists on this layer")
@@ -197,8 +202,8 @@ class LoraLayer(nn.Module):
     @torch.no_grad()
     def unwrap(self, names: list[str], safe: bool = False) -> nn.Module:
         """The base module with adapters `names` merged in (those that read the base weight first). A
-        4-bit base becomes a full-precision nn.Linear holding the merged dequantize(W): nothing is
-        re-quantized."""
+        4-bit base becomes the full-precision layer it stands for (nn.Linear, or GPT-2's Conv1D) holding the
+        merged dequantize(W): nothing is re-quantized."""
         names = merge_order([n for n in names if n in self.adapters], self.adapters)
         self.active = [n for n in self.active if n in names]  # the others are dropped with the wrapper
         if self.kind != "linear4bit":
@@ -212,13 +217,7 @@ class LoraLayer(nn.Module):
             weight = self.adapters[name].merged_weight(weight)
             if safe and not torch.isfinite(weight).all():
                 raise ValueError(f"merging adapter {name!r} gives non-finite weights")
-        dtype = base.compute_dtype
-        linear = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
-                           device=weight.device, dtype=dtype)
-        linear.weight.copy_(weight)
-        if base.bias is not None:
-            linear.bias.copy_(base.bias)
-        return linear.requires_grad_(False)
+        return base.full_precision(weight)
 
 
 def merge_order(names: list[str], adapters: nn.ModuleDict) -> list[str]:

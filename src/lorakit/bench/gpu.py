@@ -27,6 +27,7 @@ import importlib.util
 import statistics
 import subprocess
 import time
+from pathlib import Path
 
 from lorakit.bench.settings import parse_settings
 
@@ -227,16 +228,20 @@ def bench_train(s: dict, quick: bool, reps: int, warmup: int, memory: bool) -> l
 
 def lorakit_task(w, quantized: bool, device: str = "cuda"):
     """One lorakit LoRA/QLoRA (NF4 + double quant) training step on `device`, as `lorakit train` sets it up."""
+    import torch
+
     import lorakit
     from lorakit.bench.ours import lora_spec
     from lorakit.bench.workload import make_batch, supervised_tokens
     from lorakit.config import QuantConfig, TrainConfig
-    from lorakit.models import load
+    from lorakit.models import load_weights
+    from lorakit.quant.linear4bit import quant_record
     from lorakit.train.loop import loss_sum
     from lorakit.train.run import prepare_base
 
     quant = QuantConfig(type="nf4", double_quant=True, blocksize=64, compute_dtype=w.dtype) if quantized else None
-    model = load(w.model_dir, quant=quant, dtype=w.torch_dtype)[0].requires_grad_(False)  # as `lorakit train`
+    model = load_weights(Path(w.model_dir), quant_record(quant), w.torch_dtype, torch.device("cpu"))
+    model.requires_grad_(False)  # as `lorakit train`
     prepare_base(model, TrainConfig(quant=quant, gradient_checkpointing=w.checkpointing))  # off, as PEFT's side
     lorakit.inject(model, lora_spec(w))
     model.to(device).train()

@@ -11,6 +11,7 @@ import copy
 import functools
 import os
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -95,12 +96,14 @@ def lorakit_train(w: Workload, quantized: bool = False) -> Task:
     """lorakit's LoRA (or, `quantized`, QLoRA: NF4 + double quantization) training step."""
     import lorakit
     from lorakit.config import QuantConfig, TrainConfig
-    from lorakit.models import load
+    from lorakit.models import load_weights
+    from lorakit.quant.linear4bit import quant_record
     from lorakit.train.loop import loss_sum
     from lorakit.train.run import prepare_base
 
     quant = QuantConfig(type="nf4", double_quant=True, blocksize=64, compute_dtype=w.dtype) if quantized else None
-    model = load(w.model_dir, quant=quant, dtype=w.torch_dtype)[0].requires_grad_(False)  # as `lorakit train`
+    model = load_weights(Path(w.model_dir), quant_record(quant), w.torch_dtype, torch.device("cpu"))
+    model.requires_grad_(False)  # as `lorakit train`
     prepare_base(model, TrainConfig(quant=quant, gradient_checkpointing=w.checkpointing, compile=w.compile))
     lorakit.inject(model, lora_spec(w))
     model.train()

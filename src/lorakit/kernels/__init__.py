@@ -47,6 +47,23 @@ def triton_available() -> bool:
     return True
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, bit for bit, but its result is its own tensor, never a view of one made inside it; for a
+    custom autograd Function's forward (it writes through `out=`, which autograd does not record).
+
+    F.linear with a bias on a [..., in] input returns a view of its 2-d `addmm` result. Returned from a
+    custom Function, such a view cannot be modified in place afterwards (autograd forbids it: the rebase
+    would bypass the Function's backward), which the in-place LoRA node (`lora_linear`) does to a layer's
+    output. Here the same `addmm` writes into a fresh [..., out] tensor; without a bias, `matmul` folds
+    [..., in] into one `mm` and makes no view.
+    """
+    if bias is None:
+        return torch.matmul(x, weight.T)  # [..., out]
+    y = torch.empty(*x.shape[:-1], weight.shape[0], dtype=x.dtype, device=x.device)  # [..., out]
+    torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight.T, out=y.view(-1, weight.shape[0]))
+    return y
+
+
 class FactorCache:
     """Per layer, one value derived from adapter factors (e.g. their stacked copies for a mixed batch),
     kept until a factor is replaced or changed in place. The entry holds the factors it was built from,

@@ -31,7 +31,15 @@ def lora_linear(
     `inplace` adds into base_out itself (no [tokens, out] copy): only for a base_out nobody else
     reads afterwards, e.g. a layer's output with one plain LoRA adapter active.
     """
-    return _LoraLinear.apply(base_out, x, lora_A, lora_B, scale, inplace)
+    return _LoraLinear.apply(base_out, x, lora_A, lora_B, scale, inplace and may_modify_inplace(base_out))
+
+
+def may_modify_inplace(t: Tensor) -> bool:
+    """Whether autograd lets `t` be modified in place. It forbids it, with grad mode on, for a view made
+    where autograd could not record it (inside a custom Function's forward, or in no-grad mode): its base
+    then tracks no history, and rebasing the view would bypass that Function's backward."""
+    base = t._base
+    return base is None or not torch.is_grad_enabled() or not t.requires_grad or base.requires_grad
 
 
 def lora_linear_reference(x: Tensor, base_out: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float) -> Tensor:

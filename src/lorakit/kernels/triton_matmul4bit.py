@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from lorakit import kernels
 from lorakit.kernels.triton_nf4 import (
     cast_rtne,
     dequant_values,
@@ -91,9 +92,10 @@ def matmul_4bit(x: Tensor, packed: Tensor, state: QuantState, bias: Tensor | Non
     args = kernel_args(packed, state)
     x2 = x.reshape(-1, k_in).contiguous()  # [M, K]
     rows = x2.shape[0]
-    out = torch.empty(rows, n_out, dtype=x.dtype, device=x.device)  # [M, N]
+    result = torch.empty(*x.shape[:-1], n_out, dtype=x.dtype, device=x.device)  # [..., N], not a view: see
+    out = result.view(rows, n_out)  # [M, N], what the kernels write                kernels.linear
     if rows == 0:
-        return out.view(*x.shape[:-1], n_out)
+        return result
     common = dict(NESTED=args[8], HAS_BIAS=bias is not None)
     bias_arg = bias if bias is not None else out
     if not (rows > GEMV_MAX_ROWS if tiled is None else tiled):
@@ -108,7 +110,7 @@ def matmul_4bit(x: Tensor, packed: Tensor, state: QuantState, bias: Tensor | Non
         _tiled_kernel[grid](x2, *args[:8], bias_arg, out, rows, n_out, k_in, x2.stride(0), out.stride(0),
                             PRECISION=precision, INTERPRET=interpreting(),
                             BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=block_k, **common)  # fmt: skip
-    return out.view(*x.shape[:-1], n_out)
+    return result
 
 
 def linear_4bit(x: Tensor, packed: Tensor, state: QuantState, bias: Tensor | None = None) -> Tensor:
@@ -117,7 +119,7 @@ def linear_4bit(x: Tensor, packed: Tensor, state: QuantState, bias: Tensor | Non
     the matmul, not reading W, dominates). Not tuned on a GPU yet: see docs/BENCHMARKS.md."""
     if x.numel() // max(x.shape[-1], 1) <= FUSED_MAX_ROWS:
         return matmul_4bit(x, packed, state, bias)
-    return F.linear(x, dequantize_4bit_triton(packed, state, x.dtype), bias)
+    return kernels.linear(x, dequantize_4bit_triton(packed, state, x.dtype), bias)
 
 
 def matmul_4bit_reference(x: Tensor, packed: Tensor, state: QuantState, bias: Tensor | None = None) -> Tensor:

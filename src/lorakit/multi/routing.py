@@ -125,10 +125,20 @@ class RowRouting:
         return self.stacks[layer]
 
     def apply(self, layer: LoraLayer, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
-        """base_out [rows, ..., out] plus each row's own adapter contribution, for input x [rows, ...]."""
+        """base_out [rows, ..., out] plus each row's own adapter contribution, for input x [rows, ...], or
+        x [rows * t, in] from a model that flattened [rows, t, in] (OPT, before its MLP)."""
         if x.shape[0] != self.rows:
-            raise ValueError(f"the batch was routed for {self.rows} rows but a layer got {x.shape[0]} "
-                             "(beam search or num_return_sequences change the batch: route the expanded rows)")
+            if x.dim() != 2:
+                raise ValueError(f"the batch was routed for {self.rows} rows but a layer got {x.shape[0]} "
+                                 "(beam search or num_return_sequences change the batch: route the expanded rows)")
+            if x.shape[0] % self.rows:
+                raise ValueError(f"the batch was routed for {self.rows} rows but a layer got {x.shape[0]} flattened "
+                                 f"token rows, which are not {self.rows} rows of equal length: they cannot be "
+                                 "mapped back to the batch rows")
+            # flattening [rows, t, in] keeps each row's t tokens together: route them as [rows, t, in]
+            y = self.apply(layer, x.reshape(self.rows, -1, x.shape[-1]),
+                           base_out.reshape(self.rows, -1, base_out.shape[-1]))  # [rows, t, out]
+            return y.reshape(base_out.shape)
         if not torch.is_grad_enabled() and not self.chained and kernels.use_triton(x):
             # CUDA serving: segmented kernels (SGMV/BGMV), one adapter a row
             from lorakit.kernels.triton_lora import routed_lora

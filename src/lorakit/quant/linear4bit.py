@@ -7,13 +7,17 @@ bytes bitsandbytes' `Linear4bit` writes. No import of bitsandbytes: plain PyTorc
 
 from __future__ import annotations
 
+import warnings
+
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers.models.falcon.modeling_falcon import FalconLinear
+from transformers.pytorch_utils import Conv1D
 
 from lorakit.quant.nf4 import QuantState, dequantize_4bit, from_state_dict_entries, quantize_4bit, state_dict_entries
 
 COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+PLAIN_LINEARS = (FalconLinear,)  # subclasses of nn.Linear computing x W^T + b (tests/test_qlora_layers.py checks)
 
 
 class Linear4bit(nn.Module):
@@ -23,11 +27,14 @@ class Linear4bit(nn.Module):
     and y is cast back to x's dtype. The packed weight and the bias are frozen: gradients reach the
     input only. The backward pass dequantizes W again rather than keeping it from the forward, so a
     QLoRA step holds no full-precision copy of the base weights.
+
+    `conv1d`: made from a transformers `Conv1D` (GPT-2), whose weight is stored [in, out]. W is quantized
+    transposed, [out, in], as transformers + bitsandbytes lay it out; a merge gives back a Conv1D.
     """
 
     def __init__(
         self, packed: Tensor, quant_state: QuantState, bias: Tensor | None = None,
-        compute_dtype: torch.dtype = torch.float32,
+        compute_dtype: torch.dtype = torch.float32, conv1d: bool = False,
     ) -> None:  # fmt: skip
         super().__init__()
         if len(quant_state.shape) != 2:
@@ -36,18 +43,23 @@ class Linear4bit(nn.Module):
             raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {compute_dtype}")
         self.out_features, self.in_features = quant_state.shape
         self.compute_dtype = compute_dtype
+        self.conv1d = conv1d
         self.quant_state = quant_state
         self.weight = _packed_parameter(packed)
         self.register_parameter("bias", None if bias is None else nn.Parameter(bias.detach().clone(), False))
 
     @classmethod
     def from_linear(
-        cls, linear: nn.Linear, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
+        cls, linear: nn.Linear | Conv1D, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
         compute_dtype: torch.dtype = torch.float32, quant_storage: torch.dtype = torch.uint8,
     ) -> Linear4bit:  # fmt: skip
-        """Quantize `linear`'s weight on its own device; its bias is copied and frozen."""
-        packed, state = quantize_4bit(linear.weight.detach(), quant_type, blocksize, double_quant, quant_storage)
-        return cls(packed, state, linear.bias, compute_dtype)
+        """Quantize `linear`'s weight (a Conv1D's transposed to [out, in]) on its own device; its bias is
+        copied and frozen."""
+        conv1d = isinstance(linear, Conv1D)
+        weight = linear.weight.detach()
+        weight = weight.T.contiguous() if conv1d else weight  # [out, in]
+        packed, state = quantize_4bit(weight, quant_type, blocksize, double_quant, quant_storage)
+        return cls(packed, state, linear.bias, compute_dtype, conv1d)
 
     def forward(self, x: Tensor) -> Tensor:
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
@@ -59,8 +71,25 @@ class Linear4bit(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"quant_type={s.quant_type}, blocksize={s.blocksize}, double_quant={s.nested}, "
-            f"compute_dtype={self.compute_dtype}"
+            f"compute_dtype={self.compute_dtype}" + (", conv1d=True" if self.conv1d else "")
         )
+
+    @torch.no_grad()
+    def full_precision(self, weight: Tensor | None = None) -> nn.Module:
+        """The kind of layer this one was made from, holding `weight` [out, in] (default: the dequantized own)
+        and this bias, in `compute_dtype`: an nn.Linear, or a Conv1D (weight stored [in, out]) for GPT-2's, so
+        the model's code and checkpoint layout stay what they were."""
+        weight = dequantize_weight(self, torch.float32) if weight is None else weight  # [out, in]
+        if self.conv1d:
+            layer = Conv1D(self.out_features, self.in_features).to(weight.device, self.compute_dtype)
+            layer.weight.copy_(weight.T)
+        else:
+            layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                              device=weight.device, dtype=self.compute_dtype)
+            layer.weight.copy_(weight)
+        if self.bias is not None:
+            layer.bias.copy_(self.bias)
+        return layer.requires_grad_(False)
 
     def _apply(self, fn, recurse: bool = True):
         """Move the packed bytes and the quant state with the module, but never cast the bytes.
@@ -92,7 +121,8 @@ class Linear4bit(nn.Module):
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ) -> None:
-        """Load bitsandbytes-layout entries; a float weight of shape [out, in] alone is quantized here."""
+        """Load bitsandbytes-layout entries; a float weight alone (of shape [out, in], a Conv1D's [in, out])
+        is quantized here."""
         weight_key = f"{prefix}weight"
         if weight_key not in state_dict:
             missing_keys.append(weight_key)
@@ -107,6 +137,7 @@ class Linear4bit(nn.Module):
     def _load_weight(self, prefix: str, state_dict: dict) -> None:
         weight = state_dict[f"{prefix}weight"]
         is_float = weight.is_floating_point() and not any(k.startswith(f"{prefix}weight.") for k in state_dict)
+        weight = weight.T if is_float and self.conv1d else weight  # [out, in]
         if is_float and weight.shape == (self.out_features, self.in_features):
             s = self.quant_state
             storage = self.weight.dtype
@@ -131,7 +162,8 @@ class Linear4bit(nn.Module):
 
 
 class _Linear4bitFn(torch.autograd.Function):
-    """F.linear with a 4-bit weight; saves the packed bytes, not W, and re-dequantizes in backward."""
+    """F.linear with a 4-bit weight; saves the packed bytes, not W, and re-dequantizes in backward. Its
+    output is never a view (see `kernels.linear`): a LoRA node may then add into it in place."""
 
     @staticmethod
     def forward(ctx, x: Tensor, packed: Tensor, state: QuantState, bias: Tensor | None) -> Tensor:
@@ -143,10 +175,7 @@ class _Linear4bitFn(torch.autograd.Function):
             from lorakit.kernels.triton_matmul4bit import linear_4bit
 
             return linear_4bit(x, packed, state, bias)
-        y = F.linear(x, dequantize(packed, state, x.dtype))  # [..., out]
-        # bias added in place: F.linear's fused bias returns a view of its 2-d result, and a view made inside
-        # a Function may not be changed in place later (the LoRA wrapper adds its delta into y in place)
-        return y if bias is None else y.add_(bias)
+        return kernels.linear(x, dequantize(packed, state, x.dtype), bias)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
@@ -197,16 +226,17 @@ def quantize_model(
     skip: tuple[str, ...] = ("lm_head",),
     quant_storage: torch.dtype = torch.uint8,
 ) -> nn.Module:
-    """Replace every `nn.Linear` in `model` by a `Linear4bit`, in place; returns `model`.
+    """Replace every `nn.Linear` and `Conv1D` in `model` by a `Linear4bit`, in place; returns `model`.
 
     `quant_storage`: the dtype the packed bytes are viewed as (a float one lets FSDP2 shard them with
     the other parameters; see `quantize_4bit`).
 
     Left alone: the output head (`model.get_output_embeddings()`, when the model has one) and any
     module whose dotted name contains an entry of `skip` as whole components (`"lm_head"`,
-    `"mlp"`, `"layers.0"`). Only exact `nn.Linear` is replaced: subclasses (e.g. the out_proj of
-    `nn.MultiheadAttention`, read directly by its owner) keep their own semantics. A linear
-    registered under several names is quantized once and shared.
+    `"mlp"`, `"layers.0"`). Replaced are the layers `quantizable` names; other subclasses of nn.Linear
+    (routers, the out_proj of `nn.MultiheadAttention` that its owner reads directly) keep their own
+    semantics and full precision, with a warning naming them. A linear registered under several names is
+    quantized once and shared.
     """
     replaced: dict[int, Linear4bit] = {}
     for name, module in quantization_targets(model, skip):
@@ -218,7 +248,39 @@ def quantize_model(
                 raise ValueError(f"{name}: {e}") from e
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, replaced[id(module)])
+    warn_full_precision(model, skip)
     return model
+
+
+def warn_full_precision(model: nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> None:
+    """Name, in a warning, what a quantized model keeps in full precision besides its head and `skip`: never
+    silently. Other subclasses of nn.Linear, and weight matrices outside linear layers (`loose_weights`)."""
+    head = output_head(model)
+    left = [f"{name} ({type(module).__name__})" for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and module is not head and not _skipped(name, skip)]
+    if left:
+        warnings.warn(f"{len(left)} linear layers stay in full precision: their class is a subclass of nn.Linear "
+                      f"that 4-bit layers do not replace (as in transformers + bitsandbytes): {listed(left)}",
+                      stacklevel=3)
+    loose = [name for name in loose_weights(model) if not _skipped(name, skip)]
+    if loose:
+        warnings.warn(f"{len(loose)} weight matrices outside linear layers stay in full precision (fused "
+                      f"mixture-of-experts parameters, routers): {listed(loose)}", stacklevel=3)
+
+
+def loose_weights(model: nn.Module) -> list[str]:
+    """Names of weight matrices (2-d or more) held directly by modules other than linear, Conv1D and
+    embedding layers: fused mixture-of-experts parameters (`mlp.experts.gate_up_proj` [experts, 2 * ff,
+    hidden]) and routers (`mlp.gate.weight`), which neither 4-bit layers nor LoRA wrappers replace."""
+    layers = (nn.Linear, nn.Embedding, Conv1D, Linear4bit)
+    wrapped = {id(m) for w in model.modules() if hasattr(w, "base_module") for m in w.modules()}  # LoRA wrappers
+    return [f"{name}.{pname}" if name else pname for name, module in model.named_modules()
+            if not isinstance(module, layers) and id(module) not in wrapped
+            for pname, p in module.named_parameters(recurse=False) if p.dim() >= 2]
+
+
+def listed(names: list[str], first: int = 3) -> str:
+    return ", ".join(names[:first]) + (", ..." if len(names) > first else "")
 
 
 def quantize_layer(
@@ -230,12 +292,17 @@ def quantize_layer(
     return Linear4bit.from_linear(module, quant_type, blocksize, double_quant, compute_dtype, quant_storage)
 
 
+def output_head(model: nn.Module) -> nn.Module | None:
+    """The model's output head (kept in full precision), if it names one."""
+    return model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+
+
 def quantization_targets(model: nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> list[tuple[str, nn.Module]]:
     """(name, module) of every layer `quantize_model` replaces, under each of its names (see there)."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = output_head(model)
     return [
         (name, module) for name, module in model.named_modules(remove_duplicate=False)
-        if type(module) is nn.Linear and module is not head and not _skipped(name, skip)
+        if quantizable(module) and module is not head and not _skipped(name, skip)
     ]  # fmt: skip
 
 
@@ -252,6 +319,26 @@ def quant_record(quant) -> dict | None:
     if getattr(torch, record["compute_dtype"], None) not in COMPUTE_DTYPES:
         raise ValueError(f"quant compute_dtype must be float32, bfloat16 or float16, got {record['compute_dtype']!r}")
     return record
+
+
+def quantizable(module: nn.Module) -> bool:
+    """An exact nn.Linear or a transformers Conv1D (what transformers + bitsandbytes make 4-bit), or an
+    nn.Linear subclass whose forward is F.linear's formula (`PLAIN_LINEARS`; transformers 5 leaves those in
+    full precision, so a Falcon would get no 4-bit layer at all)."""
+    return type(module) in (nn.Linear, *PLAIN_LINEARS) or isinstance(module, Conv1D)
+
+
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """Replace every `Linear4bit` in `model` by the full-precision layer it stands for (`full_precision`), in
+    place; returns `model`. A layer registered under several names stays shared."""
+    replaced: dict[int, nn.Module] = {}
+    for name, module in list(model.named_modules(remove_duplicate=False)):
+        if isinstance(module, Linear4bit):
+            if id(module) not in replaced:
+                replaced[id(module)] = module.full_precision()
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, replaced[id(module)])
+    return model
 
 
 def quantization_of(model: nn.Module) -> dict | None:

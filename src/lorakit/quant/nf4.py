@@ -8,7 +8,9 @@ bitsandbytes, so the bytes, the absmax and the serialized state agree with it.
 
 Double quantization (QLoRA) stores the absmax values themselves in 8 bits: their mean (`offset`)
 is subtracted and the result is quantized blockwise (blocks of 256) with bitsandbytes' signed 8-bit
-dynamic code, keeping one fp32 absmax per 256 blocks.
+dynamic code, keeping one fp32 absmax per 256 blocks. That 8-bit step rounds as bitsandbytes' native
+CPU kernel (`cquantize_blockwise_cpu_fp32`) does: through a 65536-entry lookup table, not to the
+exact nearest code, so the nested codes are byte-equal to what bitsandbytes writes on the CPU.
 
 The state-dict layout is bitsandbytes' / transformers': `weight` (packed), `weight.absmax`,
 `weight.quant_map`, `weight.nested_absmax`, `weight.nested_quant_map` and
@@ -18,6 +20,7 @@ The state-dict layout is bitsandbytes' / transformers': `weight` (packed), `weig
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from collections.abc import Mapping
@@ -157,7 +160,10 @@ def quantize_4bit(
         packed.append(q[0::2] << 4 | q[1::2])  # [c / 2]: even element in the high nibble
         absmax.append(part_absmax)
     packed = torch.cat(packed).unsqueeze(1)  # [(n + 1) // 2, 1]
-    state = QuantState(torch.cat(absmax), t.shape, t.dtype, blocksize, quant_type, code)
+    absmax = torch.cat(absmax)  # [blocks]
+    if not bool(torch.isfinite(absmax).all()):
+        raise ValueError("cannot quantize a tensor that holds NaN or Inf")
+    state = QuantState(absmax, t.shape, t.dtype, blocksize, quant_type, code)
     if double_quant:
         state = _double_quantize(state)
     return _as_storage(packed, quant_storage), state
@@ -203,12 +209,45 @@ def _double_quantize(state: QuantState) -> QuantState:
     """Replace the fp32 absmax by 8-bit dynamic codes of (absmax - mean), blocks of 256."""
     offset = state.absmax.mean()  # scalar fp32
     nested_code = dynamic_map(device=state.absmax.device)
-    nested_absmax, scaled = _scale_blocks(state.absmax - offset, NESTED_BLOCKSIZE)
-    codes = _nearest_code(scaled, nested_code).to(torch.uint8)  # [blocks]
+    codes, nested_absmax = _quantize_8bit_lut(state.absmax - offset, _dynamic_lut(state.absmax.device),
+                                              NESTED_BLOCKSIZE)
     return dataclasses.replace(
         state, absmax=codes, offset=offset, nested_absmax=nested_absmax,
         nested_code=nested_code, nested_blocksize=NESTED_BLOCKSIZE,
     )  # fmt: skip
+
+
+LUT_SIZE = 65536  # bins of [-1, 1] in bitsandbytes' native 8-bit quantizer
+
+
+def _quantize_8bit_lut(flat: Tensor, lut: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
+    """uint8 codes [n] and fp32 absmax [blocks] of flat [n], as bitsandbytes' native CPU kernel computes them.
+
+    Each value is scaled by 1/absmax of its block (multiplied, the ragged last block too), clamped to
+    [-1, 1] and rounded to the nearest of 65536 points -1 + 2i/65535: i = trunc((v + 1) * 0.5 * 65535 + 0.5),
+    fp32 op by op; the code is the one nearest to point i (the number of code midpoints below it). So a
+    value within half a bin of a midpoint can get the farther of its two neighbouring codes, farther by
+    at most one bin (2/65535 of the block absmax). An all-zero block keeps absmax 0 and gets code index 0.
+    """
+    n = flat.numel()
+    blocks = F.pad(flat, (0, -n % blocksize)).view(-1, blocksize)  # [blocks, blocksize]; padding: zeros
+    absmax = blocks.abs().amax(dim=1)  # [blocks]
+    inverse = torch.where(absmax > 0, 1.0 / absmax, 0.0)  # [blocks]
+    scaled = (blocks * inverse[:, None]).clamp(-1.0, 1.0)
+    bins = (((scaled + 1.0) * 0.5) * (LUT_SIZE - 1) + 0.5).long()  # trunc toward 0; all >= 0
+    codes = lut[bins]
+    codes[absmax == 0] = 0
+    return codes.reshape(-1)[:n], absmax
+
+
+@functools.cache
+def _dynamic_lut(device: torch.device) -> Tensor:
+    """The native kernel's table for the signed dynamic code c: for bin i, how many midpoints
+    (c[k] + c[k+1]) / 2 lie below -1 + 2i/65535 (fp32). Built once per device, on the CPU."""
+    code = dynamic_map()
+    midpoints = 0.5 * (code[:-1] + code[1:])  # [255], sorted like code
+    left = -1.0 + (2.0 * torch.arange(LUT_SIZE, dtype=torch.float32)) / (LUT_SIZE - 1)
+    return torch.searchsorted(midpoints, left, right=False).to(torch.uint8).to(device)  # [65536]
 
 
 def _scale_blocks(flat: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:

@@ -170,10 +170,13 @@ def full_state(state: dict) -> dict:
 
 def sharded_state(state: dict, optimizer: torch.optim.Optimizer) -> dict:
     """The inverse of `full_state` for `optimizer`: the moments of a sharded parameter become this
-    rank's shards."""
+    rank's shards; other entries (a step count, 8-bit absmax) stay as they are."""
     params = [p for group in optimizer.param_groups for p in group["params"]]  # the state dict's numbering
-    return {**state, "state": {i: {k: like(v, params[i]) if v.shape == params[i].shape else v for k, v in s.items()}
-                               for i, s in state["state"].items()}}
+
+    def shard(v, p):
+        return like(v, p) if isinstance(v, torch.Tensor) and v.shape == p.shape else v
+
+    return {**state, "state": {i: {k: shard(v, params[i]) for k, v in s.items()} for i, s in state["state"].items()}}
 
 
 @contextlib.contextmanager
