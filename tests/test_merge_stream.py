@@ -141,8 +141,8 @@ def test_streamed_merge_is_the_lora_formula(tmp_path):
 
 def test_streamed_merge_casts_and_exports_gguf_like_the_in_memory_path(tmp_path):
     gguf = pytest.importorskip("gguf")
-    from lorakit.export import write_merged_gguf_streamed, write_model_gguf
     from conftest import tiny_bpe_tokenizer
+    from lorakit.export import write_merged_gguf_streamed, write_model_gguf
 
     base = tmp_path / "base"
     llama(tied=False, bias=False).save_pretrained(base, max_shard_size="20KB")
