@@ -8,11 +8,12 @@ own time and its peak resident set (VmHWM: everything the process ever held, imp
   ours-load-4bit   `lorakit.models.load(folder, quant={})`: NF4 + double quant as the weights are read
   ours-qlora-step  the same load as `lorakit train quant={}` (k-bit preparation, gradient checkpointing),
                    LoRA r=8 on every linear, one AdamW step on batch 1 x `seq` tokens
-  ours-load-bf16   `lorakit.models.load(folder)` (dtype auto: the checkpoint's bf16)
+  ours-load-bf16   `lorakit.models.load(folder)` (dtype auto: the checkpoint's bf16), then every weight read once
   ours-merge       `lorakit merge` of a random r=8 all-linear adapter, shard by shard (output removed after)
   peer-qlora-step  transformers + bitsandbytes `load_in_4bit` (NF4, double quant, fp32 compute) + PEFT
                    (`prepare_model_for_kbit_training`, LoRA r=8 all-linear), one AdamW step, same batch
-  peer-load-bf16   transformers `from_pretrained(dtype=bfloat16, low_cpu_mem_usage=True)`
+  peer-load-bf16   transformers `from_pretrained(dtype=bfloat16, low_cpu_mem_usage=True)`, then every weight read
+                   once (transformers memory-maps the shards: untouched weights are not resident)
 
 Settings (--set KEY=VALUE): sizes=3b (any of 1b, 3b, 7b; tiny under --quick);
 steps=ours-load-4bit,ours-qlora-step,ours-load-bf16,ours-merge; peers=peer-qlora-step,peer-load-bf16
@@ -199,7 +200,20 @@ def ours_load_bf16(request: dict) -> dict:
     from lorakit.models import load
 
     model, _ = load(request["model"])
-    return {"weight_bytes": int(weight_mib(model)["base_weight_mib"] * (1 << 20)), "dtype": str(model.dtype)}
+    return {"weight_bytes": int(weight_mib(model)["base_weight_mib"] * (1 << 20)), "dtype": str(model.dtype),
+            **touch(model)}
+
+
+def touch(model) -> dict:
+    """Read every weight once: transformers memory-maps safetensors, so its weights become resident (and count
+    in RSS) only when first used; this makes both sides' peak RSS that of a model whose weights were all read."""
+    import torch
+
+    start = time.perf_counter()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.sum()
+    return {"touch_s": time.perf_counter() - start}
 
 
 def ours_qlora_step(request: dict) -> dict:
@@ -250,7 +264,7 @@ def peer_load_bf16(request: dict) -> dict:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(request["model"], dtype=torch.bfloat16, low_cpu_mem_usage=True)
-    return {"dtype": str(model.dtype)}
+    return {"dtype": str(model.dtype), **touch(model)}
 
 
 def ours_merge(request: dict) -> dict:
