@@ -27,6 +27,7 @@ from torch import nn
 
 from lorakit.adapters.io import AdapterFile
 from lorakit.atomic import atomic_dir, current_umask
+from lorakit.outputs import GGUF_KIND_KEY, mark_folder
 from lorakit.quant.linear4bit import dequantize_model
 
 GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -51,6 +52,7 @@ def write_merged_folder(model: nn.Module, tokenizer, out: str | Path, dtype: str
     def fill(tmp: Path) -> None:
         (writer or type(model).save_pretrained)(model, tmp)
         tokenizer.save_pretrained(tmp)
+        mark_folder(tmp, "merged")  # a later merge/export may replace it (lorakit.outputs)
 
     atomic_dir(out, fill)
     return Path(out)
@@ -181,6 +183,7 @@ def write_gguf_tensors(config, tokenizer, path: str | Path, dtype: str,
 
     def fill(writer) -> None:
         add_model_metadata(writer, config, dtype)
+        writer.add_string(GGUF_KIND_KEY, "gguf-model")  # a later export may replace it (lorakit.outputs)
         add_tokenizer_metadata(writer, tokenizer, config.vocab_size)
         for hf_name, tensor in tensors:
             if "rotary_emb" in hf_name:
@@ -339,6 +342,7 @@ def write_adapter_gguf(adapter, config, path: str | Path, dtype: str = "f32") ->
         writer.add_float32("adapter.lora.alpha", alpha)
         writer.add_name(f"{Path(adapter.folder).name} (LoRA adapter)")
         writer.add_file_type(file_type(dtype))
+        writer.add_string(GGUF_KIND_KEY, "gguf-adapter")
         for module in sorted(adapter.lora):
             a, b = adapter.lora[module]["lora_A"], adapter.lora[module]["lora_B"]  # [r, in], [out, r]
             r = a.shape[0]
@@ -543,6 +547,7 @@ def write_merged_streamed(base: str | Path, adapter: AdapterFile, out: str | Pat
             if f.is_file() and not f.name.startswith(".") and f.name != "config.json" \
                     and not f.name.endswith(WEIGHT_SUFFIXES) and f.name != "model.safetensors.index.json":
                 shutil.copy(f, tmp / f.name)
+        mark_folder(tmp, "merged")  # a later merge/export may replace it (lorakit.outputs)
 
     atomic_dir(out, fill)
     return Path(out)

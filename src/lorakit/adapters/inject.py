@@ -120,6 +120,7 @@ def match_targets(model: nn.Module, spec: LoraSpec) -> list[str]:
                 f"(e.g. 'all-linear'). Candidates: {describe_candidates(model)}"
             )
         targets = DEFAULT_TARGETS[model_type]
+    check_layers(model, spec.layers)
     head = output_head(model)
     names = []
     for name in candidate_names(model):
@@ -136,15 +137,32 @@ def match_targets(model: nn.Module, spec: LoraSpec) -> list[str]:
             if found is None or int(found.group(1)) not in spec.layers:
                 continue
         names.append(name)
+    loose = loose_weights(model)
+    if targets != "all-linear":  # named expert parameters (or their module) cannot be adapted: say so
+        named = [n for n in loose if name_matches(n, targets) or name_matches(n.rpartition(".")[0], targets)]
+        if named:
+            raise ValueError(f"targets {targets!r} name {listed(named)}: weight matrices held outside linear "
+                             f"layers (fused mixture-of-experts parameters, routers), which lorakit cannot adapt "
+                             f"yet (PEFT does, through target_parameters). Candidates: {describe_candidates(model)}")
     if not names:
         raise ValueError(f"targets {targets!r} match no module. Candidates: {describe_candidates(model)}")
-    loose = loose_weights(model) if targets == "all-linear" else []
-    if loose:
+    if targets == "all-linear" and loose:
         warnings.warn(f"all-linear leaves {len(loose)} weight matrices without an adapter: they are held outside "
                       f"linear layers (fused mixture-of-experts parameters, routers), which lorakit cannot adapt "
                       f"yet (PEFT's all-linear adapts them through target_parameters): {listed(loose)}",
                       stacklevel=3)
     return names
+
+
+def check_layers(model: nn.Module, layers: list[int] | None) -> None:
+    """Refuse `layers` indices the model does not have (rather than blame the targets for matching nothing)."""
+    if layers is None:
+        return
+    present = {int(m.group(1)) for n in candidate_names(model) if (m := LAYER_INDEX.search(n))}
+    missing = sorted(set(layers) - present)
+    if missing:
+        have = f"{len(present)} layers, 0..{max(present)}" if present else "no numbered layers"
+        raise ValueError(f"lora.layers: layer index {missing[0]} is out of range (the model has {have})")
 
 
 def describe_candidates(model: nn.Module) -> str:

@@ -245,6 +245,9 @@ class AdapterFile:
 def read_adapter(path: str | Path) -> AdapterFile:
     """Parse and check an adapter folder on its own; every error names the file and the field."""
     folder = Path(path)
+    if folder.is_file():
+        raise AdapterFileError(f"{folder} is a file, expected an adapter folder (holding {CONFIG_FILE} and "
+                               f"{WEIGHTS_FILE})")
     if not folder.is_dir():
         raise AdapterFileError(f"adapter folder {folder} does not exist")
     config_file, weights_file = folder / CONFIG_FILE, folder / WEIGHTS_FILE
