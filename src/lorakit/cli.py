@@ -100,13 +100,19 @@ def check_out(args: argparse.Namespace, kind: str) -> None:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
+    from lorakit import export
     from lorakit.adapters.merge import merge_and_unload
     from lorakit.export import write_merged_folder
     from lorakit.quant.checkpoint import save_4bit
 
     device = resolve_device(args.device)  # before anything is read
     check_out(args, "merged")
-    model, tokenizer = load(args.base, adapters=[args.adapter] if args.adapter else [], device=device)
+    base, found = export.merge_inputs(args.base, args.adapter)
+    if not args.requantize and export.streamable(base, found):  # shard by shard
+        export.write_merged_streamed(base, found, args.out, dequantized=args.qlora_base == "dequantized")
+        print(f"merged model written to {args.out}")
+        return 0
+    model, tokenizer = load(base, adapters=[found], device=device)  # in memory: a 4-bit base folder, or --requantize
     merged = merge_and_unload(model, safe=True)  # full precision, a 4-bit base dequantized
     if args.requantize:
         error = requantize(merged, args.requantize)
@@ -151,7 +157,15 @@ def cmd_export(args: argparse.Namespace) -> int:
         export.write_adapter_gguf(found, config, args.out, args.dtype or "f32")
         print(f"llama.cpp LoRA adapter written to {args.out}")
         return 0
-    model, tokenizer = load(args.base, adapters=[args.adapter] if args.adapter else [], device=device)
+    base, found = export.merge_inputs(args.base, args.adapter)
+    if export.streamable(base, found):  # shard by shard
+        if args.format == "gguf":
+            export.write_merged_gguf_streamed(base, found, args.out, args.dtype or "f16")
+        else:
+            export.write_merged_streamed(base, found, args.out, args.dtype)
+        print(f"merged model written to {args.out}")
+        return 0
+    model, tokenizer = load(base, adapters=[found], device=device)  # in memory: a 4-bit base folder
     merged = merge_and_unload(model, safe=True)
     if args.format == "gguf":
         export.write_model_gguf(merged, tokenizer, args.out, args.dtype or "f16")
@@ -170,7 +184,7 @@ def add_export_parser(sub) -> None:
     m = formats.add_parser("merged", help="base + adapter as one transformers folder (safetensors, tokenizer)")
     m.add_argument("adapter", help="adapter folder")
     m.add_argument("out", help="output folder")
-    m.add_argument("--dtype", choices=["f32", "bf16", "f16"], help="weight dtype (default f32)")
+    m.add_argument("--dtype", choices=["f32", "bf16", "f16"], help="weight dtype (default: the base checkpoint's)")
     m.add_argument("--base", help="base model (default: the one the adapter was saved for)")
     m.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     add_device_argument(m)
@@ -199,6 +213,7 @@ BENCH_SUITES = {
     "ddp": "lorakit.bench.ddp",
     "gpu": "lorakit.bench.gpu",
     "serve": "lorakit.bench.serve",
+    "scale": "lorakit.bench.scale",
 }
 
 
@@ -343,6 +358,9 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--base", help="base model (default: the one the adapter was saved for)")
     m.add_argument("--requantize", choices=["nf4", "fp4"],
                    help="write a 4-bit model (bitsandbytes layout) instead of full precision; reports the error")
+    m.add_argument("--qlora-base", choices=["dequantized", "original"], default="dequantized",
+                   help="an adapter trained over a 4-bit base merges into that base dequantized (the model it "
+                   "was trained as; default) or into the checkpoint's original weights (docs/DEPLOY.md)")
     m.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     add_device_argument(m)
     m.set_defaults(func=cmd_merge)

@@ -10,16 +10,22 @@ loads back with the same logits.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from lorakit.adapters.io import AdapterFile
 from lorakit.atomic import atomic_dir, current_umask
 from lorakit.outputs import GGUF_KIND_KEY, mark_folder
 from lorakit.quant.linear4bit import dequantize_model
@@ -135,7 +141,7 @@ def write_atomically(writer_fill, path: str | Path, arch: str) -> Path:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        writer = gguf.GGUFWriter(tmp, arch)
+        writer = gguf.GGUFWriter(tmp, arch, use_temp_file=True)  # tensors spool to disk as they are added
         writer_fill(writer)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -162,18 +168,24 @@ def check_dtype(dtype: str) -> None:
 def write_model_gguf(model: nn.Module, tokenizer, path: str | Path, dtype: str = "f16") -> Path:
     """A plain (merged) llama model + its tokenizer as one GGUF file that llama.cpp and
     transformers' GGUF loader read."""
-    check_dtype(dtype)
-    config = model.config
-    check_architecture(config)
     state = model.state_dict()
-    if config.tie_word_embeddings:
+    if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # llama.cpp re-uses token_embd when `output` is absent
+    return write_gguf_tensors(model.config, tokenizer, path, dtype, state.items())
+
+
+def write_gguf_tensors(config, tokenizer, path: str | Path, dtype: str,
+                       tensors: Iterable[tuple[str, torch.Tensor]]) -> Path:
+    """A llama GGUF from (HF name, tensor) pairs taken one at a time: each is converted and spooled to a
+    temp file before the next is asked for (the GGUF header, which comes first, needs them all)."""
+    check_dtype(dtype)
+    check_architecture(config)
 
     def fill(writer) -> None:
         add_model_metadata(writer, config, dtype)
         writer.add_string(GGUF_KIND_KEY, "gguf-model")  # a later export may replace it (lorakit.outputs)
         add_tokenizer_metadata(writer, tokenizer, config.vocab_size)
-        for hf_name, tensor in state.items():
+        for hf_name, tensor in tensors:
             if "rotary_emb" in hf_name:
                 continue
             add_tensor(writer, gguf_name(hf_name, config), permuted(hf_name, tensor, config), dtype)
@@ -351,3 +363,204 @@ def gguf_type_adapter() -> str:
     import gguf
 
     return gguf.GGUFType.ADAPTER
+
+
+# ----------------------------------------------------------------------------- streamed merge
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
+
+
+@dataclass
+class MergePlan:
+    """What a streamed merge changes, by checkpoint key; every key is checked to exist before anything is written."""
+
+    adapter: AdapterFile
+    modules: dict[str, nn.Module]  # module path -> its module in a meta-device skeleton (type, shapes)
+    merges: dict[str, list[str]]  # weight key -> adapted module paths merged into it, in model order
+    quantized: dict[str, str]  # weight key -> module path of a linear that was 4-bit in training
+    replaced: dict[str, torch.Tensor]  # key -> trained bias or modules_to_save tensor
+    dtype: torch.dtype | None  # write float tensors in it, once merged (None: keep the checkpoint's)
+
+
+def skeleton(config) -> nn.Module:
+    """The model of `config` on the meta device: module types and shapes, no memory."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def merge_plan(folder: Path, config, adapter: AdapterFile, keys: set[str], dtype: torch.dtype | None,
+               dequantized: bool = True) -> MergePlan:
+    """Which checkpoint keys the adapter changes and how; errors name the adapter file and the key.
+
+    `dequantized`: an adapter trained over a 4-bit base (it records how) is merged into that base
+    dequantized (the model it was trained as), else into the checkpoint's full-precision weights."""
+    from lorakit.adapters.io import WEIGHTS_FILE, check_fits
+
+    where = adapter.folder / WEIGHTS_FILE
+    model = skeleton(config)
+    check_fits(model, dataclasses.replace(adapter, base_weights={}))
+    modules = dict(model.named_modules())
+    tied = tied_keys(model, config, keys)
+    merges: dict[str, list[str]] = {}
+    for path in modules:  # model order, as merge_and_unload goes
+        if path in adapter.lora:
+            key = tied.get(f"{path}.weight", f"{path}.weight")
+            if key not in keys:
+                raise ValueError(f"{where}: module {path!r} has no weight {key!r} in the checkpoint {folder}")
+            merges.setdefault(key, []).append(path)
+    quantized = {}
+    if adapter.quant and dequantized:
+        quantized = {f"{p}.weight": p for p, m in modules.items() if p in quantized_linears(model)}
+    replaced = {f"{p}.bias": t for p, t in adapter.biases.items()}
+    replaced |= {f"{p}.{k}": t for p, state in adapter.copies.items() for k, t in state.items()}
+    replaced |= {f"{p}.weight": t for p, t in adapter.base_weights.items() if f"{p}.weight" in keys}
+    for key in replaced:
+        if key not in keys:
+            raise ValueError(f"{where}: tensor {key!r} has no counterpart in the checkpoint {folder}")
+    return MergePlan(adapter, modules, merges, quantized, replaced, dtype)
+
+
+def tied_keys(model: nn.Module, config, keys: set[str]) -> dict[str, str]:
+    """{output head weight key: input embedding weight key} when the head is tied and not stored."""
+    if not getattr(config, "tie_word_embeddings", False):
+        return {}
+    names = {id(m): n for n, m in model.named_modules()}
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or embed is None or f"{names[id(head)]}.weight" in keys:
+        return {}
+    return {f"{names[id(head)]}.weight": f"{names[id(embed)]}.weight"}
+
+
+def quantized_linears(model: nn.Module) -> set[str]:
+    """The module paths a 4-bit base quantizes (every exact nn.Linear but the output head)."""
+    head = model.get_output_embeddings()
+    return {n for n, m in model.named_modules() if type(m) is nn.Linear and m is not head}
+
+
+@torch.no_grad()
+def merged_tensor(plan: MergePlan, key: str, tensor: torch.Tensor) -> torch.Tensor:
+    """One checkpoint tensor as the merged model holds it."""
+    from lorakit.adapters.merge import merge_module
+    from lorakit.quant.linear4bit import Linear4bit, dequantize_weight
+
+    if key in plan.replaced:
+        tensor = plan.replaced[key]
+    stored = plan.dtype if plan.dtype is not None and tensor.is_floating_point() else tensor.dtype
+    layer = None
+    if key in plan.quantized:  # the 4-bit base it was trained on, rebuilt as the loader makes it
+        q = plan.adapter.quant
+        layer = Linear4bit.from_linear(standalone(plan.modules[plan.quantized[key]], tensor), q["type"],
+                                       q["blocksize"], q["double_quant"], getattr(torch, q["compute_dtype"]))
+        tensor = dequantize_weight(layer, torch.float32)  # [out, in]
+    for i, path in enumerate(plan.merges.get(key, [])):
+        base = layer if i == 0 and layer is not None else standalone(plan.modules[path], tensor)
+        tensor = merge_module(base, plan.adapter, path).weight.detach()
+    return tensor.to(stored)
+
+
+def standalone(meta_module: nn.Module, weight: torch.Tensor) -> nn.Module:
+    """A copy of a meta-device layer holding the real `weight` (its bias stays on meta: merges never read it)."""
+    module = copy.deepcopy(meta_module)
+    module.weight = nn.Parameter(weight, requires_grad=False)
+    if "bias" in module._parameters:
+        module._parameters["bias"] = None
+    return module
+
+
+def merge_inputs(base: str | None, adapter: str | Path) -> tuple[str, AdapterFile]:
+    """The base to merge into (given, else the adapter's own, else the default) and the adapter file."""
+    from lorakit.adapters.io import read_adapter
+
+    found = read_adapter(adapter)
+    return base or found.base or "default", found
+
+
+def streamable(base: str, adapter: AdapterFile) -> bool:
+    """Whether a streamed merge reads `base`: a full-precision safetensors checkpoint (a 4-bit folder is
+    merged in memory), for an adapter of layers only (expert-parameter adapters merge in memory)."""
+    from transformers import AutoConfig
+
+    from lorakit.models import resolve
+    from lorakit.quant.checkpoint import is_4bit_folder
+
+    return not adapter.spec.target_parameters and not is_4bit_folder(AutoConfig.from_pretrained(resolve(base)))
+
+
+def streamed_merge(base: str | Path, adapter: AdapterFile, dtype: str | None = None, dequantized: bool = True):
+    """(base folder, its config, the merge plan, its checkpoint's tensors by shard) for a streamed merge."""
+    from transformers import AutoConfig
+
+    from lorakit.models import resolve
+    from lorakit.stream import checkpoint_files, read_header
+
+    if dtype is not None and dtype not in TORCH_DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {sorted(TORCH_DTYPES)}")
+    folder = resolve(str(base))
+    config = AutoConfig.from_pretrained(folder)
+    if "lorakit.context" in adapter.metadata:  # trained with another RoPE setup (LongLoRA): the merged model has it
+        context = json.loads(adapter.metadata["lorakit.context"])
+        config.rope_parameters = dict(context["rope_parameters"])
+        config.max_position_embeddings = context["max_position_embeddings"]
+    shards = {file: read_header(file) for file in checkpoint_files(folder)}  # file -> {key: where, dtype, shape}
+    keys = {key for entries in shards.values() for key in entries}
+    return folder, config, merge_plan(folder, config, adapter, keys, TORCH_DTYPES.get(dtype), dequantized), shards
+
+
+def merged_stream(plan: MergePlan, shards: dict) -> Iterator[tuple[str, torch.Tensor]]:
+    """(key, merged tensor) for every checkpoint tensor, one at a time."""
+    from lorakit.stream import iter_tensors
+
+    for file in shards:
+        for key, tensor in iter_tensors(file):
+            yield key, merged_tensor(plan, key, tensor)
+
+
+def write_merged_streamed(base: str | Path, adapter: AdapterFile, out: str | Path, dtype: str | None = None,
+                          dequantized: bool = True, log=None) -> Path:
+    """base + adapter as a transformers folder, shard by shard: each output shard is written tensor by
+    tensor (read, merged, written, freed), so memory holds one tensor and the adapter, never the model.
+    Keeps the checkpoint's shard layout and key names; `dtype` (f32, bf16, f16; None: each tensor's own)
+    casts the float tensors. Then the index, config.json and every other non-weight file of the base
+    folder (generation config, tokenizer). Atomic as a whole. See `merge_plan` for `dequantized`."""
+    from lorakit.shards import write_index, write_streamed
+    from lorakit.stream import read_tensor
+
+    folder, config, plan, shards = streamed_merge(base, adapter, dtype, dequantized)
+    out_dtype = lambda e: plan.dtype if plan.dtype is not None and e.dtype.is_floating_point else e.dtype
+
+    def fill(tmp: Path) -> None:
+        weight_map, total = {}, 0
+        for file, entries in shards.items():
+            if log:
+                log(f"merging {file.name} ({len(entries)} tensors)")
+            layout = sorted(entries, key=lambda key: entries[key].start)  # the file's order: reads go forward
+            with open(file, "rb") as f:
+                read = lambda key, f=f, entries=entries: merged_tensor(plan, key, read_tensor(f, entries[key]))
+                total += write_streamed(tmp / file.name, [(k, out_dtype(entries[k]), entries[k].shape) for k in layout],
+                                        read, metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(entries, file.name))
+        if len(shards) > 1:
+            write_index(tmp, weight_map, total)
+        if plan.dtype is not None:
+            config.dtype = plan.dtype
+        config.save_pretrained(tmp)
+        for f in folder.iterdir():
+            if f.is_file() and not f.name.startswith(".") and f.name != "config.json" \
+                    and not f.name.endswith(WEIGHT_SUFFIXES) and f.name != "model.safetensors.index.json":
+                shutil.copy(f, tmp / f.name)
+        mark_folder(tmp, "merged")  # a later merge/export may replace it (lorakit.outputs)
+
+    atomic_dir(out, fill)
+    return Path(out)
+
+
+def write_merged_gguf_streamed(base: str | Path, adapter: AdapterFile, path: str | Path, dtype: str = "f16",
+                               dequantized: bool = True) -> Path:
+    """base + adapter as one llama GGUF, merged and converted tensor by tensor (see `write_merged_streamed`)."""
+    from lorakit.models import load_tokenizer
+
+    folder, config, plan, shards = streamed_merge(base, adapter, None, dequantized)
+    return write_gguf_tensors(config, load_tokenizer(folder), path, dtype, merged_stream(plan, shards))

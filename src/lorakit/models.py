@@ -117,8 +117,6 @@ def load(
 
     The full-precision model never exists in memory: see `lorakit.stream`.
     """
-    from transformers import AutoTokenizer
-
     from lorakit.adapters.io import AdapterFile, load_adapter, read_adapter
     from lorakit.longlora import apply_context
 
@@ -137,9 +135,7 @@ def load(
     if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
         raise FileNotFoundError(f"{folder} has no tokenizer (tokenizer.json or tokenizer_config.json)")
     model = load_weights(folder, quant if quant is not None else wanted, store, device, quant_storage)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(folder)
     if base in ("default", DEFAULT_NAME):
         model.config._name_or_path = DEFAULT_NAME
     if context is not None:
@@ -147,6 +143,16 @@ def load(
     for name, adapter in files:
         load_adapter(model, adapter, name=name)
     return model.eval(), tokenizer
+
+
+def load_tokenizer(folder: str | Path):
+    """The folder's tokenizer, with the end-of-sequence token as padding where it has none (as `load`)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -497,19 +497,8 @@ def load_adapter(
     spec = adapter.spec
     layers, params = split_params(model, adapter.spec, adapter.lora)
     load_params(model, adapter.spec, params, name, trainable)
-    for path_, pair in layers.items():
-        layer = wrap(model, path_)
-        alpha = pattern_value(path_, spec.alpha_pattern, spec.alpha)
-        lora = new_adapter(layer, spec, pair["lora_A"].shape[0], alpha, pair["lora_A"].dtype)
-        if spec.init == "pissa":  # saved for the residual base: redo the SVD that made it (as PEFT does)
-            lora.init_from_base(layer)
-        with torch.no_grad():
-            for ours, t in pair.items():
-                getattr(lora, ours).copy_(t)
-        if spec.kind == "adalora":
-            adalora.restore_masks(lora, spec.r, adapter.masks.get(path_))
-        lora.requires_grad_(trainable)
-        layer.add(name, lora)
+    for path_ in layers:
+        attach(wrap(model, path_), adapter, path_, name, trainable)
     with torch.no_grad():
         for path_, bias in adapter.biases.items():
             model.get_submodule(path_).bias.copy_(bias)
@@ -523,3 +512,20 @@ def load_adapter(
     if parent is not None:
         set_parent(model, name, parent)
     return name
+
+
+
+def attach(layer: LoraLayer, adapter: AdapterFile, path: str, name: str, trainable: bool = False) -> None:
+    """Add the adapter file's factors for module `path` to `layer` as adapter `name` (of the file's kind)."""
+    spec, pair = adapter.spec, adapter.lora[path]
+    alpha = pattern_value(path, spec.alpha_pattern, spec.alpha)
+    lora = new_adapter(layer, spec, pair["lora_A"].shape[0], alpha, pair["lora_A"].dtype)
+    if spec.init == "pissa":  # saved for the residual base: redo the SVD that made it (as PEFT does)
+        lora.init_from_base(layer)
+    with torch.no_grad():
+        for ours, t in pair.items():
+            getattr(lora, ours).copy_(t)
+    if spec.kind == "adalora":
+        adalora.restore_masks(lora, spec.r, adapter.masks.get(path))
+    lora.requires_grad_(trainable)
+    layer.add(name, lora)

@@ -11,7 +11,8 @@ from torch import nn
 
 from lorakit.adapters.copies import module_copies, remove_copies
 from lorakit.adapters.inject import active_adapters, adapted_modules
-from lorakit.adapters.layer import merge_order
+from lorakit.adapters.io import AdapterFile, attach
+from lorakit.adapters.layer import LoraLayer, merge_order
 
 
 def merge(model: nn.Module, names: list[str] | None = None, safe: bool = False) -> None:
@@ -53,6 +54,19 @@ def merge_and_unload(model: nn.Module, names: list[str] | None = None, safe: boo
             raise ValueError(f"{path}: {e}") from None
     model.lorakit_specs = {}
     return model
+
+
+@torch.no_grad()
+def merge_module(base: nn.Module, adapter: AdapterFile, path: str, safe: bool = True) -> nn.Module:
+    """A standalone base layer (holding real weights) with the adapter file's factors for module `path`
+    merged in: what `merge_and_unload` makes of that layer inside a whole model (a 4-bit base comes
+    back as a full-precision nn.Linear). Lets a merge go layer by layer without building the model."""
+    layer = LoraLayer(base)
+    attach(layer, adapter, path, "merged")
+    try:
+        return layer.unwrap(["merged"], safe=safe)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 def replace(model: nn.Module, path: str, module: nn.Module) -> None:

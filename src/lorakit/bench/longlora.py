@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -81,41 +80,13 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 def run_point(request: dict, max_rss_gib: float, memory: bool = True) -> dict:
     """One point in a fresh process, stopped (and reported as skipped) once its RSS passes the limit."""
-    # a fixed glibc mmap threshold: with its default dynamic one, freed tensors of 16-32 MiB raise it and
-    # later ones land fragmented on the heap, so peak RSS measured the allocator (8k: 4657 vs 1900 MiB)
-    env = {"MALLOC_MMAP_THRESHOLD_": "65536", **os.environ, "OMP_NUM_THREADS": str(request["threads"]),
-           "MKL_NUM_THREADS": str(request["threads"])}
-    child = subprocess.Popen([sys.executable, "-m", "lorakit.bench.longlora", json.dumps(request)],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    watched_peak = 0
-    while child.poll() is None:
-        rss = rss_bytes(child.pid)
-        watched_peak = max(watched_peak, rss)
-        if rss > max_rss_gib * GIB:
-            child.kill()
-            child.communicate()
-            return {"skipped": f"RSS passed max_rss_gib={max_rss_gib:g} ({rss / GIB:.2f} GiB); stopped"}
-        time.sleep(0.2)
-    out, err = child.communicate()
-    lines = out.strip().splitlines()
-    if child.returncode != 0 or not lines:
-        raise RuntimeError(f"bench longlora point {request['side']}@{request['length']} failed:\n{err[-4000:]}")
-    result = json.loads(lines[-1])
+    from lorakit.bench.measure import run_child
+
+    result = run_child("lorakit.bench.longlora", request, request["threads"], max_rss_gib)
     if not memory:
         result.pop("peak_rss", None)
         result.pop("setup_peak_rss", None)
     return result
-
-
-def rss_bytes(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def ratios(point: dict) -> dict[str, float]:

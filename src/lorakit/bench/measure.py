@@ -121,3 +121,43 @@ def measure_memory(scenario: str, side: str, w: Workload, runs: int) -> dict[str
     if done.returncode != 0 or not lines:
         raise RuntimeError(f"memory measurement of {scenario}/{side} failed:\n{done.stderr[-4000:]}")
     return json.loads(lines[-1])
+
+
+def run_child(module: str, request: dict, threads: int, max_rss_gib: float | None = None) -> dict:
+    """`python -m MODULE REQUEST-JSON` in a fresh process whose last stdout line is its JSON result; it is
+    stopped (and reported as {"skipped": why}) once its RSS passes `max_rss_gib`. The result gains
+    "process_s" (the child's whole wall time, imports included) and "watched_rss" (the largest RSS seen
+    by polling; the child's own VmHWM is exact). Children run with a fixed glibc mmap threshold
+    (`MALLOC_MMAP_THRESHOLD_=65536` unless set): with glibc's dynamic one, freed tensors of 16-32 MiB
+    raise it and later ones land fragmented on the heap, so peak RSS would measure the allocator."""
+    env = {"MALLOC_MMAP_THRESHOLD_": "65536", **os.environ, "OMP_NUM_THREADS": str(threads),
+           "MKL_NUM_THREADS": str(threads)}
+    start = time.perf_counter()
+    child = subprocess.Popen([sys.executable, "-m", module, json.dumps(request)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env)
+    watched = 0
+    while child.poll() is None:
+        rss = rss_bytes(child.pid)
+        watched = max(watched, rss)
+        if max_rss_gib is not None and rss > max_rss_gib * (1 << 30):
+            child.kill()
+            child.communicate()
+            return {"skipped": f"RSS passed max_rss_gib={max_rss_gib:g} ({rss / (1 << 30):.2f} GiB); stopped"}
+        time.sleep(0.2)
+    out, err = child.communicate()
+    lines = out.strip().splitlines()
+    if child.returncode != 0 or not lines:
+        raise RuntimeError(f"{module} {request}: the child failed (exit {child.returncode}):\n{err[-4000:]}")
+    return {**json.loads(lines[-1]), "process_s": time.perf_counter() - start, "watched_rss": watched}
+
+
+def rss_bytes(pid: int) -> int:
+    """A process's current resident set size (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
