@@ -188,9 +188,13 @@ def default_run(tmp_path_factory):
     lorakit.save_adapter(model, tmp / "adapter")
     answers = generate(model, tokenizer, prompts, N_TOKENS)
     texts = [prompt_text(tokenizer, p) for p in prompts]
-    ids = tokenizer(texts[0], add_special_tokens=False)["input_ids"]
+    prompt_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    answer_ids = [tokenizer(a, add_special_tokens=False)["input_ids"] for a in answers]
+    assert [tokenizer.decode(a) for a in answer_ids] == answers
+    fulls = [p + a for p, a in zip(prompt_ids, answer_ids, strict=True)]
     return SimpleNamespace(tmp=tmp, tokenizer=tokenizer, texts=texts, base_answers=base_answers, answers=answers,
-                           ids=ids, logits=torch_logits(model, ids))
+                           fulls=fulls, n_prompt=[len(p) for p in prompt_ids],
+                           logits=[torch_logits(model, f) for f in fulls])
 
 
 def llama_answers(llm: llama_cpp.Llama, run) -> list[list[int]]:
@@ -208,28 +212,33 @@ def text(llm: llama_cpp.Llama, tokens: list[int]) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype,same_tokens", [("f32", N_TOKENS), ("f16", 4), ("q8_0", 4)])
-def test_default_merged_gguf_answers_as_lorakit_generate(default_run, dtype, same_tokens):
-    """`lorakit export gguf --merged` of the default model + adapter, run by llama.cpp: its greedy answers
-    are lorakit's. f32: every token (N_TOKENS), and logits within 1e-3 (measured 1.1e-4 over prompt and
-    answer, logits up to 40; the smallest gap between the two best logits along these answers is 0.046,
-    so no argmax can flip). f16 and q8_0 round the weights (measured largest logit change 0.09 and 2.5;
-    transformers on the same q8_0 file: 2.0), so only the first `same_tokens` tokens must agree (measured:
-    all 12 in f16; 11 and 12 in q8_0)."""
+@pytest.mark.parametrize("dtype,tol", [("f32", 1e-3), ("f16", 0.25), ("q8_0", 4.0)])
+def test_default_merged_gguf_answers_as_lorakit_generate(default_run, dtype, tol):
+    """`lorakit export gguf --merged` of the default model + adapter, run by llama.cpp.
+
+    f32: llama.cpp's greedy answers are lorakit's, every token (N_TOKENS), and its logits over prompt +
+    answer are within 1e-3 of lorakit's (measured 1.1e-4, logits up to 40; the smallest gap between the
+    two best logits along the answers was 0.046, so no argmax can flip). f16 and q8_0 round the weights:
+    their logits over lorakit's prompt + answer stay within `tol` (measured 0.09 and 2.5; transformers
+    computing the same q8_0 file: 2.0) and pick lorakit's token wherever lorakit's choice leads by more
+    than 2 tol; their own greedy answers may part from lorakit's (q8_0 did, at the first token of one
+    prompt, for one random adapter)."""
     run = default_run
     out = run.tmp / f"merged-{dtype}.gguf"
     assert main(["export", "gguf", "--merged", str(run.tmp / "adapter"), str(out), "--dtype", dtype]) == 0
     llm = open_gguf(out, n_ctx=128)
     assert llm.metadata["tokenizer.ggml.pre"] == "smollm"  # as llama.cpp's converter names SmolLM2's tokenizer
     assert llama_config(llm) == (49152, 8192, 576, 30, 9, 3, llama_cpp.LLAMA_ROPE_TYPE_NORM)
-    for tokens, want in zip(llama_answers(llm, run), run.answers, strict=True):
-        assert len(tokens) >= same_tokens
-        if same_tokens == N_TOKENS:
-            assert text(llm, tokens) == want
-        else:
-            assert want.startswith(text(llm, tokens[:same_tokens])), (text(llm, tokens), want)
+    answers = llama_answers(llm, run)
     if dtype == "f32":
-        torch.testing.assert_close(llama_logits(llm, run.ids), run.logits, atol=1e-3, rtol=1e-3)
+        assert [text(llm, tokens) for tokens in answers] == run.answers
+    for full, n, want in zip(run.fulls, run.n_prompt, run.logits, strict=True):
+        got = llama_logits(llm, full)
+        torch.testing.assert_close(got, want, atol=tol, rtol=0)
+        top2 = want[n - 1 : -1].topk(2).values  # the positions that choose the answer's tokens
+        decisive = top2[:, 0] - top2[:, 1] > 2 * tol
+        assert decisive.any()
+        assert torch.equal(got[n - 1 : -1].argmax(-1)[decisive], want[n - 1 : -1].argmax(-1)[decisive])
 
 
 @pytest.mark.slow
@@ -245,7 +254,7 @@ def test_default_adapter_gguf_answers_as_lorakit_with_the_adapter(default_run):
     del base
     with_adapter = open_gguf(run.tmp / "base.gguf", lora=adapter, n_ctx=128)
     assert [text(with_adapter, t) for t in llama_answers(with_adapter, run)] == run.answers
-    torch.testing.assert_close(llama_logits(with_adapter, run.ids), run.logits, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(llama_logits(with_adapter, run.fulls[0]), run.logits[0], atol=1e-3, rtol=0)
 
 
 def gguf_fields(path) -> dict:
