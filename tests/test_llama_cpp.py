@@ -29,6 +29,7 @@ from lorakit.data.encode import prompt_text
 from lorakit.export import write_model_gguf
 from lorakit.generate import generate
 from lorakit.models import load, resolve
+from lorakit.outputs import GGUF_KIND_KEY
 
 # texts the tiny tokenizer covers (its 128 tokens know only BPE_TEXT's characters), split every way:
 # runs of digits and spaces, punctuation, a special token written as text
@@ -171,7 +172,7 @@ N_TOKENS = 12  # greedy tokens compared per prompt
 
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory):
-    """The default model and a LoRA on every linear with random B (so that it changes the answers),
+    """The default model and a LoRA on every linear with random A and B (so that it changes the answers),
     saved; lorakit's greedy answers to demo prompts with and without it (`lorakit generate`'s function);
     the base alone as an f32 GGUF; the adapter model's logits over the first prompt."""
     tmp = tmp_path_factory.mktemp("default")
@@ -180,11 +181,13 @@ def default_run(tmp_path_factory):
     base_answers = generate(model, tokenizer, prompts, N_TOKENS)
     write_model_gguf(model, tokenizer, tmp / "base.gguf", dtype="f32")
     lorakit.inject(model, lorakit.LoraSpec(r=8, alpha=16, targets="all-linear"))
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(0)  # A and B both drawn here: inject's own init uses the global RNG
     with torch.no_grad():
         for _, layer in lora_layers(model):
             for adapter in layer.adapters.values():
-                adapter.lora_B.copy_(torch.randn(adapter.lora_B.shape, generator=g) * 0.05)
+                a, b = adapter.lora_A, adapter.lora_B  # [r, in], [out, r]
+                a.copy_(torch.randn(a.shape, generator=g) / a.shape[1] ** 0.5)
+                b.copy_(torch.randn(b.shape, generator=g) * 0.1)
     lorakit.save_adapter(model, tmp / "adapter")
     answers = generate(model, tokenizer, prompts, N_TOKENS)
     texts = [prompt_text(tokenizer, p) for p in prompts]
@@ -193,8 +196,7 @@ def default_run(tmp_path_factory):
     assert [tokenizer.decode(a) for a in answer_ids] == answers
     fulls = [p + a for p, a in zip(prompt_ids, answer_ids, strict=True)]
     return SimpleNamespace(tmp=tmp, tokenizer=tokenizer, texts=texts, base_answers=base_answers, answers=answers,
-                           fulls=fulls, n_prompt=[len(p) for p in prompt_ids],
-                           logits=[torch_logits(model, f) for f in fulls])
+                           fulls=fulls, logits=[torch_logits(model, f) for f in fulls])
 
 
 def llama_answers(llm: llama_cpp.Llama, run) -> list[list[int]]:
@@ -217,12 +219,12 @@ def test_default_merged_gguf_answers_as_lorakit_generate(default_run, dtype, tol
     """`lorakit export gguf --merged` of the default model + adapter, run by llama.cpp.
 
     f32: llama.cpp's greedy answers are lorakit's, every token (N_TOKENS), and its logits over prompt +
-    answer are within 1e-3 of lorakit's (measured 1.1e-4, logits up to 40; the smallest gap between the
-    two best logits along the answers was 0.046, so no argmax can flip). f16 and q8_0 round the weights:
-    their logits over lorakit's prompt + answer stay within `tol` (measured 0.09 and 2.5; transformers
-    computing the same q8_0 file: 2.0) and pick lorakit's token wherever lorakit's choice leads by more
-    than 2 tol; their own greedy answers may part from lorakit's (q8_0 did, at the first token of one
-    prompt, for one random adapter)."""
+    answer are within 1e-3 of lorakit's (measured for an earlier random adapter: 1.1e-4, logits up to
+    40, smallest gap between the two best logits along the answers 0.046, so no argmax could flip). f16
+    and q8_0 round the weights: their logits over lorakit's prompt + answer stay within `tol` (measured
+    0.09 and 2.5; transformers computing the same q8_0 file: 2.0), so they pick lorakit's next token
+    wherever lorakit's choice leads by more than 2 tol; their own greedy answers may part from lorakit's
+    (q8_0 did, at the first token of one prompt, for one random adapter)."""
     run = default_run
     out = run.tmp / f"merged-{dtype}.gguf"
     assert main(["export", "gguf", "--merged", str(run.tmp / "adapter"), str(out), "--dtype", dtype]) == 0
@@ -232,13 +234,9 @@ def test_default_merged_gguf_answers_as_lorakit_generate(default_run, dtype, tol
     answers = llama_answers(llm, run)
     if dtype == "f32":
         assert [text(llm, tokens) for tokens in answers] == run.answers
-    for full, n, want in zip(run.fulls, run.n_prompt, run.logits, strict=True):
+    for full, want in zip(run.fulls, run.logits, strict=True):
         got = llama_logits(llm, full)
         torch.testing.assert_close(got, want, atol=tol, rtol=0)
-        top2 = want[n - 1 : -1].topk(2).values  # the positions that choose the answer's tokens
-        decisive = top2[:, 0] - top2[:, 1] > 2 * tol
-        assert decisive.any()
-        assert torch.equal(got[n - 1 : -1].argmax(-1)[decisive], want[n - 1 : -1].argmax(-1)[decisive])
 
 
 @pytest.mark.slow
@@ -275,6 +273,7 @@ def test_default_gguf_metadata_is_what_llama_cpp_converter_writes(default_run):
     subprocess.run([sys.executable, str(converter), "--vocab-only", "--outtype", "f32", "--outfile", str(theirs),
                     str(resolve("default"))], check=True, capture_output=True)
     ours, theirs = gguf_fields(default_run.tmp / "base.gguf"), gguf_fields(theirs)
+    assert ours.pop(GGUF_KIND_KEY) == "gguf-model"  # lorakit's own marker (lorakit.outputs); llama.cpp ignores it
     assert {k: v for k, v in ours.items() if k != "general.name"} == \
         {k: theirs[k] for k in ours if k != "general.name"}
     assert set(theirs) - set(ours) == {"general.basename", "general.finetune", "general.size_label",
