@@ -29,6 +29,7 @@ from lorakit.data.encode import prompt_text
 from lorakit.export import write_model_gguf
 from lorakit.generate import generate
 from lorakit.models import load, resolve
+from lorakit.outputs import GGUF_KIND_KEY
 
 # texts the tiny tokenizer covers (its 128 tokens know only BPE_TEXT's characters), split every way:
 # runs of digits and spaces, punctuation, a special token written as text
@@ -171,7 +172,7 @@ N_TOKENS = 12  # greedy tokens compared per prompt
 
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory):
-    """The default model and a LoRA on every linear with random B (so that it changes the answers),
+    """The default model and a LoRA on every linear with random A and B (so that it changes the answers),
     saved; lorakit's greedy answers to demo prompts with and without it (`lorakit generate`'s function);
     the base alone as an f32 GGUF; the adapter model's logits over the first prompt."""
     tmp = tmp_path_factory.mktemp("default")
@@ -180,17 +181,22 @@ def default_run(tmp_path_factory):
     base_answers = generate(model, tokenizer, prompts, N_TOKENS)
     write_model_gguf(model, tokenizer, tmp / "base.gguf", dtype="f32")
     lorakit.inject(model, lorakit.LoraSpec(r=8, alpha=16, targets="all-linear"))
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(0)  # A and B both drawn here: inject's own init uses the global RNG
     with torch.no_grad():
         for _, layer in lora_layers(model):
             for adapter in layer.adapters.values():
-                adapter.lora_B.copy_(torch.randn(adapter.lora_B.shape, generator=g) * 0.05)
+                a, b = adapter.lora_A, adapter.lora_B  # [r, in], [out, r]
+                a.copy_(torch.randn(a.shape, generator=g) / a.shape[1] ** 0.5)
+                b.copy_(torch.randn(b.shape, generator=g) * 0.1)
     lorakit.save_adapter(model, tmp / "adapter")
     answers = generate(model, tokenizer, prompts, N_TOKENS)
     texts = [prompt_text(tokenizer, p) for p in prompts]
-    ids = tokenizer(texts[0], add_special_tokens=False)["input_ids"]
+    prompt_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    answer_ids = [tokenizer(a, add_special_tokens=False)["input_ids"] for a in answers]
+    assert [tokenizer.decode(a) for a in answer_ids] == answers
+    fulls = [p + a for p, a in zip(prompt_ids, answer_ids, strict=True)]
     return SimpleNamespace(tmp=tmp, tokenizer=tokenizer, texts=texts, base_answers=base_answers, answers=answers,
-                           ids=ids, logits=torch_logits(model, ids))
+                           fulls=fulls, logits=[torch_logits(model, f) for f in fulls])
 
 
 def llama_answers(llm: llama_cpp.Llama, run) -> list[list[int]]:
@@ -208,28 +214,29 @@ def text(llm: llama_cpp.Llama, tokens: list[int]) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype,same_tokens", [("f32", N_TOKENS), ("f16", 4), ("q8_0", 4)])
-def test_default_merged_gguf_answers_as_lorakit_generate(default_run, dtype, same_tokens):
-    """`lorakit export gguf --merged` of the default model + adapter, run by llama.cpp: its greedy answers
-    are lorakit's. f32: every token (N_TOKENS), and logits within 1e-3 (measured 1.1e-4 over prompt and
-    answer, logits up to 40; the smallest gap between the two best logits along these answers is 0.046,
-    so no argmax can flip). f16 and q8_0 round the weights (measured largest logit change 0.09 and 2.5;
-    transformers on the same q8_0 file: 2.0), so only the first `same_tokens` tokens must agree (measured:
-    all 12 in f16; 11 and 12 in q8_0)."""
+@pytest.mark.parametrize("dtype,tol", [("f32", 1e-3), ("f16", 0.25), ("q8_0", 4.0)])
+def test_default_merged_gguf_answers_as_lorakit_generate(default_run, dtype, tol):
+    """`lorakit export gguf --merged` of the default model + adapter, run by llama.cpp.
+
+    f32: llama.cpp's greedy answers are lorakit's, every token (N_TOKENS), and its logits over prompt +
+    answer are within 1e-3 of lorakit's (measured for an earlier random adapter: 1.1e-4, logits up to
+    40, smallest gap between the two best logits along the answers 0.046, so no argmax could flip). f16
+    and q8_0 round the weights: their logits over lorakit's prompt + answer stay within `tol` (measured
+    0.09 and 2.5; transformers computing the same q8_0 file: 2.0), so they pick lorakit's next token
+    wherever lorakit's choice leads by more than 2 tol; their own greedy answers may part from lorakit's
+    (q8_0 did, at the first token of one prompt, for one random adapter)."""
     run = default_run
     out = run.tmp / f"merged-{dtype}.gguf"
     assert main(["export", "gguf", "--merged", str(run.tmp / "adapter"), str(out), "--dtype", dtype]) == 0
     llm = open_gguf(out, n_ctx=128)
     assert llm.metadata["tokenizer.ggml.pre"] == "smollm"  # as llama.cpp's converter names SmolLM2's tokenizer
     assert llama_config(llm) == (49152, 8192, 576, 30, 9, 3, llama_cpp.LLAMA_ROPE_TYPE_NORM)
-    for tokens, want in zip(llama_answers(llm, run), run.answers, strict=True):
-        assert len(tokens) >= same_tokens
-        if same_tokens == N_TOKENS:
-            assert text(llm, tokens) == want
-        else:
-            assert want.startswith(text(llm, tokens[:same_tokens])), (text(llm, tokens), want)
+    answers = llama_answers(llm, run)
     if dtype == "f32":
-        torch.testing.assert_close(llama_logits(llm, run.ids), run.logits, atol=1e-3, rtol=1e-3)
+        assert [text(llm, tokens) for tokens in answers] == run.answers
+    for full, want in zip(run.fulls, run.logits, strict=True):
+        got = llama_logits(llm, full)
+        torch.testing.assert_close(got, want, atol=tol, rtol=0)
 
 
 @pytest.mark.slow
@@ -245,7 +252,7 @@ def test_default_adapter_gguf_answers_as_lorakit_with_the_adapter(default_run):
     del base
     with_adapter = open_gguf(run.tmp / "base.gguf", lora=adapter, n_ctx=128)
     assert [text(with_adapter, t) for t in llama_answers(with_adapter, run)] == run.answers
-    torch.testing.assert_close(llama_logits(with_adapter, run.ids), run.logits, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(llama_logits(with_adapter, run.fulls[0]), run.logits[0], atol=1e-3, rtol=0)
 
 
 def gguf_fields(path) -> dict:
@@ -266,6 +273,7 @@ def test_default_gguf_metadata_is_what_llama_cpp_converter_writes(default_run):
     subprocess.run([sys.executable, str(converter), "--vocab-only", "--outtype", "f32", "--outfile", str(theirs),
                     str(resolve("default"))], check=True, capture_output=True)
     ours, theirs = gguf_fields(default_run.tmp / "base.gguf"), gguf_fields(theirs)
+    assert ours.pop(GGUF_KIND_KEY) == "gguf-model"  # lorakit's own marker (lorakit.outputs); llama.cpp ignores it
     assert {k: v for k, v in ours.items() if k != "general.name"} == \
         {k: theirs[k] for k in ours if k != "general.name"}
     assert set(theirs) - set(ours) == {"general.basename", "general.finetune", "general.size_label",
