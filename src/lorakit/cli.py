@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import re
+import shlex
 import sys
 
 import torch
@@ -17,8 +20,6 @@ def exec_torchrun(nproc: int, config: str | None, overrides: list[str]) -> None:
     """`lorakit train --nproc N ...` = `torchrun --standalone --nproc-per-node N -m lorakit train ... distributed=ddp`
     (unless the config or an override sets `distributed`); one machine; across machines, call torchrun with
     rendezvous flags: docs/DISTRIBUTED.md."""
-    import os
-
     file, items = (None, [config, *overrides]) if config is not None and "=" in config else (config, overrides)
     if load_train_config(file, items).distributed == "none":  # a file or override may say fsdp2
         overrides = [*overrides, "distributed=ddp"]
@@ -43,7 +44,35 @@ def cmd_train(args: argparse.Namespace) -> int:
     from lorakit.train.run import run
 
     run(cfg)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone
+        print(next_steps(cfg))
     return 0
+
+
+DEMO_PROMPT = "Convert the date 2001-12-25 to the format 'Month D, YYYY'."
+
+
+def next_steps(cfg) -> str:
+    """What a finished `lorakit train` wrote and three commands to try next, with the run's real paths, in
+    the form the user called lorakit (`.venv/bin/lorakit`, `lorakit`, `python -m lorakit`)."""
+    from pathlib import Path
+
+    out = Path(cfg.output_dir)
+    called = sys.argv[0] if Path(sys.argv[0]).name == "lorakit" else "lorakit"
+    lines = [f"done: everything is in {out}/", f"  adapter  {out / 'adapter'}/"]
+    files = [f for f in ("metrics.jsonl", "results.json") if (out / f).is_file()]
+    lines.append("  metrics  " + ", ".join(str(out / f) for f in files))
+    if (out / "loss.png").is_file():
+        lines.append(f"  plot     {out / 'loss.png'}")
+    demo = cfg.dataset == "demo"
+    held_out = "" if demo else f" --dataset {shlex.quote(str(cfg.eval_dataset or cfg.dataset))}"
+    prompt = shlex.quote(DEMO_PROMPT if demo else "YOUR PROMPT")
+    name = out.name if re.fullmatch(r"[A-Za-z0-9_-]+", out.name) else "mine"
+    lines += ["next:",
+              f"  {called} eval {out / 'adapter'}{held_out}",
+              f"  {called} generate --adapter {out / 'adapter'} {prompt}",
+              f"  {called} serve --adapters {name}={out / 'adapter'}"]
+    return "\n".join(lines)
 
 
 def cmd_train_multi(args: argparse.Namespace) -> int:
@@ -69,7 +98,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg = load_train_config(None, [f"seed={args.seed}"])
     held_out = read_rows(args.dataset) if args.dataset else datasets(cfg)[1]
     em = score_rows(model, tokenizer, held_out, args.max_new_tokens)
-    print(f"exact match: {em:.1%} ({len(held_out)} examples)")
+    source = (f"every row of {args.dataset}, training rows included if the adapter was trained on it"
+              if args.dataset else f"the demo task's held-out dates, seed {args.seed}")
+    print(f"exact match: {em:.1%} ({len(held_out)} examples: {source})")
     return 0
 
 
@@ -212,7 +243,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import os
     import time
 
     from lorakit.multi.store import AdapterStore
@@ -227,6 +257,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get("LORAKIT_API_KEY")
     if args.allow_runtime_adapters and not (api_key and args.store):
         raise ValueError("--allow-runtime-adapters needs --store ROOT and an API key (--api-key or LORAKIT_API_KEY)")
+    if args.store and not os.path.isdir(args.store):  # before the model loads; a typo must not serve an empty store
+        raise ValueError(f"--store {args.store}: no such folder (create it first: mkdir -p {shlex.quote(args.store)}; "
+                         "it may start empty)")
     model, tokenizer = load(args.base, adapters=adapters)  # the base they need (4-bit, RoPE), with them on it
     store = AdapterStore(args.store, max_ram=args.max_ram, max_device=args.max_device) if args.store else None
     engine = Engine(model, tokenizer, base_id=args.base_name or args.base, adapters=adapters, store=store,
@@ -242,6 +275,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         engine.close()
     return 0
+
+
+class DefaultsHelp(argparse.HelpFormatter):
+    """`--help` shows each option's default where it has one and its help does not already say it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, [], argparse.SUPPRESS) and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
 
 
 def parser() -> argparse.ArgumentParser:
@@ -264,7 +307,8 @@ def parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="held-out exact match of an adapter (default: the demo task)")
     e.add_argument("adapter", help="adapter folder")
-    e.add_argument("--dataset", help="dataset file or folder, any supported format (default: demo held-out split)")
+    e.add_argument("--dataset", help="score every row of this file or folder, any supported format, training rows "
+                   "included (default: the demo task's held-out split)")
     e.add_argument("--base", help="base model (default: the one the adapter was saved for)")
     e.add_argument("--seed", type=int, default=0, help="demo task seed")
     e.add_argument("--max-new-tokens", type=int, default=24)
@@ -319,12 +363,14 @@ def parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("serve", help="OpenAI-compatible server (FastAPI): /v1/models, /v1/completions, "
-                       "/v1/chat/completions; requests for any adapters batched together")
+                       "/v1/chat/completions; requests for any adapters batched together",
+                       formatter_class=DefaultsHelp)
     s.add_argument("--base", default="default", help="base model: 'default', an HF folder or a .gguf file")
     s.add_argument("--base-name", help="the base model's id in requests (default: --base as given)")
     s.add_argument("--adapters", "--adapter", dest="adapter", action="extend", nargs="+", default=[],
                    metavar="NAME=DIR", help="adapters attached at start; the base is made to fit them (4-bit, RoPE)")
-    s.add_argument("--store", metavar="ROOT", help="folder of adapter folders, served on demand by folder name")
+    s.add_argument("--store", metavar="ROOT",
+                   help="an existing folder of adapter folders, served on demand by folder name")
     s.add_argument("--max-ram", type=int, default=256, help="store: adapters kept in RAM")
     s.add_argument("--max-device", type=int, default=64, help="store: adapters kept on the model (one batch's most)")
     s.add_argument("--max-tokens-limit", type=int, default=512, help="largest max_tokens a request may ask for")
@@ -338,7 +384,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--allow-runtime-adapters", action="store_true",
                    help="enable /v1/load_lora_adapter and /v1/unload_lora_adapter (needs --store and an API key; "
                    "paths relative to the store root, safetensors only)")
-    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     s.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed)")
     s.set_defaults(func=cmd_serve)
     return p
