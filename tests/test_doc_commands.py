@@ -310,7 +310,8 @@ PROMISED_FILES = {
 }
 PROMISED_OUTPUT = {
     "README.md": ["exact match:", "trainable params:", "merged model written to runs/demo/merged"],
-    "docs/TRAINING.md": [f"({QUICK_CHATS} examples: every row of docs/examples/chats.jsonl", "wrote runs/chats/loss.png"],
+    "docs/TRAINING.md": [f"({QUICK_CHATS} examples: every row of docs/examples/chats.jsonl",
+                         "wrote runs/chats/loss.png"],
     "docs/DEPLOY.md": ['"id":"dates"', '"id":"dates-copy"', '"object":"chat.completion"'],
 }
 

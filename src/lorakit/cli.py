@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import re
 import shlex
 import sys
+import warnings
 
 import torch
 import yaml
@@ -365,7 +367,7 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="OpenAI-compatible server (FastAPI): /v1/models, /v1/completions, "
                        "/v1/chat/completions; requests for any adapters batched together",
                        formatter_class=DefaultsHelp)
-    s.add_argument("--base", default="default", help="base model: 'default', an HF folder or a .gguf file")
+    s.add_argument("--base", default="default", help="base model: the built-in one, an HF folder or a .gguf file")
     s.add_argument("--base-name", help="the base model's id in requests (default: --base as given)")
     s.add_argument("--adapters", "--adapter", dest="adapter", action="extend", nargs="+", default=[],
                    metavar="NAME=DIR", help="adapters attached at start; the base is made to fit them (4-bit, RoPE)")
@@ -390,8 +392,19 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def quiet_dependencies() -> None:
+    """Drop two deprecation notices of transformers 5 that a user of lorakit cannot act on, exactly these (by
+    message, and category for the warning): the server's KV-cache calls use `past_key_values`, the name every
+    supported transformers version knows (5.x logs that it is now `cache`), and PEFT calls the deprecated
+    `is_gradient_checkpointing` (`lorakit bench`'s reference side). Progress, figures and errors stay."""
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    notice = "`past_key_values`/`cache_params` are deprecated"
+    logging.getLogger("transformers.utils.generic").addFilter(lambda record: notice not in record.getMessage())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    quiet_dependencies()
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:
