@@ -311,6 +311,7 @@ PROMISED_FILES = {
 PROMISED_OUTPUT = {
     "README.md": ["exact match:", "trainable params:", "merged model written to runs/demo/merged"],
     "docs/TRAINING.md": [f"({QUICK_CHATS} examples: every row of docs/examples/chats.jsonl",
+                         "(4 examples: the held-out rows of the run in runs/chats)",
                          "wrote runs/chats/loss.png"],
     "docs/DEPLOY.md": ['"id":"dates"', '"id":"dates-copy"', '"object":"chat.completion"'],
 }

@@ -4,6 +4,7 @@ packages refused when the config is read, `eval` saying what it scored, `serve` 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -34,6 +35,21 @@ def test_train_prints_where_things_went_and_the_next_commands(tiny_model_dir, js
     monkeypatch.setattr(sys, "argv", ["lorakit"])
     assert main(after[0].split()[1:] + ["--max-new-tokens", "2"]) == 0  # the printed command runs
     assert "(8 examples: every row of train.jsonl, training rows included" in capsys.readouterr().out
+
+
+def test_eval_scores_the_runs_own_held_out_rows(tiny_model_dir, jsonl, tmp_path, capsys, monkeypatch):
+    """`lorakit eval ADAPTER` without --dataset: the held-out split of the run that saved it (val_size, seed),
+    the same rows the run scored at its end; the printed next step is that command."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["lorakit"])
+    assert main(["train", f"base={tiny_model_dir}", f"dataset={jsonl.name}", "val_size=3", "seed=5", "max_steps=30",
+                 "lr=0.02", "max_new_tokens=4", "output_dir=run"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[printed.index("next:") + 1] == "  lorakit eval run/adapter"
+    results = json.loads(Path("run/results.json").read_text())
+    assert main(["eval", "run/adapter", "--max-new-tokens", "4"]) == 0
+    assert (f"exact match: {results['exact_match_after']:.1%} (3 examples: the held-out rows of the run in run)"
+            in capsys.readouterr().out)
 
 
 def test_default_output_dir_keeps_the_demo_apart():

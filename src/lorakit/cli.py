@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import os
 import re
 import shlex
 import sys
 import warnings
+from pathlib import Path
 
 import torch
 import yaml
@@ -57,8 +59,6 @@ DEMO_PROMPT = "Convert the date 2001-12-25 to the format 'Month D, YYYY'."
 def next_steps(cfg) -> str:
     """What a finished `lorakit train` wrote and three commands to try next, with the run's real paths, in
     the form the user called lorakit (`.venv/bin/lorakit`, `lorakit`, `python -m lorakit`)."""
-    from pathlib import Path
-
     out = Path(cfg.output_dir)
     called = sys.argv[0] if Path(sys.argv[0]).name == "lorakit" else "lorakit"
     lines = [f"done: everything is in {out}/", f"  adapter  {out / 'adapter'}/"]
@@ -67,7 +67,8 @@ def next_steps(cfg) -> str:
     if (out / "loss.png").is_file():
         lines.append(f"  plot     {out / 'loss.png'}")
     demo = cfg.dataset == "demo"
-    held_out = "" if demo else f" --dataset {shlex.quote(str(cfg.eval_dataset or cfg.dataset))}"
+    own = demo or cfg.eval_dataset is not None or cfg.val_size  # `eval` finds the run's held-out rows itself
+    held_out = "" if own else f" --dataset {shlex.quote(cfg.dataset) if isinstance(cfg.dataset, str) else 'FILE'}"
     prompt = shlex.quote(DEMO_PROMPT if demo else "YOUR PROMPT")
     name = out.name if re.fullmatch(r"[A-Za-z0-9_-]+", out.name) else "mine"
     lines += ["next:",
@@ -96,14 +97,33 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from lorakit.generate import score_rows
     from lorakit.train.run import datasets
 
+    if args.dataset:
+        held_out = read_rows(args.dataset)
+        source = f"every row of {args.dataset}, training rows included if the adapter was trained on it"
+    else:
+        cfg, source = held_out_config(args.adapter, args.seed)
+        held_out = datasets(cfg)[1]
+        if not held_out:
+            raise ValueError(f"{source} held no rows out (no eval_dataset or val_size): pass --dataset FILE")
     model, tokenizer = load(args.base, adapters=[args.adapter] if args.adapter else [])
-    cfg = load_train_config(None, [f"seed={args.seed}"])
-    held_out = read_rows(args.dataset) if args.dataset else datasets(cfg)[1]
     em = score_rows(model, tokenizer, held_out, args.max_new_tokens)
-    source = (f"every row of {args.dataset}, training rows included if the adapter was trained on it"
-              if args.dataset else f"the demo task's held-out dates, seed {args.seed}")
     print(f"exact match: {em:.1%} ({len(held_out)} examples: {source})")
     return 0
+
+
+def held_out_config(adapter: str, seed: int | None) -> tuple:
+    """The training config whose held-out rows `lorakit eval ADAPTER` scores: the run's own (its
+    results.json beside the adapter folder: same data, split and seed), else the demo's; and its name."""
+    from lorakit.config import TrainConfig, from_dict
+
+    results = Path(adapter).parent / "results.json"
+    if results.is_file():
+        data = json.loads(results.read_text()).get("config")
+        if isinstance(data, dict):
+            data = {**data, **({"seed": seed} if seed is not None else {})}
+            return from_dict(TrainConfig, data, str(results)), f"the held-out rows of the run in {results.parent}"
+    cfg = load_train_config(None, [f"seed={seed or 0}"])
+    return cfg, f"the demo task's {cfg.demo_eval} held-out dates, seed {cfg.seed}"
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -310,9 +330,10 @@ def parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="held-out exact match of an adapter (default: the demo task)")
     e.add_argument("adapter", help="adapter folder")
     e.add_argument("--dataset", help="score every row of this file or folder, any supported format, training rows "
-                   "included (default: the demo task's held-out split)")
+                   "included (default: the held-out rows of the run that saved the adapter, read from its "
+                   "results.json; else the demo task's)")
     e.add_argument("--base", help="base model (default: the one the adapter was saved for)")
-    e.add_argument("--seed", type=int, default=0, help="demo task seed")
+    e.add_argument("--seed", type=int, help="the split's seed (default: the run's, else 0)")
     e.add_argument("--max-new-tokens", type=int, default=24)
     e.set_defaults(func=cmd_eval)
 
