@@ -41,10 +41,22 @@ def test_kill_9_then_resume_gives_the_same_adapter_bitwise(tiny_model_dir, jsonl
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     assert not (tmp_path / "killed" / "adapter").exists()  # it really died mid-run
+    stale = tmp_path / "killed" / ".checkpoint-99.x1y2.tmp"  # what a kill -9 inside a checkpoint write leaves
+    stale.mkdir()
+    (stale / "trainer_state.pt").write_bytes(b"half")
     resumed = cli("train", *common, f"output_dir={tmp_path / 'killed'}", "resume=auto")
     output = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0, output
     assert "resumed from" in output
+    assert "30/30" in output  # the progress bar ends at the last step
+    assert not stale.exists()
+    records = [json.loads(line) for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 31))  # the steps after the checkpoint are not repeated
+    seconds = [r["seconds"] for r in records]
+    assert seconds == sorted(seconds)  # time counts from the start of the whole run, across the resume
+    whole, resumed_run = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("whole", "killed"))
+    assert resumed_run["first_loss"] == whole["first_loss"]  # the whole run's, not the resumed part's
+    assert resumed_run["train_seconds"] >= round(seconds[-1], 1)
     a = load_file(tmp_path / "whole" / "adapter" / "adapter_model.safetensors")
     b = load_file(tmp_path / "killed" / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys()

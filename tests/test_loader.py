@@ -226,11 +226,19 @@ def test_device_cuda_without_cuda_names_the_devices_there(tiny_model_dir):
         load(str(tiny_model_dir), device="cuda")
 
 
-def float_weights_shaped_like(shapes: set[tuple[int, ...]]) -> list[tuple[int, ...]]:
-    """Shapes of the float tensors alive (not on meta) whose shape is one of `shapes`."""
+def float_weights_shaped_like(shapes: set[tuple[int, ...]], before: list[torch.Tensor]) -> list[tuple[int, ...]]:
+    """Shapes of the float tensors alive (not on meta) whose shape is one of `shapes`, but for those in
+    `before` (what other tests of the session still hold, e.g. module-scoped tiny models; held by the
+    caller, so no id of theirs is reused meanwhile)."""
     gc.collect()
+    old = {id(t) for t in before}
     return [tuple(t.shape) for t in gc.get_objects() if isinstance(t, torch.Tensor) and t.is_floating_point()
-            and not t.is_meta and tuple(t.shape) in shapes]
+            and not t.is_meta and tuple(t.shape) in shapes and id(t) not in old]
+
+
+def alive_tensors() -> list[torch.Tensor]:
+    gc.collect()
+    return [t for t in gc.get_objects() if isinstance(t, torch.Tensor)]
 
 
 def test_eval_generate_and_serve_on_a_4bit_base_keep_no_full_precision_weight(tmp_path):
@@ -244,6 +252,7 @@ def test_eval_generate_and_serve_on_a_4bit_base_keep_no_full_precision_weight(tm
     from lorakit.serve import Engine
 
     folder = save(tiny_llama(), tmp_path / "m")
+    before = alive_tensors()  # what the session held before this test
     for kind in ("lora", "dora"):
         model, _ = load(str(folder), quant={"blocksize": 32})
         lorakit.inject(model, lorakit.LoraSpec(r=2, alpha=4, kind=kind, targets="all-linear"))
@@ -255,11 +264,11 @@ def test_eval_generate_and_serve_on_a_4bit_base_keep_no_full_precision_weight(tm
     shapes = {tuple(m.quant_state.shape) for m in bases if isinstance(m, Linear4bit)}
     assert len(shapes) == 4 and len([m for m in bases if isinstance(m, Linear4bit)]) == 14
     del bases
-    assert float_weights_shaped_like(shapes) == []
+    assert float_weights_shaped_like(shapes, before) == []
     lorakit.set_active(model, ["dora"])
     score_rows(model, tokenizer, make_demo(0, n_train=1, n_eval=2)[1], 4)  # eval
     generate(model, tokenizer, ["say cat"], 4)
-    assert float_weights_shaped_like(shapes) == []
+    assert float_weights_shaped_like(shapes, before) == []
     engine = Engine(model, tokenizer, base_id="tiny", adapters={"lora": tmp_path / "lora", "dora": tmp_path / "dora"})
     try:
         for name in ("lora", "dora"):
@@ -267,9 +276,9 @@ def test_eval_generate_and_serve_on_a_4bit_base_keep_no_full_precision_weight(tm
             job = engine.prepare({"model": name, "prompt": "say cat", "max_tokens": 4, "temperature": 0}, chat=False)
             engine.submit(job, lambda item, done=done: done.set() if item is None else None)
             assert done.wait(30)
-        assert float_weights_shaped_like(shapes) == []
+        assert float_weights_shaped_like(shapes, before) == []
     finally:
         engine.close()
     kept = dequantize_weight(model.model.layers[0].mlp.down_proj.base_module)  # the measure sees a kept copy
-    assert float_weights_shaped_like(shapes) == [(32, 48)]
+    assert float_weights_shaped_like(shapes, before) == [(32, 48)]
     del kept

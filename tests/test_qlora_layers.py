@@ -8,11 +8,13 @@ and copies of the adapter's factors: no lorakit layer, kernel or autograd functi
 from __future__ import annotations
 
 import copy
+import json
 import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
+from peft import PeftModel
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -136,12 +138,19 @@ def test_qlora_mixed_adapter_batch_equals_rows_alone(arch):
                                            atol=1e-5)
 
 
-def test_4bit_output_is_never_a_view():
+@pytest.mark.parametrize("kernels", ["1", "0", "triton"])
+@pytest.mark.parametrize("tokens", [1, 40])  # Triton: the fused 4-bit matmul (decoding), or dequantize + matmul
+def test_4bit_output_is_never_a_view(kernels, tokens, monkeypatch):
     """A biased F.linear on a [batch, seq, in] input returns a view; out of a custom autograd Function, such
-    a view cannot be added into in place (what the LoRA node does)."""
-    base = Linear4bit.from_linear(nn.Linear(16, 8))
-    y = base(torch.randn(2, 3, 16, requires_grad=True))
+    a view cannot be added into in place (what the LoRA node does). The values stay F.linear's."""
+    monkeypatch.setenv("LORAKIT_KERNELS", kernels)
+    linear = nn.Linear(64, 8)
+    base = Linear4bit.from_linear(linear)
+    x = torch.randn(2, tokens, 64, requires_grad=True)
+    y = base(x)
     assert y.grad_fn is not None and not y._is_view()
+    w = dequantize_4bit(base.weight, base.quant_state, torch.float32)
+    torch.testing.assert_close(y, F.linear(x, w, linear.bias), rtol=1e-5, atol=1e-5)
 
 
 def test_lora_node_adds_out_of_place_into_a_view_autograd_cannot_rebase():
@@ -243,9 +252,16 @@ def test_gpt2_qlora_step_save_and_reload_4bit_folder(tmp_path):
     torch.optim.SGD([p for p in mine.parameters() if p.requires_grad], lr=0.5).step()
     assert mine(batch, labels=batch).loss < loss
     lorakit.save_adapter(mine, tmp_path / "adapter")
-    import json
-
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    # the adapter trained over the 4-bit Conv1D goes onto the full-precision GPT-2, in lorakit and in PEFT
+    full = gpt2_64()
+    lorakit.load_adapter(full, tmp_path / "adapter")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = PeftModel.from_pretrained(gpt2_64(), tmp_path / "adapter")
+    with torch.no_grad():
+        assert (full(batch).logits - gpt2_64()(batch).logits).abs().max() > 1e-3  # the trained adapter shows
+        torch.testing.assert_close(full(batch).logits, theirs(batch).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_plain_linear_subclasses_are_quantized_and_others_reported():
@@ -271,3 +287,93 @@ def test_plain_linear_subclasses_are_quantized_and_others_reported():
                                          r"\(NonDynamicallyQuantizableLinear\)"):
         quantize_model(attention, blocksize=32)
     assert isinstance(attention[0], Linear4bit) and type(attention.mha.out_proj) is not Linear4bit
+
+
+def test_4bit_falcon_folder_reloads_in_lorakit(tmp_path):
+    from lorakit.models import load
+    from lorakit.quant.checkpoint import save_4bit
+
+    model = quantize_model(tiny_model("falcon"), blocksize=32)
+    batch = ids()
+    save_4bit(model, tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    mine, _ = load(str(tmp_path))
+    assert isinstance(mine.transformer.h[0].self_attention.query_key_value, Linear4bit)
+    torch.testing.assert_close(mine(batch).logits, model(batch).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
+def test_merged_folder_of_an_adapter_on_some_4bit_layers_is_plain(arch, tmp_path):
+    """A QLoRA adapter on the default targets only: the untouched 4-bit layers are dequantized too, so the
+    merged folder loads in transformers as a plain model with the adapted model's logits."""
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.export import write_merged_folder
+
+    model = quantize_model(tiny_model(arch), blocksize=32)
+    lorakit.inject(model, lorakit.LoraSpec(r=4, alpha=8, targets=None))
+    randomize_adapters(model)
+    batch = ids()
+    with torch.no_grad():
+        expected = model(batch).logits
+    write_merged_folder(lorakit.merge_and_unload(model), tiny_tokenizer(), tmp_path / "merged")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert not any(isinstance(m, Linear4bit) for m in plain.modules())
+    torch.testing.assert_close(plain(batch).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_cli_qlora_train_generate_and_merge_on_a_biased_model(tmp_path, jsonl):
+    """`lorakit train` with quant on Qwen2 (biased q/k/v; gradient checkpointing on by default), then the
+    adapter reloaded over the rebuilt 4-bit base, and `lorakit merge` giving the trained model's logits."""
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.cli import main
+    from lorakit.config import load_train_config
+    from lorakit.models import load
+    from lorakit.train.run import run
+
+    base = tiny_model("qwen2")
+    base.generation_config.pad_token_id = base.generation_config.eos_token_id = 1
+    base.save_pretrained(tmp_path / "qwen2")
+    tiny_tokenizer().save_pretrained(tmp_path / "qwen2")
+    cfg = load_train_config(None, [f"base={tmp_path / 'qwen2'}", f"dataset={jsonl}", f"output_dir={tmp_path / 'run'}",
+                                   "max_steps=12", "lr=0.02", "lora.r=4", "quant.blocksize=32", "eval=false"])
+    trained, results = run(cfg, log=lambda *_: None)
+    assert results["last_loss"] < results["first_loss"]
+    assert trained.model.layers[0].self_attn.q_proj.kind == "linear4bit"
+    batch = ids(1)
+    with torch.no_grad():
+        expected = trained(batch).logits
+        reloaded, _ = load(None, adapters=[tmp_path / "run" / "adapter"])  # over the 4-bit base it records
+        assert reloaded.model.layers[0].self_attn.q_proj.kind == "linear4bit"
+        torch.testing.assert_close(reloaded(batch).logits, expected, rtol=0, atol=1e-6)
+    assert main(["generate", "--adapter", str(tmp_path / "run" / "adapter"), "say cat"]) == 0
+    assert main(["merge", str(tmp_path / "run" / "adapter"), str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    torch.testing.assert_close(merged(batch).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", BIASED)
+def test_qdora_training_step_fast_path_equals_plain_path(arch, monkeypatch):
+    """DoRA over biased 4-bit layers: the fast path (one in-place LoRA node on W x, then m/n and the bias)
+    gives the plain path's loss and gradients (LORAKIT_KERNELS=0: base output + each contribution)."""
+    model = quantize_model(tiny_model(arch), blocksize=32)
+    lorakit.inject(model, lorakit.LoraSpec(r=4, alpha=8, targets="all-linear", kind="dora"))
+    randomize_adapters(model)
+    model.train()
+    batch = ids()
+
+    def loss_and_grads() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad()
+        torch.manual_seed(0)
+        loss = model(batch, labels=batch).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    fast = loss_and_grads()
+    monkeypatch.setenv("LORAKIT_KERNELS", "0")
+    plain = loss_and_grads()
+    torch.testing.assert_close(fast[0], plain[0], rtol=1e-5, atol=1e-5)
+    assert fast[1].keys() == plain[1].keys() and any(".magnitude" in n for n in fast[1])
+    for name, grad in fast[1].items():
+        torch.testing.assert_close(grad, plain[1][name], rtol=1e-4, atol=1e-5, msg=name)

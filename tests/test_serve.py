@@ -75,11 +75,16 @@ def adapters(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
+def tiny_engine(alpha: Path, root: Path, max_device: int) -> Engine:
+    """The tiny base as "tiny", `alpha` attached at start, a store over `root`; small limits."""
+    store = AdapterStore(root, max_device=max_device)
+    return Engine(llama(), tiny_tokenizer(), base_id="tiny", adapters={"alpha": alpha}, store=store,
+                  max_tokens_limit=32, max_prompt_tokens=50)
+
+
 @pytest.fixture(scope="module")
 def engine(adapters):
-    store = AdapterStore(adapters["beta"].parent, max_device=9)
-    engine = Engine(llama(), tiny_tokenizer(), base_id="tiny", adapters={"alpha": adapters["alpha"]}, store=store,
-                    max_tokens_limit=32, max_prompt_tokens=50)
+    engine = tiny_engine(adapters["alpha"], adapters["beta"].parent, max_device=9)
     yield engine
     engine.close()
 
@@ -373,7 +378,7 @@ def test_a_client_leaving_mid_stream_frees_its_row(url, engine, monkeypatch):
     ({"model": "tiny", "prompt": "x", "stop": [""]}, 400, "'stop'"),
     ({"model": "q4", "prompt": "x"}, 400, "trained on a 4-bit base"),
     ({"model": "long", "prompt": "x"}, 400, "positional setup"),
-    ({"model": "broken", "prompt": "x"}, 500, "adapter 'broken' cannot be read"),
+    ({"model": "broken", "prompt": "x"}, 400, "adapter 'broken' cannot be read"),
     ({"model": "pickled", "prompt": "x"}, 404, "does not exist"),
     (b"{not json", 400, "not valid JSON"),
     (b"[1, 2]", 400, "must be a JSON object"),
@@ -448,7 +453,7 @@ def test_runtime_load_and_unload(url, adapters):
     ({"lora_name": "x", "lora_path": "missing"}, 404, "no adapter folder"),
     ({"lora_name": "x", "lora_path": "q4"}, 400, "trained on a 4-bit base"),
     ({"lora_name": "../x", "lora_path": "s0"}, 400, "letters, digits"),
-    ({"lora_name": "x"}, 400, "must be strings"),
+    ({"lora_name": "x"}, 400, "'lora_path' must be a string"),
     ({"lora_name": "s0", "lora_path": "s0"}, 400, "already loaded"),
 ])
 def test_runtime_load_refuses_escapes_and_bad_files(url, body, status, message):

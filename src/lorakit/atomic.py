@@ -1,4 +1,8 @@
-"""Atomic writes: a reader sees the old file or the complete new one, never a partial one."""
+"""Atomic writes: a reader sees the old file or the complete new one, never a partial one.
+
+Temporary files and folders are made private by `tempfile`; before the rename they get the mode a
+plain `open()` / `mkdir()` would give (0644 / 0755 under umask 022), so a serving user can read them.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,22 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+FILE_MODE, DIR_MODE = 0o666, 0o777  # what open() and mkdir() ask for; the umask takes away from them
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where /proc tells (os.umask would set it for a moment,
+    for every thread)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o22)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -20,6 +40,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, FILE_MODE & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -37,6 +58,7 @@ def atomic_dir(path: str | Path, fill: Callable[[Path], None]) -> None:
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         fill(tmp)
+        os.chmod(tmp, DIR_MODE & ~current_umask())
         for f in tmp.rglob("*"):
             if f.is_file():
                 with open(f, "rb") as fh:

@@ -134,11 +134,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_out(args: argparse.Namespace, kind: str) -> None:
+    """Refuse, before loading anything, an output that would delete a user's files (`lorakit.outputs`):
+    not empty and not lorakit's own output of this kind (without --overwrite), or holding an input."""
+    from lorakit.adapters.io import read_adapter
+    from lorakit.outputs import check_output
+
+    adapter = args.adapter or getattr(args, "adapter_only", None)
+    base = args.base or (read_adapter(adapter).base if adapter else None)
+    check_output(args.out, kind, [adapter, base], args.overwrite)
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     from lorakit.adapters.merge import merge_and_unload
     from lorakit.export import write_merged_folder
     from lorakit.quant.checkpoint import save_4bit
 
+    check_out(args, "merged")
     model, tokenizer = load(args.base, adapters=[args.adapter] if args.adapter else [])
     merged = merge_and_unload(model, safe=True)  # full precision, a 4-bit base dequantized
     if args.requantize:
@@ -171,6 +183,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from lorakit import export
     from lorakit.adapters.merge import merge_and_unload
 
+    check_out(args, "merged" if args.format == "merged" else "gguf-adapter" if args.adapter_only else "gguf-model")
     if args.format == "gguf" and args.adapter_only:
         from transformers import AutoConfig
 
@@ -192,6 +205,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+OVERWRITE_HELP = "replace an existing output that lorakit did not write (its contents are deleted)"
+
+
 def add_export_parser(sub) -> None:
     x = sub.add_parser("export", help="merged model (HF folder or GGUF) or adapter (llama.cpp GGUF) for serving")
     formats = x.add_subparsers(dest="format", required=True)
@@ -200,6 +216,7 @@ def add_export_parser(sub) -> None:
     m.add_argument("out", help="output folder")
     m.add_argument("--dtype", choices=["f32", "bf16", "f16"], help="weight dtype (default f32)")
     m.add_argument("--base", help="base model (default: the one the adapter was saved for)")
+    m.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     m.set_defaults(func=cmd_export, adapter_only=None)
     g = formats.add_parser("gguf", help="llama.cpp GGUF: a merged llama model, or the adapter alone")
     which = g.add_mutually_exclusive_group(required=True)
@@ -210,6 +227,7 @@ def add_export_parser(sub) -> None:
     g.add_argument("--dtype", choices=["f32", "f16", "bf16", "q8_0"],
                    help="2-D tensor type (default: f16 for a model, f32 for an adapter; 1-D tensors stay f32)")
     g.add_argument("--base", help="base model (default: the one the adapter was saved for)")
+    g.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     g.set_defaults(func=cmd_export)
 
 
@@ -309,8 +327,31 @@ class DefaultsHelp(argparse.HelpFormatter):
         return text
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1 (argparse names the flag in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lorakit")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        from lorakit import __version__
+
+        return __version__
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lorakit", description="LoRA fine-tuning with PEFT-format adapters")
+    p.add_argument("--version", action="version", version=f"lorakit {package_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="fine-tune an adapter (no arguments: the built-in demo)")
@@ -334,14 +375,14 @@ def parser() -> argparse.ArgumentParser:
                    "results.json; else the demo task's)")
     e.add_argument("--base", help="base model (default: the one the adapter was saved for)")
     e.add_argument("--seed", type=int, help="the split's seed (default: the run's, else 0)")
-    e.add_argument("--max-new-tokens", type=int, default=24)
+    e.add_argument("--max-new-tokens", type=positive_int, default=24)
     e.set_defaults(func=cmd_eval)
 
     g = sub.add_parser("generate", help="greedy completion of one prompt")
     g.add_argument("prompt")
     g.add_argument("--adapter", help="adapter folder")
     g.add_argument("--base", help="base model (default: the adapter's, else the built-in default)")
-    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--max-new-tokens", type=positive_int, default=64)
     g.set_defaults(func=cmd_generate)
 
     pl = sub.add_parser("plot", help="draw RUN_DIR/loss.png again from RUN_DIR/metrics.jsonl")
@@ -354,6 +395,7 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--base", help="base model (default: the one the adapter was saved for)")
     m.add_argument("--requantize", choices=["nf4", "fp4"],
                    help="write a 4-bit model (bitsandbytes layout) instead of full precision; reports the error")
+    m.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     m.set_defaults(func=cmd_merge)
 
     add_export_parser(sub)
@@ -428,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_dependencies()
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # OSError: a path that cannot be read or written, a full disk
         print(f"lorakit: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

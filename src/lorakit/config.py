@@ -2,7 +2,9 @@
 
 Every config is a plain dataclass. A YAML file and dotted `key=value` overrides are merged
 into it field by field; an unknown key is an error naming the key, where it came from, and the
-nearest valid name.
+nearest valid name. Each value is checked against its field's type before anything runs
+(`typed`): a number written `3e-4` (a string to YAML 1.1) is taken as the number, anything else of
+the wrong type is an error naming the key.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import dataclasses
 import difflib
 import importlib.util
 import math
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from lorakit.data.encode import CHAT_TEMPLATES
 from lorakit.data.formats import FORMATS
 from lorakit.models import DTYPE_CHOICES
 from lorakit.quant.optim import OPTIMIZERS
@@ -227,6 +231,10 @@ class TrainConfig:
             raise ValueError("early_stopping_patience needs eval_every (and a validation set)")
         if self.truncation not in ("truncate", "drop"):
             raise ValueError(f"truncation must be 'truncate' or 'drop', got {self.truncation!r}")
+        template = self.chat_template
+        if template is not None and template not in CHAT_TEMPLATES and "{" not in template:  # a name mistyped
+            raise ValueError(f"chat_template must be one of {sorted(CHAT_TEMPLATES)} or a Jinja template, "
+                             f"got {self.chat_template!r}")
         if self.format is not None and self.format not in FORMATS:
             raise ValueError(f"format must be one of {FORMATS} (or null to detect), got {self.format!r}")
         if self.distributed not in ("none", "ddp", "fsdp2"):
@@ -235,9 +243,29 @@ class TrainConfig:
             raise ValueError(f"optim must be one of {OPTIMIZERS}, got {self.optim!r}")
         if self.distributed == "fsdp2" and self.optim != "adamw":  # 8-bit states are not shaped like the shards
             raise ValueError(f"distributed=fsdp2 supports optim=adamw only, got {self.optim!r}")
+        self.check_ranges()
         if self.output_dir is None:
             self.output_dir = default_output_dir(self.dataset)
         check_optional_dependencies(self)
+
+    def check_ranges(self) -> None:
+        """Counts at least 1 (`keep_checkpoints: 0` is an error, not "keep all"), rates positive and finite."""
+        for key in ("batch_size", "grad_accum", "keep_checkpoints", "max_length", "log_every", "max_bad_steps",
+                    "demo_train", "demo_eval", "max_new_tokens"):
+            check_positive_int(key, getattr(self, key))
+        for key in ("max_steps", "checkpoint_every", "eval_every", "early_stopping_patience"):
+            if getattr(self, key) is not None:
+                check_positive_int(key, getattr(self, key))
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be a non-negative integer, got {self.warmup_steps!r}")
+        for key in ("lr", "epochs", "val_size", "loraplus_ratio", "loraplus_embedding_lr"):
+            value = getattr(self, key)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{key} must be a positive number, got {value!r}")
+        if not self.max_grad_norm > 0:  # inf: no clipping
+            raise ValueError(f"max_grad_norm must be a positive number (.inf: no clipping), got {self.max_grad_norm!r}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be a non-negative number, got {self.weight_decay!r}")
 
 
 def default_output_dir(dataset: str | list) -> str:
@@ -286,11 +314,50 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
             unknown = set(value) - {f.name for f in dataclasses.fields(section)}
             defaults = {} if unknown else nested_defaults(fields[key])
             value = from_dict(section, {**defaults, **value}, f"{where}, section {key!r}")
-        kwargs[key] = value
+        try:
+            kwargs[key] = typed(value, hints[key], key)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{where}: {e}") from None
+
+
+def typed(value: Any, hint: Any, key: str) -> Any:
+    """`value` checked against the field type `hint`; a string that reads as a number is taken as that
+    number where a float is expected (YAML 1.1 reads `3e-4` as a string). Raises naming `key`."""
+    if hint is Any:
+        return value
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if value is None and type(None) in options:
+        return None
+    for option in options:
+        origin = typing.get_origin(option) or option
+        if dataclasses.is_dataclass(origin) and isinstance(value, origin):  # a section, built by from_dict
+            return value
+        if origin is float and isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                continue
+        if origin is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return value
+        if origin in (int, str, bool) and type(value) is origin:
+            return value
+        if origin is list and isinstance(value, list):
+            (item,) = typing.get_args(option) or (Any,)
+            return [typed(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        if origin is dict and isinstance(value, dict):
+            _, item = typing.get_args(option) or (Any, Any)
+            return {k: typed(v, item, f"{key}[{k!r}]") for k, v in value.items()}
+    expected = " or ".join(TYPE_NAMES.get(typing.get_origin(o) or o, "a section (a mapping of its keys)")
+                           for o in options)
+    raise ValueError(f"{key}: expected {expected}, got {value!r}")
+
+
+TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list",
+              dict: "a mapping", type(None): "null"}
 
 
 def section_class(hint: Any) -> type | None:
@@ -322,7 +389,17 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     key, raw = item.split("=", 1)
     if not key:
         raise ValueError(f"override {item!r} has an empty key")
-    return key.split("."), yaml.safe_load(raw) if raw else ""
+    try:
+        return key.split("."), yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError as e:
+        raise ValueError(f"override {item!r}: invalid YAML value {raw!r}{yaml_problem(e)} "
+                         "(quote a string that holds brackets, braces or ': ')") from None
+
+
+def yaml_problem(e: yaml.YAMLError) -> str:
+    """": PROBLEM at line L column C" of a YAML error, on one line."""
+    mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None) or str(e).splitlines()[0]
+    return f": {problem}" + (f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else "")
 
 
 def load_train_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
@@ -345,7 +422,7 @@ def read_config(path: str | Path | None, overrides: list[str] = ()) -> tuple[dic
         try:
             data = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
-            raise ValueError(f"{path}: invalid YAML: {e}") from None
+            raise ValueError(f"{path}: invalid YAML{yaml_problem(e)}") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: top level must be a mapping of keys to values")
     for item in overrides:

@@ -20,7 +20,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from lorakit.atomic import atomic_dir
+from lorakit.atomic import atomic_dir, current_umask
+from lorakit.outputs import GGUF_KIND_KEY, mark_folder
+from lorakit.quant.linear4bit import dequantize_model
 
 GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")
 TORCH_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
@@ -32,14 +34,19 @@ ARCHITECTURES = ("llama",)  # model_type values whose tensor layout this writer 
 
 def write_merged_folder(model: nn.Module, tokenizer, out: str | Path, dtype: str = "f32", writer=None) -> Path:
     """A plain transformers folder (safetensors, config, generation config, tokenizer) in `dtype`,
-    written atomically; `writer(model, folder)` replaces save_pretrained (e.g. a 4-bit writer)."""
+    written atomically; `writer(model, folder)` replaces save_pretrained (e.g. a 4-bit writer). Without a
+    writer, 4-bit layers that no adapter touched (a QLoRA adapter on some layers) are dequantized first:
+    a plain folder holds no 4-bit tensors."""
     if dtype not in TORCH_DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {sorted(TORCH_DTYPES)}")
+    if writer is None:
+        dequantize_model(model)
     model = model.to(TORCH_DTYPES[dtype])
 
     def fill(tmp: Path) -> None:
         (writer or type(model).save_pretrained)(model, tmp)
         tokenizer.save_pretrained(tmp)
+        mark_folder(tmp, "merged")  # a later merge/export may replace it (lorakit.outputs)
 
     atomic_dir(out, fill)
     return Path(out)
@@ -144,12 +151,6 @@ def write_atomically(writer_fill, path: str | Path, arch: str) -> Path:
     return path
 
 
-def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def check_dtype(dtype: str) -> None:
     if dtype not in GGUF_DTYPES:
         raise ValueError(f"GGUF dtype {dtype!r} is not one of {list(GGUF_DTYPES)}")
@@ -170,6 +171,7 @@ def write_model_gguf(model: nn.Module, tokenizer, path: str | Path, dtype: str =
 
     def fill(writer) -> None:
         add_model_metadata(writer, config, dtype)
+        writer.add_string(GGUF_KIND_KEY, "gguf-model")  # a later export may replace it (lorakit.outputs)
         add_tokenizer_metadata(writer, tokenizer, config.vocab_size)
         for hf_name, tensor in state.items():
             if "rotary_emb" in hf_name:
@@ -328,6 +330,7 @@ def write_adapter_gguf(adapter, config, path: str | Path, dtype: str = "f32") ->
         writer.add_float32("adapter.lora.alpha", alpha)
         writer.add_name(f"{Path(adapter.folder).name} (LoRA adapter)")
         writer.add_file_type(file_type(dtype))
+        writer.add_string(GGUF_KIND_KEY, "gguf-adapter")
         for module in sorted(adapter.lora):
             a, b = adapter.lora[module]["lora_A"], adapter.lora[module]["lora_B"]  # [r, in], [out, r]
             r = a.shape[0]

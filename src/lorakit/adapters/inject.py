@@ -8,6 +8,7 @@ name or a dotted suffix, "all-linear" is every Linear/Conv1D except the output h
 from __future__ import annotations
 
 import re
+import warnings
 from collections import Counter
 
 import torch
@@ -19,6 +20,7 @@ from lorakit.adapters.dora import DoraAdapter
 from lorakit.adapters.layer import LoraLayer, base_kind, lora_layers
 from lorakit.adapters.lora import LoraAdapter
 from lorakit.config import LoraSpec
+from lorakit.quant.linear4bit import listed, loose_weights
 
 # Targets when none are given (`targets: null`), by `config.model_type`. PEFT's table
 # (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, peft 0.21), entry for entry, so the same config
@@ -118,6 +120,7 @@ def match_targets(model: nn.Module, spec: LoraSpec) -> list[str]:
                 f"(e.g. 'all-linear'). Candidates: {describe_candidates(model)}"
             )
         targets = DEFAULT_TARGETS[model_type]
+    check_layers(model, spec.layers)
     head = output_head(model)
     names = []
     for name in candidate_names(model):
@@ -136,7 +139,24 @@ def match_targets(model: nn.Module, spec: LoraSpec) -> list[str]:
         names.append(name)
     if not names:
         raise ValueError(f"targets {targets!r} match no module. Candidates: {describe_candidates(model)}")
+    loose = loose_weights(model) if targets == "all-linear" else []
+    if loose:
+        warnings.warn(f"all-linear leaves {len(loose)} weight matrices without an adapter: they are held outside "
+                      f"linear layers (fused mixture-of-experts parameters, routers), which lorakit cannot adapt "
+                      f"yet (PEFT's all-linear adapts them through target_parameters): {listed(loose)}",
+                      stacklevel=3)
     return names
+
+
+def check_layers(model: nn.Module, layers: list[int] | None) -> None:
+    """Refuse `layers` indices the model does not have (rather than blame the targets for matching nothing)."""
+    if layers is None:
+        return
+    present = {int(m.group(1)) for n in candidate_names(model) if (m := LAYER_INDEX.search(n))}
+    missing = sorted(set(layers) - present)
+    if missing:
+        have = f"{len(present)} layers, 0..{max(present)}" if present else "no numbered layers"
+        raise ValueError(f"lora.layers: layer index {missing[0]} is out of range (the model has {have})")
 
 
 def describe_candidates(model: nn.Module) -> str:

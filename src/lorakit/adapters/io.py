@@ -245,6 +245,9 @@ class AdapterFile:
 def read_adapter(path: str | Path) -> AdapterFile:
     """Parse and check an adapter folder on its own; every error names the file and the field."""
     folder = Path(path)
+    if folder.is_file():
+        raise AdapterFileError(f"{folder} is a file, expected an adapter folder (holding {CONFIG_FILE} and "
+                               f"{WEIGHTS_FILE})")
     if not folder.is_dir():
         raise AdapterFileError(f"adapter folder {folder} does not exist")
     config_file, weights_file = folder / CONFIG_FILE, folder / WEIGHTS_FILE
@@ -268,6 +271,7 @@ def read_adapter(path: str | Path) -> AdapterFile:
     except (SafetensorError, OSError, ValueError) as e:
         raise AdapterFileError(f"{weights_file} is not a readable safetensors file: {e}") from None
     adapter = split_tensors(folder, spec, tensors, metadata, weights_file)
+    check_finite(adapter)
     adapter.base = metadata.get("lorakit.base") or config.get("base_model_name_or_path")
     if spec.kind == "adalora":
         adapter.masks = adalora.masks_from_peft(config)
@@ -353,6 +357,20 @@ def split_tensors(folder: Path, spec: LoraSpec, tensors: dict, metadata: dict, w
     return AdapterFile(folder, spec, lora, embedding, biases, copies, base_weights, metadata)
 
 
+def check_finite(adapter: AdapterFile) -> None:
+    """Refuse an adapter holding NaN or Inf (a diverged run): it would silently turn every output it
+    touches to NaN (empty generations, 0% exact match, a server's whole batch). Names the first bad tensor."""
+    biases = {module: {"bias": b} for module, b in adapter.biases.items()}
+    for modules in (adapter.lora, biases, adapter.copies):  # module -> {tensor name: tensor}
+        for module in sorted(modules):
+            for key, t in modules[module].items():
+                if t.is_floating_point() and not torch.isfinite(t).all():
+                    bad = int((~torch.isfinite(t)).sum())
+                    raise AdapterFileError(f"{adapter.folder / WEIGHTS_FILE}: tensor {module}.{key} holds {bad} "
+                                           f"NaN/Inf value{'s' * (bad > 1)} of {t.numel()}; the adapter is broken "
+                                           "(a diverged run?) and is refused")
+
+
 def copy_owners(name: str, saved: list[str]):
     """Candidate module paths (prefixes of `name`) that `modules_to_save` names."""
     parts = name.split(".")
@@ -362,21 +380,30 @@ def copy_owners(name: str, saved: list[str]):
             yield prefix
 
 
+def base_mismatch(model: nn.Module, adapter: AdapterFile) -> str | None:
+    """Where `model` differs from the base the adapter was saved for (the adapted modules' names and weight
+    shapes its file records), or None; None also for a file that records none (PEFT's)."""
+    shapes = adapter.metadata.get("lorakit.base_shapes")
+    if not shapes:
+        return None
+    modules = dict(model.named_modules())
+    for path, shape in json.loads(shapes).items():
+        module = modules.get(path)
+        got = list(reversed(in_out(module))) if module is not None and base_kind(module) else None
+        if got != shape:
+            return (f"saved for base {adapter.metadata.get('lorakit.base')!r}, which differs from this model at "
+                    f"{path!r}: weight {shape} there, {got if got is not None else 'no such module'} here")
+    return None
+
+
 def check_fits(model: nn.Module, adapter: AdapterFile, force: bool = False) -> None:
     """Refuse, naming the first mismatch, an adapter whose modules or shapes do not fit `model`."""
     where = adapter.folder / WEIGHTS_FILE
     modules = dict(model.named_modules())
-    shapes = adapter.metadata.get("lorakit.base_shapes")
-    if shapes and not force:
-        for path, shape in json.loads(shapes).items():
-            module = modules.get(path)
-            got = list(reversed(in_out(module))) if module is not None and base_kind(module) else None
-            if got != shape:
-                raise AdapterFileError(
-                    f"{adapter.folder} was saved for base {adapter.metadata.get('lorakit.base')!r}, which "
-                    f"differs from this model at {path!r}: weight {shape} there, "
-                    f"{got if got is not None else 'no such module'} here (pass force=True to try anyway)"
-                )
+    mismatch = None if force else base_mismatch(model, adapter)
+    if mismatch:
+        raise AdapterFileError(f"{adapter.folder} was {mismatch} (to try anyway from Python: "
+                               "load_adapter(..., force=True))")
     for path, pair in adapter.lora.items():
         module = modules.get(path)
         if module is None:

@@ -202,8 +202,8 @@ class LoraLayer(nn.Module):
     @torch.no_grad()
     def unwrap(self, names: list[str], safe: bool = False) -> nn.Module:
         """The base module with adapters `names` merged in (those that read the base weight first). A
-        4-bit base becomes a full-precision nn.Linear holding the merged dequantize(W): nothing is
-        re-quantized."""
+        4-bit base becomes the full-precision layer it stands for (nn.Linear, or GPT-2's Conv1D) holding the
+        merged dequantize(W): nothing is re-quantized."""
         names = merge_order([n for n in names if n in self.adapters], self.adapters)
         self.active = [n for n in self.active if n in names]  # the others are dropped with the wrapper
         if self.kind != "linear4bit":
@@ -217,24 +217,7 @@ class LoraLayer(nn.Module):
             weight = self.adapters[name].merged_weight(weight)
             if safe and not torch.isfinite(weight).all():
                 raise ValueError(f"merging adapter {name!r} gives non-finite weights")
-        return full_precision(base, weight)
-
-
-@torch.no_grad()
-def full_precision(base: Linear4bit, weight: torch.Tensor) -> nn.Module:
-    """The layer a 4-bit base came from, holding `weight` [out, in] and the base's bias: an nn.Linear, or a
-    Conv1D (weight stored [in, out]) for one quantized from GPT-2's Conv1D, so the model's code and its
-    checkpoint layout stay what they were."""
-    if base.conv1d:
-        layer = Conv1D(base.out_features, base.in_features).to(weight.device, base.compute_dtype)
-        layer.weight.copy_(weight.T)
-    else:
-        layer = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
-                          device=weight.device, dtype=base.compute_dtype)
-        layer.weight.copy_(weight)
-    if base.bias is not None:
-        layer.bias.copy_(base.bias)
-    return layer.requires_grad_(False)
+        return base.full_precision(weight)
 
 
 def merge_order(names: list[str], adapters: nn.ModuleDict) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import random
@@ -48,9 +49,30 @@ def raw_rows(path: Path):
         for i, row in enumerate(data):
             yield row, f"{path}:row {i}"
     else:
-        reader = csv.DictReader(text.splitlines())
-        for row in reader:
-            yield row, f"{path}:{reader.line_num}"
+        yield from csv_rows(path, text)
+
+
+def csv_rows(path: Path, text: str):
+    """(row as {header: field}, "file:line") of a CSV file with a header line. A row with more or fewer
+    fields than the header is an error naming its line: an unquoted comma splits a field in two."""
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(reader, None)
+        if header is None:
+            return
+        if len(set(header)) != len(header) or not all(h.strip() for h in header):
+            raise ValueError(f"{path}:1: the header {header} has an empty or repeated column name")
+        line = reader.line_num + 1
+        for fields in reader:
+            if fields:  # a blank line
+                if len(fields) != len(header):
+                    n = len(fields)
+                    raise ValueError(f"{path}:{line}: {n} field{'s' * (n != 1)}, but the header has {len(header)} "
+                                     f"({', '.join(header)}); quote a field that holds a comma: \"a, b\"")
+                yield dict(zip(header, fields, strict=True)), f"{path}:{line}"
+            line = reader.line_num + 1
+    except csv.Error as e:
+        raise ValueError(f"{path}:{reader.line_num}: invalid CSV: {e}") from None
 
 
 def read_text(path: Path) -> str:
@@ -83,6 +105,8 @@ def read_rows(spec, fmt: str | None = None, seed: int = 0) -> list[Row]:
     """Rows of a dataset spec: a path (file or folder), a list of paths, or a list of
     {"path": ..., "weight": w} where w scales that source's share (0.5 = a random half, 2 = twice)."""
     sources = spec if isinstance(spec, list) else [spec]
+    if not sources:
+        raise ValueError("dataset is an empty list: name at least one file or folder")
     rows: list[Row] = []
     for i, source in enumerate(sources):
         path, weight = (source.get("path"), source.get("weight", 1.0)) if isinstance(source, dict) else (source, 1.0)

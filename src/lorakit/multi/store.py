@@ -7,7 +7,7 @@ costs a copy into the model's memory, so both levels keep the least recently use
 run ahead on a background thread (`prefetch`), so a request for an adapter that is coming does
 not wait for the disk. Every look-up is counted (`stats`) to size the two caches.
 
-Names are single folder names under `root` (letters, digits, `_`, `-`); a name that resolves
+Names are single folder names under `root` (letters, digits, `_`, `-`, at most 255); a name that resolves
 outside `root` (a symlink) is refused, so a name taken from a request cannot reach other files.
 `add(name, relpath)` names a folder deeper under the root (a server's runtime load); the path is
 confined the same way (relative, no `..`, no symlink out), and only safetensors folders are taken.
@@ -29,7 +29,7 @@ from torch import nn
 from lorakit.adapters.inject import active_adapters, adapter_children, remove_adapter, set_active
 from lorakit.adapters.io import CONFIG_FILE, WEIGHTS_FILE, AdapterFile, load_adapter, read_adapter
 
-NAME = re.compile(r"[A-Za-z0-9_-]+")
+NAME = re.compile(r"[A-Za-z0-9_-]{1,255}")  # a folder name (255: the longest most file systems allow)
 
 
 class UnknownAdapterError(LookupError):
@@ -44,7 +44,12 @@ def confined(root: Path, relpath: str) -> Path:
     parts = PurePosixPath(relpath).parts
     if relpath.startswith(("/", "~")) or "\\" in relpath or re.match(r"[A-Za-z]:", relpath) or ".." in parts:
         raise ValueError(f"adapter path {relpath!r} must be relative to the store root, without '..'")
-    path = (root / relpath).resolve()
+    if "\0" in relpath:
+        raise ValueError(f"adapter path {relpath!r} holds a NUL character")
+    try:
+        path = (root / relpath).resolve()
+    except OSError as e:  # too long for the file system, a symlink loop
+        raise ValueError(f"adapter path {relpath!r}: {e.strerror or e}") from None
     if not path.is_relative_to(root) or path == root:
         raise ValueError(f"adapter path {relpath!r} resolves outside the store root {root}")
     return path
@@ -101,7 +106,8 @@ class AdapterStore:
     def folder(self, name: str) -> Path:
         """The folder of adapter `name`, confined to the root."""
         if not isinstance(name, str) or not NAME.fullmatch(name):
-            raise ValueError(f"adapter name {name!r} must be a plain folder name (letters, digits, '_', '-')")
+            raise ValueError(f"adapter name {name!r} must be a plain folder name (letters, digits, '_', '-', at most "
+                             "255)")
         if name in self.extra:
             return self.extra[name]
         if name in self.hidden:
@@ -132,7 +138,7 @@ class AdapterStore:
         """Serve the folder `relpath` (under the root) as adapter `name`; its config and safetensors file
         must be there. Returns the folder. A name already served is refused."""
         if not isinstance(name, str) or not NAME.fullmatch(name):
-            raise ValueError(f"adapter name {name!r} must be letters, digits, '_' or '-'")
+            raise ValueError(f"adapter name {name!r} must be letters, digits, '_' or '-' (at most 255)")
         folder = confined(self.root, relpath)
         if not folder.is_dir():
             raise UnknownAdapterError(f"no adapter folder {relpath!r} under the store root")

@@ -41,8 +41,8 @@ from lorakit.multi.routing import route
 from lorakit.train import distributed
 from lorakit.train.fit import FitResult, Run, micro_batch, peak_rss_mb, validation_loss
 from lorakit.train.loop import head_loss_sum, model_inputs, on_device, plain_head
-from lorakit.train.plot import plot_run
-from lorakit.train.run import datasets, load_base, training_rows
+from lorakit.train.plot import plot_or_warn
+from lorakit.train.run import check_output_dir, datasets, load_base, training_rows
 
 # keys that build or change the one base model, or the batch layout, so every job must agree on them
 SHARED = ("base", "dtype", "quant", "longlora", "gradient_checkpointing", "compile", "precision", "chat_template",
@@ -233,6 +233,8 @@ def run_multi(cfgs: list[TrainConfig], where: str = "config", log=print) -> tupl
     """Train one adapter per config at once over their shared base; each job's output_dir gets its
     adapter, metrics.jsonl, loss.png, checkpoints and results.json, as `lorakit train` writes them."""
     check_jobs(cfgs, where)
+    for cfg in cfgs:  # before the model loads: each output_dir writable, its checkpoints this job's
+        check_output_dir(cfg)
     first = cfgs[0]
     model, tokenizer = load_base(first)
     if first.chat_template is not None:
@@ -256,7 +258,6 @@ def run_multi(cfgs: list[TrainConfig], where: str = "config", log=print) -> tupl
         job.results.update(steps=result.steps, first_loss=result.first_loss, last_loss=result.last_loss,
                            train_seconds=round(result.seconds, 1), skipped_steps=result.skipped_steps,
                            best_val_loss=result.best_val_loss, stopped_early=result.stopped_early)
-        plot_run(job.out, log=log)
         save_adapter(model, job.out / "adapter", name=job.name)
         log(f"[{job.name}] adapter saved to {job.out / 'adapter'} (loss {result.first_loss:.3f} -> "
             f"{result.last_loss:.3f})")
@@ -266,4 +267,5 @@ def run_multi(cfgs: list[TrainConfig], where: str = "config", log=print) -> tupl
             log(f"[{job.name}] held-out exact match: {job.results['exact_match_before']:.1%} -> "
                 f"{job.results['exact_match_after']:.1%}")
         atomic_write_text(job.out / "results.json", json.dumps(job.results, indent=2) + "\n")
+        plot_or_warn(job.out, log)
     return model, [job.results for job in jobs]

@@ -74,6 +74,23 @@ class Linear4bit(nn.Module):
             f"compute_dtype={self.compute_dtype}" + (", conv1d=True" if self.conv1d else "")
         )
 
+    @torch.no_grad()
+    def full_precision(self, weight: Tensor | None = None) -> nn.Module:
+        """The kind of layer this one was made from, holding `weight` [out, in] (default: the dequantized own)
+        and this bias, in `compute_dtype`: an nn.Linear, or a Conv1D (weight stored [in, out]) for GPT-2's, so
+        the model's code and checkpoint layout stay what they were."""
+        weight = dequantize_weight(self, torch.float32) if weight is None else weight  # [out, in]
+        if self.conv1d:
+            layer = Conv1D(self.out_features, self.in_features).to(weight.device, self.compute_dtype)
+            layer.weight.copy_(weight.T)
+        else:
+            layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                              device=weight.device, dtype=self.compute_dtype)
+            layer.weight.copy_(weight)
+        if self.bias is not None:
+            layer.bias.copy_(self.bias)
+        return layer.requires_grad_(False)
+
     def _apply(self, fn, recurse: bool = True):
         """Move the packed bytes and the quant state with the module, but never cast the bytes.
 
@@ -231,14 +248,39 @@ def quantize_model(
                 raise ValueError(f"{name}: {e}") from e
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, replaced[id(module)])
+    warn_full_precision(model, skip)
+    return model
+
+
+def warn_full_precision(model: nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> None:
+    """Name, in a warning, what a quantized model keeps in full precision besides its head and `skip`: never
+    silently. Other subclasses of nn.Linear, and weight matrices outside linear layers (`loose_weights`)."""
     head = output_head(model)
     left = [f"{name} ({type(module).__name__})" for name, module in model.named_modules()
             if isinstance(module, nn.Linear) and module is not head and not _skipped(name, skip)]
     if left:
         warnings.warn(f"{len(left)} linear layers stay in full precision: their class is a subclass of nn.Linear "
-                      f"that 4-bit layers do not replace (as in transformers + bitsandbytes): {', '.join(left[:3])}"
-                      + (", ..." if len(left) > 3 else ""), stacklevel=2)
-    return model
+                      f"that 4-bit layers do not replace (as in transformers + bitsandbytes): {listed(left)}",
+                      stacklevel=3)
+    loose = [name for name in loose_weights(model) if not _skipped(name, skip)]
+    if loose:
+        warnings.warn(f"{len(loose)} weight matrices outside linear layers stay in full precision (fused "
+                      f"mixture-of-experts parameters, routers): {listed(loose)}", stacklevel=3)
+
+
+def loose_weights(model: nn.Module) -> list[str]:
+    """Names of weight matrices (2-d or more) held directly by modules other than linear, Conv1D and
+    embedding layers: fused mixture-of-experts parameters (`mlp.experts.gate_up_proj` [experts, 2 * ff,
+    hidden]) and routers (`mlp.gate.weight`), which neither 4-bit layers nor LoRA wrappers replace."""
+    layers = (nn.Linear, nn.Embedding, Conv1D, Linear4bit)
+    wrapped = {id(m) for w in model.modules() if hasattr(w, "base_module") for m in w.modules()}  # LoRA wrappers
+    return [f"{name}.{pname}" if name else pname for name, module in model.named_modules()
+            if not isinstance(module, layers) and id(module) not in wrapped
+            for pname, p in module.named_parameters(recurse=False) if p.dim() >= 2]
+
+
+def listed(names: list[str], first: int = 3) -> str:
+    return ", ".join(names[:first]) + (", ..." if len(names) > first else "")
 
 
 def quantize_layer(
@@ -284,6 +326,19 @@ def quantizable(module: nn.Module) -> bool:
     nn.Linear subclass whose forward is F.linear's formula (`PLAIN_LINEARS`; transformers 5 leaves those in
     full precision, so a Falcon would get no 4-bit layer at all)."""
     return type(module) in (nn.Linear, *PLAIN_LINEARS) or isinstance(module, Conv1D)
+
+
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """Replace every `Linear4bit` in `model` by the full-precision layer it stands for (`full_precision`), in
+    place; returns `model`. A layer registered under several names stays shared."""
+    replaced: dict[int, nn.Module] = {}
+    for name, module in list(model.named_modules(remove_duplicate=False)):
+        if isinstance(module, Linear4bit):
+            if id(module) not in replaced:
+                replaced[id(module)] = module.full_precision()
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, replaced[id(module)])
+    return model
 
 
 def quantization_of(model: nn.Module) -> dict | None:

@@ -9,6 +9,10 @@ hides the padding; positions are each row's own), so a decoding step is one forw
 row through its own adapter (`lorakit.route`). A finished or cancelled row leaves the cache before the
 next step; columns that only padding uses are dropped.
 
+A request fails alone: a shared prefill that fails changes nothing (its prompts are retried one by one),
+and a row whose token cannot be chosen or sent (a seed torch refuses, scores that are not finite, a client
+whose callback breaks) gets its error and leaves the running set and the KV rows before the next forward.
+
 Only this loop's thread runs the model or changes its adapters (`attach`/`detach` callbacks).
 """
 
@@ -51,17 +55,21 @@ class Sequence:
         """The next token from logits [vocab]: argmax at temperature 0, else a top-p sample from own generator."""
         if self.temperature == 0:
             return int(logits.argmax())
-        probs = torch.softmax(logits.float().cpu() / self.temperature, dim=-1)  # [V], sampled on the CPU
-        if self.top_p < 1:
-            sorted_p, order = probs.sort(descending=True)
-            drop = sorted_p.cumsum(0) - sorted_p >= self.top_p  # keep the smallest head reaching top_p
-            probs = probs.scatter(0, order, sorted_p.masked_fill(drop, 0.0))
         if self.generator is None:
             self.generator = torch.Generator()
             if self.seed is not None:
                 self.generator.manual_seed(self.seed)
             else:
                 self.generator.seed()
+        scaled = logits.float().cpu() / self.temperature  # [V], sampled on the CPU
+        if not torch.isfinite(scaled).all():  # finite scores overflowed: a temperature this low is greedy
+            return int(logits.argmax())
+        probs = torch.softmax(scaled, dim=-1)
+        if self.top_p < 1:
+            sorted_p, order = probs.sort(descending=True)
+            drop = sorted_p.cumsum(0) - sorted_p >= self.top_p  # keep the smallest head reaching top_p
+            drop[0] = False  # the most likely token, even where top_p rounds to 0 in float32
+            probs = probs.scatter(0, order, sorted_p.masked_fill(drop, 0.0))
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
 
@@ -184,13 +192,13 @@ class Batcher:
                     self.step()
                 elif self.waiting:
                     time.sleep(0.002)  # waiting only for adapters being read
-            except Exception as e:  # a fault of ours: fail the running rows, keep serving
-                for seq in self.running:
-                    seq.emit(e)
-                self.running, self.rows = [], RowCache()
+            except Exception as e:  # a fault of ours in a shared forward: fail the running rows, keep serving
+                running, self.running, self.rows = self.running, [], RowCache()
+                for seq in running:
+                    fail(seq, e)
         for seq in [*self.running, *self.waiting]:
             if not seq.cancelled:
-                seq.emit(RuntimeError("the server is shutting down"))
+                fail(seq, RuntimeError("the server is shutting down"))
 
     def drop_finished(self) -> None:
         keep = [i for i, s in enumerate(self.running) if not s.cancelled]
@@ -219,23 +227,27 @@ class Batcher:
                     continue
             except Exception as e:  # this request's adapter: fail it alone
                 self.take(seq)
-                seq.emit(e)
+                fail(seq, e)
                 continue
             self.take(seq)
             joining.append(seq)
         if not joining:
             return
         try:
-            self.prefill(joining)
-        except Exception as e:
-            if len(joining) == 1:  # this request's prompt: fail it alone
-                joining[0].emit(e)
+            out = self.prefill(joining)
+        except Exception as e:  # nothing changed: find the prompt at fault, each alone
+            if len(joining) == 1:
+                fail(joining[0], e)
                 return
-            for seq in joining:  # find the one at fault: each alone
+            for seq in joining:
                 try:
-                    self.prefill([seq])
+                    out = self.prefill([seq])
                 except Exception as e:
-                    seq.emit(e)
+                    fail(seq, e)
+                    continue
+                self.join([seq], *out)
+            return
+        self.join(joining, *out)
 
     def take(self, seq: Sequence) -> None:
         with self.wake:
@@ -243,8 +255,9 @@ class Batcher:
                 self.waiting.remove(seq)
 
     @torch.no_grad()
-    def prefill(self, seqs: list[Sequence]) -> None:
-        """Run the prompts in one forward (left-padded), emit each one's first token, add their KV rows."""
+    def prefill(self, seqs: list[Sequence]) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
+        """Run the prompts in one forward (left-padded): (their KV cache, mask [k, T], last logits [k, V]).
+        Changes nothing else, so that a failure leaves no trace."""
         width = max(len(s.prompt) for s in seqs)
         ids = torch.zeros(len(seqs), width, dtype=torch.long)  # [k, T], left-padded (0: a masked pad)
         mask = torch.zeros(len(seqs), width, dtype=torch.long)
@@ -253,27 +266,47 @@ class Batcher:
             mask[i, width - len(seq.prompt):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(1) - 1).clamp(min=0)  # each row's own positions from 0
-        cache = DynamicCache()
         with route(self.model, [s.adapter for s in seqs]):
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                             use_cache=True, logits_to_keep=1)
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                             past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
         self.rows.layers(out.past_key_values)
-        self.running += seqs
-        self.rows.add(out.past_key_values, mask)
-        logits = out.logits[:, -1]  # [k, V]
-        greedy = logits.argmax(-1).tolist()
-        for i, seq in enumerate(seqs):
-            self.push(seq, logits[i], greedy[i])
+        return out.past_key_values, mask, out.logits[:, -1]
 
-    def push(self, seq: Sequence, logits: torch.Tensor, greedy: int | None = None) -> None:
-        """Choose (`greedy`: the argmax, already known) and emit the next token; end the sequence at the end
-        token or at max_tokens."""
-        token = greedy if greedy is not None and seq.temperature == 0 else seq.sample(logits)
-        seq.tokens.append(token)
-        seq.emit(token)
-        if (token == self.eos and seq.stop_at_eos) or len(seq.tokens) >= seq.max_tokens:
-            seq.cancelled = True
-            seq.emit(None)
+    def join(self, seqs: list[Sequence], cache: DynamicCache, mask: torch.Tensor, logits: torch.Tensor) -> None:
+        """Emit each prefilled sequence's first token; those still going become running rows (a sequence that
+        failed or already ended never does)."""
+        self.push(seqs, logits)
+        alive = [i for i, seq in enumerate(seqs) if not seq.cancelled]
+        if not alive:
+            return
+        new = RowCache()
+        new.add(cache, mask)
+        if len(alive) < len(seqs):
+            new.keep(alive)
+        self.running += [seqs[i] for i in alive]
+        self.rows.add(new.cache, new.mask)
+
+    def push(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        """Choose and emit each sequence's next token from its logits (row i of [k, V]); end a sequence at the
+        end token or at max_tokens. A row that fails is failed alone (cancelled: it leaves before the next
+        forward)."""
+        greedy, finite = torch.stack([logits.argmax(-1), torch.isfinite(logits).all(-1).long()]).tolist()  # 1 transfer
+        for i, seq in enumerate(seqs):
+            if seq.cancelled:
+                continue
+            try:
+                if not finite[i]:
+                    through = "the base model" if seq.adapter is None else f"adapter {seq.adapter!r}"
+                    raise FloatingPointError(f"the scores of {through} for this request are not finite (NaN or Inf)")
+                token = greedy[i] if seq.temperature == 0 else seq.sample(logits[i])
+                seq.tokens.append(token)
+                seq.emit(token)
+            except Exception as e:
+                fail(seq, e)
+                continue
+            if (token == self.eos and seq.stop_at_eos) or len(seq.tokens) >= seq.max_tokens:
+                seq.cancelled = True
+                send(seq, None)
 
     @torch.no_grad()
     def step(self) -> None:
@@ -292,8 +325,19 @@ class Batcher:
         self.rows.mask = mask
         self.steps += 1
         self.peak = max(self.peak, len(rows))
-        logits = out.logits[:, -1]  # [B, V]
-        greedy = logits.argmax(-1).tolist()  # one transfer for the greedy rows
-        for i, seq in enumerate(rows):
-            if not seq.cancelled:
-                self.push(seq, logits[i], greedy[i])
+        self.push(rows, out.logits[:, -1])  # [B, V]
+        self.drop_finished()
+
+
+def send(seq: Sequence, item: object) -> None:
+    """Hand `item` to the sequence's client; a client whose callback fails is gone: nothing more to tell it."""
+    try:
+        seq.emit(item)
+    except Exception:  # the client left
+        seq.cancelled = True
+
+
+def fail(seq: Sequence, error: Exception) -> None:
+    """End a sequence with `error` (its row, if any, leaves before the next forward)."""
+    seq.cancelled = True
+    send(seq, error)

@@ -6,9 +6,10 @@ thread, attached on demand into LRU slots). Every request becomes a row of one c
 decoding loop (`batch.Batcher`). Requests are checked here, so every HTTP front end answers the same
 4xx errors for the same input.
 
-An adapter is served only on the base it was trained for: the same 4-bit quantization (or none) and
-the same positional setup (LongLoRA's interpolated RoPE). Adapters that would change what every
-request sees (trained biases, PiSSA's residual base, `modules_to_save`) are refused.
+An adapter is served only on the base it was trained for: the same base (the module shapes its file
+records), the same 4-bit quantization (or none) and the same positional setup (LongLoRA's interpolated
+RoPE), and only with finite weights (`read_adapter` refuses NaN/Inf). Adapters that would change what
+every request sees (trained biases, PiSSA's residual base, `modules_to_save`) are refused.
 """
 
 from __future__ import annotations
@@ -25,14 +26,27 @@ from pathlib import Path
 from torch import nn
 
 from lorakit.adapters.inject import adapter_names, remove_adapter
-from lorakit.adapters.io import AdapterFile, check_fits, load_adapter, read_adapter
+from lorakit.adapters.io import (
+    AdapterFile,
+    AdapterFileError,
+    base_mismatch,
+    check_fits,
+    load_adapter,
+    read_adapter,
+)
 from lorakit.data.encode import prompt_text
 from lorakit.longlora import context_of, saved_context
-from lorakit.multi.store import AdapterStore, UnknownAdapterError, check_safetensors, confined
+from lorakit.multi.store import NAME, AdapterStore, UnknownAdapterError, check_safetensors, confined
 from lorakit.quant.linear4bit import quantization_of
 from lorakit.serve.batch import Batcher, QueueFull, Sequence
 
 ROLES = ("system", "user", "assistant")
+SEEDS = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+UNSUPPORTED = {  # OpenAI options this server does not honour -> the values that ask for nothing
+    "logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
+    "suffix": (None, ""), "logit_bias": (None, {}), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
+    "tools": (None, []), "response_format": (None, {"type": "text"}),
+}
 
 
 class RequestError(Exception):
@@ -43,9 +57,13 @@ class RequestError(Exception):
         self.status = status
 
 
-def serving_problem(model: nn.Module, adapter: AdapterFile) -> str | None:
-    """Why `adapter` cannot be served over `model` next to other adapters, or None."""
+def serving_problem(model: nn.Module, adapter: AdapterFile, force: bool = False) -> str | None:
+    """Why `adapter` cannot be served over `model` next to other adapters, or None. The base's identity comes
+    first: an adapter of another base differs in every other way too. (`force`: skip the base check.)"""
     name = adapter.folder.name
+    mismatch = None if force else base_mismatch(model, adapter)
+    if mismatch:
+        return f"adapter {name!r} was made for another base: {mismatch}"
     if adapter.quant != quantization_of(model):
         want = f"a 4-bit base ({adapter.quant})" if adapter.quant else "a full-precision base"
         have = f"4-bit ({quantization_of(model)})" if quantization_of(model) else "full precision"
@@ -112,7 +130,7 @@ class Engine:
             if self.store is None:
                 raise UnknownAdapterError(name)
             self.store.folder(name)
-        except (UnknownAdapterError, ValueError):
+        except (UnknownAdapterError, ValueError, OSError):
             raise RequestError(404, f"model {name!r} does not exist") from None
 
     def ready(self, name: str) -> bool:
@@ -127,9 +145,10 @@ class Engine:
         future = self.reading.get(name)
         if future is not None and future.done():
             del self.reading[name]
-            if future.exception() is not None:
+            if future.exception() is not None:  # a file that cannot be served is refused as at a runtime load
                 e = future.exception()
-                raise RequestError(500, f"adapter {name!r} cannot be read: {type(e).__name__}: {e}")
+                status = 400 if isinstance(e, AdapterFileError) else 500
+                raise RequestError(status, f"adapter {name!r} cannot be read: {type(e).__name__}: {e}")
             return self.store.cached(name)
         if future is None:
             self.reading.update(zip([name], self.store.prefetch([name]), strict=False))
@@ -148,7 +167,7 @@ class Engine:
             on_model = set(self.store.on_model(self.model))
             for name in stored:
                 if name not in on_model:
-                    problem = serving_problem(self.model, self.store.get(name))
+                    problem = serving_problem(self.model, self.store.get(name), self.store.force)
                     if problem:
                         raise RequestError(400, problem)
             self.store.attach(self.model, stored)
@@ -170,8 +189,10 @@ class Engine:
         """Serve the adapter folder `path` (relative to the store root) as `name` (a runtime load)."""
         if self.store is None:
             raise RequestError(400, "runtime adapters need a store: start the server with --store ROOT")
-        if not isinstance(name, str) or not isinstance(path, str):
-            raise RequestError(400, "'lora_name' and 'lora_path' must be strings")
+        if not isinstance(name, str) or not NAME.fullmatch(name):
+            raise RequestError(400, "'lora_name' must be a string of letters, digits, '_' or '-' (at most 255)")
+        if not isinstance(path, str):
+            raise RequestError(400, "'lora_path' must be a string: a folder relative to the store root")
         if name == self.base_id or name in self.fixed:
             raise RequestError(400, f"adapter {name!r} is already loaded")
         with self.lock:
@@ -179,19 +200,25 @@ class Engine:
                 raise RequestError(409, f"adapter {name!r} is still being unloaded; try again shortly")
             try:
                 folder = confined(self.store.root, path)
-                if not folder.is_dir():
-                    raise RequestError(404, f"no adapter folder {path!r} under the store root")
+                found = folder.is_dir()
+            except (ValueError, OSError) as e:
+                raise RequestError(400, f"'lora_path': {getattr(e, 'strerror', None) or e}") from None
+            if not found:
+                raise RequestError(404, f"no adapter folder {path!r} under the store root")
+            try:
                 check_safetensors(folder)
                 adapter = read_adapter(folder)
-                problem = serving_problem(self.model, adapter)
+                problem = serving_problem(self.model, adapter, self.store.force)
                 if problem:
                     raise RequestError(400, problem)
-                check_fits(self.model, adapter)
+                check_fits(self.model, adapter, force=self.store.force)
                 self.store.add(name, path)
             except UnknownAdapterError as e:
                 raise RequestError(404, str(e)) from None
-            except ValueError as e:  # a bad name or path, a file that does not fit the base
+            except ValueError as e:  # a file that does not fit the base, a name taken
                 raise RequestError(400, str(e)) from None
+            except OSError as e:
+                raise RequestError(400, f"adapter folder {path!r} cannot be read: {e.strerror or e}") from None
 
     def unload(self, name: str) -> None:
         """Stop serving adapter `name`: new requests get 404; running ones finish first."""
@@ -229,7 +256,7 @@ class Engine:
         if len(ids) > self.max_prompt_tokens:
             raise RequestError(400, f"prompt has {len(ids)} tokens, more than the limit {self.max_prompt_tokens}")
         if self.context is not None and len(ids) + params["max_tokens"] > self.context:
-            raise RequestError(400, f"prompt ({len(ids)} tokens) + max_tokens ({params['max_tokens']}) is more than "
+            raise RequestError(400, f"prompt ({len(ids)} tokens) + 'max_tokens' ({params['max_tokens']}) is more than "
                                     f"the model's context of {self.context} tokens")
         self.check_model(name)
         return Job(name, ids, params, chat, f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time()))
@@ -258,8 +285,12 @@ class Engine:
         stream = request.get("stream", False)
         if not isinstance(stream, bool):
             raise RequestError(400, "'stream' must be true or false")
-        if request.get("n", 1) != 1:
+        n = request.get("n")
+        if n is not None and (not is_int(n) or n != 1):
             raise RequestError(400, "'n' must be 1")
+        for key, neutral in UNSUPPORTED.items():
+            if not any(same(request.get(key), v) for v in neutral):
+                raise RequestError(400, f"{key!r} is not supported by this server; leave it out")
         max_tokens = request.get("max_tokens")
         if max_tokens is None and chat:
             max_tokens = request.get("max_completion_tokens")
@@ -274,14 +305,16 @@ class Engine:
         if not is_number(top_p) or not 0 < top_p <= 1:
             raise RequestError(400, "'top_p' must be a number in (0, 1]")
         seed = request.get("seed")
-        if seed is not None and not is_int(seed):
-            raise RequestError(400, "'seed' must be an integer")
+        if seed is not None and (not is_int(seed) or not SEEDS[0] <= seed <= SEEDS[1]):
+            raise RequestError(400, f"'seed' must be an integer from {SEEDS[0]} to {SEEDS[1]} (64 bits)")
         ignore_eos = request.get("ignore_eos", False)  # vLLM's extension: always max_tokens (benchmarks)
         if not isinstance(ignore_eos, bool):
             raise RequestError(400, "'ignore_eos' must be true or false")
         options = request.get("stream_options") or {}
         if not isinstance(options, dict):
             raise RequestError(400, "'stream_options' must be an object")
+        if not isinstance(options.get("include_usage", False), bool):
+            raise RequestError(400, "'stream_options.include_usage' must be true or false")
         return name, {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": seed,
                       "stop": request_stops(request), "stream": stream, "ignore_eos": ignore_eos,
                       "usage": bool(options.get("include_usage", False))}
@@ -405,3 +438,9 @@ def is_number(value) -> bool:
 
 def is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def same(value, neutral) -> bool:
+    """`value == neutral` of the same JSON type (true is not 1, 0.0 is 0)."""
+    return value is neutral or (is_number(value) and is_number(neutral) and value == neutral) or (
+        type(value) is type(neutral) and value == neutral)

@@ -54,6 +54,11 @@ def make_app(engine: Engine, api_key: str | None = None, allow_runtime_adapters:
     async def request_error(request: Request, e: RequestError) -> JSONResponse:
         return JSONResponse(error_body(e.status, str(e)), status_code=e.status)
 
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, e: Exception) -> JSONResponse:
+        """A fault of ours (logged with its traceback by the server): still an answer in OpenAI's shape."""
+        return JSONResponse(error_body(500, f"{type(e).__name__}: {e}"), status_code=500)
+
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException) -> JSONResponse:
         message = f"no route {request.method} {request.url.path}" if e.status_code in (404, 405) else str(e.detail)
@@ -113,6 +118,8 @@ async def read_json(request: Request, limit: int):
         return json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RequestError(400, f"the request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise RequestError(400, "the request body's JSON is nested too deeply") from None
 
 
 async def answer(engine: Engine, request, chat: bool):

@@ -8,10 +8,16 @@ k), so a resumed run reads exactly the batches an uninterrupted one would have.
 A checkpoint (`output_dir/checkpoint-STEP/`, written atomically, the last `keep_checkpoints`
 kept) holds the trainable parameters, optimizer, schedule, RNG states and step: resuming from it
 ends with the same adapter, bit for bit on the CPU, as a run never stopped.
+
+A checkpoint also records the settings that make a run what it is (`RUN_KEYS`, in `run.json`): a
+checkpoint written with other values there is another run's. An output_dir holding checkpoints is
+refused unless `resume` is set, and resuming (`auto` or a path) refuses another run's checkpoint,
+naming the first setting that differs; pruning deletes only this run's checkpoints.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -28,7 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lorakit.adapters.adalora import final_ranks, make_allocator
-from lorakit.atomic import atomic_dir
+from lorakit.atomic import atomic_dir, atomic_write_text
 from lorakit.config import TrainConfig
 from lorakit.data.encode import IGNORE, collate
 from lorakit.data.packing import collate_packed
@@ -39,6 +45,11 @@ from lorakit.train.plot import plot_ranks
 from lorakit.train.tensorboard import open_tensorboard, write_scalars
 
 STATE_FILE = "trainer_state.pt"
+RUN_FILE = "run.json"  # in a checkpoint: the values of RUN_KEYS of the run that wrote it
+RUN_KEYS = ("base", "dataset", "format", "chat_template", "train_on_prompt", "truncation", "packing", "max_length",
+            "demo_train", "demo_eval", "val_size", "lora", "quant", "longlora", "optim", "seed", "batch_size")
+ROWS_PER_STEP = "rows_per_step (batch_size x grad_accum x processes)"  # grad_accum may change with the processes
+# RUN_KEYS and ROWS_PER_STEP: what the batches, the model and the adapter are; lr, steps, schedule may change
 
 
 @dataclass
@@ -112,6 +123,7 @@ def save_checkpoint(out: Path, step: int, model: nn.Module, optimizer, schedule,
 
     def fill(tmp: Path) -> None:
         torch.save(state, tmp / STATE_FILE)
+        (tmp / RUN_FILE).write_text(json.dumps(run_identity(cfg), indent=1, sort_keys=True) + "\n")
         if save_adapter is not None:
             save_adapter(tmp / "adapter")
 
@@ -119,16 +131,47 @@ def save_checkpoint(out: Path, step: int, model: nn.Module, optimizer, schedule,
     with distributed.gathered(model):  # FSDP2: the adapter whole, for save_adapter
         if write:
             atomic_dir(path, fill)
-            prune_checkpoints(out, cfg.keep_checkpoints)
+            prune_checkpoints(out, cfg.keep_checkpoints, run_identity(cfg))
     return path
 
 
-def prune_checkpoints(out: Path, keep: int) -> None:
-    """Delete all but the newest `keep` complete checkpoints, and the remains of a deletion that a
-    kill interrupted; each is renamed away first, so a half-deleted one is never taken for whole."""
-    kept = set(checkpoints(out)[-keep:])
-    for path in out.glob("checkpoint-*"):
-        if path.name[11:].isdigit() and path not in kept:
+def run_identity(cfg: TrainConfig) -> dict:
+    """The RUN_KEYS of `cfg`, sections flattened to dotted keys (`lora.r`), and the rows per optimizer step,
+    as JSON would give them back."""
+    flat: dict = {ROWS_PER_STEP: cfg.batch_size * cfg.grad_accum * distributed.current(cfg.distributed).size}
+    for key in RUN_KEYS:
+        value = getattr(cfg, key)
+        if dataclasses.is_dataclass(value):
+            flat.update({f"{key}.{k}": v for k, v in dataclasses.asdict(value).items()})
+        else:
+            flat[key] = value
+    return json.loads(json.dumps(flat))
+
+
+def identity_of(checkpoint: Path) -> dict | None:
+    """The run identity a checkpoint recorded, or None (written by a lorakit before run.json)."""
+    try:
+        return json.loads((checkpoint / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def identity_difference(saved: dict, own: dict) -> str | None:
+    """The first setting in which two run identities differ, as "key: saved there, own here"; None if equal."""
+    for key in sorted(set(saved) | set(own)):
+        if saved.get(key, "(unset)") != own.get(key, "(unset)"):
+            return f"{key} is {saved.get(key, '(unset)')!r} there, {own.get(key, '(unset)')!r} here"
+    return None
+
+
+def prune_checkpoints(out: Path, keep: int, identity: dict | None = None) -> None:
+    """Delete all but the newest `keep` complete checkpoints of the run `identity` (default: any), and the
+    remains of a deletion that a kill interrupted; each is renamed away first, so a half-deleted one is never
+    taken for whole. Another run's checkpoints are left alone."""
+    own = [p for p in checkpoints(out) if identity is None or identity_of(p) == identity]
+    kept = set(own[-keep:])
+    for path in own:
+        if path not in kept:
             trash = path.with_name(f".{path.name}.deleting")
             os.replace(path, trash)
             shutil.rmtree(trash, ignore_errors=True)
@@ -140,16 +183,63 @@ def checkpoints(out: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[11:]))
 
 
+def remove_stale_temps(out: Path) -> None:
+    """The remains of checkpoint writes and deletions that a kill -9 interrupted (`.checkpoint-N.*.tmp`,
+    `.checkpoint-N.old`, `.checkpoint-N.deleting`): never a complete checkpoint, so never needed."""
+    for path in out.glob(".checkpoint-*"):
+        if path.is_dir() and path.name.endswith((".tmp", ".old", ".deleting")):
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def resume_path(cfg: TrainConfig, out: Path) -> Path | None:
+    """The checkpoint this run continues from (None: from the start). An output_dir holding checkpoints
+    needs `resume`, and every checkpoint there, and the one resumed, must be this run's (`RUN_KEYS`)."""
+    found = checkpoints(out) if out.is_dir() else []
     if cfg.resume is None:
+        if found:
+            raise ValueError(f"output_dir {out} holds checkpoints of an earlier run ({found[-1].name}): set "
+                             "resume=auto to continue it, or choose another output_dir (a new run there would "
+                             "replace that run's checkpoints and adapter)")
         return None
     if cfg.resume == "auto":
-        found = checkpoints(out)
-        return found[-1] if found else None
-    path = Path(cfg.resume)
-    if not (path / STATE_FILE).is_file():
-        raise ValueError(f"resume={cfg.resume!r}: {path / STATE_FILE} does not exist")
+        path = found[-1] if found else None
+    else:
+        path = Path(cfg.resume)
+        if not (path / STATE_FILE).is_file():
+            raise ValueError(f"resume={cfg.resume!r}: {path / STATE_FILE} does not exist")
+    own = run_identity(cfg)
+    for checkpoint in dict.fromkeys([*([path] if path is not None else []), *reversed(found)]):  # resumed first
+        saved = identity_of(checkpoint)
+        if saved is None and checkpoint == path and cfg.resume != "auto":
+            continue  # written before run.json: resumed only when named explicitly
+        if saved is None:
+            raise ValueError(f"{checkpoint} has no {RUN_FILE} (an older lorakit), so it cannot be told from another "
+                             f"run's: name it (resume={checkpoint}) to continue from it, or use another output_dir")
+        difference = identity_difference(saved, own)
+        if difference is not None:
+            raise ValueError(f"{checkpoint} is another run's checkpoint: {difference}; a run resumes only with the "
+                             "same base, data, adapter settings, seed and rows per step (docs/CONFIG.md, `resume`); "
+                             "choose another output_dir for a new run")
     return path
+
+
+def truncate_metrics(path: Path, step: int, log: Callable[[str], None]) -> None:
+    """Keep the records of metrics.jsonl up to `step` (the checkpoint resumed): the steps after it, done
+    before the run stopped, are done again. A torn line (a kill mid-write) is dropped with a warning."""
+    if not path.is_file():
+        return
+    kept, torn = [], []
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            torn.append(lineno)
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line)
+    if torn:
+        log(f"warning: {path}: dropped unreadable line{'s' * (len(torn) > 1)} {', '.join(map(str, torn))}")
+    atomic_write_text(path, "".join(f"{line}\n" for line in kept))
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer, schedule,
@@ -213,18 +303,25 @@ class Run:
         self.step = 0  # optimizer steps done
         self.allocator = None  # AdaLoRA's rank allocator, set by `fit`; its state is checkpointed too
         self.resumed_from = path = resume_path(cfg, out) if out is not None else None
+        progress = {}
         if path is not None:
             self.step = load_checkpoint(path, model, self.optimizer, self.schedule, params)
+            progress = torch.load(path / STATE_FILE, weights_only=True).get("progress", {})
             log(f"resumed from {path} at step {self.step}")
         self.start_step = self.step
         self.out = out if write else None
         self.out_dir, self.world = out, world  # FSDP2: every rank takes part in a checkpoint, rank 0 writes it
+        if self.out and self.step:
+            truncate_metrics(out / "metrics.jsonl", self.step, log)
+        if self.out:
+            remove_stale_temps(out)
         self.metrics = open(out / "metrics.jsonl", "a" if self.step else "w") if self.out else None  # noqa: SIM115
         self.tensorboard = open_tensorboard(out / "tensorboard") if self.out and cfg.tensorboard else None
-        self.result = FitResult(self.steps, float("nan"), float("nan"), 0.0)
+        self.result = FitResult(self.steps, progress.get("first_loss", float("nan")), float("nan"), 0.0,
+                                progress.get("skipped_steps", 0))  # the whole run's, across resumes
         self.bad_in_a_row, self.since_best, self.best_params = 0, 0, None
         self.stopped = False
-        self.start = time.perf_counter()
+        self.start = time.perf_counter() - progress.get("seconds", 0.0)
 
     @property
     def done(self) -> bool:
@@ -272,7 +369,9 @@ class Run:
         return record
 
     def checkpoint(self) -> Path:
-        extra = {"allocator": self.allocator.state_dict()} if self.allocator is not None else None
+        extra = {"allocator": self.allocator.state_dict()} if self.allocator is not None else {}
+        extra["progress"] = {"first_loss": self.result.first_loss, "skipped_steps": self.result.skipped_steps,
+                             "seconds": time.perf_counter() - self.start}  # results.json: the whole run's
         return save_checkpoint(self.out_dir, self.step, self.model, self.optimizer, self.schedule, self.cfg,
                                self.save_adapter, self.params, extra, write=self.out is not None)
 
@@ -341,7 +440,7 @@ def fit(
             record = run.book(train_step(net, rows, cfg, pad_id, step, params, run.optimizer, run.schedule, world,
                                          allocator))
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=record["tokens_per_s"])
-            if run.done:
+            if run.stopped:  # early stop; the last step ends the loop itself, so the bar shows N/N
                 break
     except KeyboardInterrupt:
         run.interrupted()

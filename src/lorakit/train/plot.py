@@ -50,6 +50,16 @@ def plot_run(run_dir: str | Path, log=print) -> Path | None:
     return path
 
 
+def plot_or_warn(run_dir: str | Path, log=print) -> Path | None:
+    """`plot_run` at the end of training: a metrics.jsonl it cannot read (a torn line, two runs writing
+    into one output_dir) costs the plot only, with a warning naming the line."""
+    try:
+        return plot_run(run_dir, log=log)
+    except ValueError as e:
+        log(f"warning: no loss.png: {e}")
+        return None
+
+
 def plot_ranks(ranks: dict[str, int], path: str | Path, title: str = "AdaLoRA final rank", log=print) -> Path | None:
     """A heat map of the rank of each adapted module: layers as rows, module names as columns (AdaLoRA's
     allocation at the end of training); without matplotlib, say so and draw nothing."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,8 +27,8 @@ from lorakit.models import load, resolve, storage_dtype
 from lorakit.quant.linear4bit import quantization_of
 from lorakit.stream import stored_float_dtype
 from lorakit.train import distributed
-from lorakit.train.fit import fit, validation_loss
-from lorakit.train.plot import plot_run
+from lorakit.train.fit import fit, resume_path, validation_loss
+from lorakit.train.plot import plot_or_warn
 
 
 def datasets(cfg: TrainConfig) -> tuple[list[Row], list[Row]]:
@@ -144,6 +145,21 @@ def compile_blocks(model: nn.Module) -> int:
     return len(blocks)
 
 
+def check_output_dir(cfg: TrainConfig) -> None:
+    """Before any model loads: output_dir is (or can become) a folder this process may write in, and its
+    checkpoints are this run's when `resume` is set, or there are none (`fit.resume_path`). Creates nothing."""
+    out = Path(cfg.output_dir)
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        where = "is a file" if existing == out else f"is inside {existing}, which is a file"
+        raise ValueError(f"output_dir {out} {where}; it must be a folder")
+    try:
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as e:
+        raise ValueError(f"output_dir {out}: cannot write in {existing} ({e.strerror})") from None
+    resume_path(cfg, out)
+
+
 def run(cfg: TrainConfig, log=print) -> tuple[nn.Module, dict]:
     """Train one adapter as `cfg` says. Returns the trained model and a summary, which is also
     written to output_dir/results.json; the adapter is saved to output_dir/adapter."""
@@ -151,6 +167,7 @@ def run(cfg: TrainConfig, log=print) -> tuple[nn.Module, dict]:
     world = distributed.init(cfg.distributed)  # distributed: only rank 0 logs, scores and saves
     log = log if world.main else (lambda _message: None)
     train, held_out = datasets(cfg)
+    check_output_dir(cfg)
     model, tokenizer = load_base(cfg)
     if cfg.chat_template is not None:
         tokenizer.chat_template = CHAT_TEMPLATES.get(cfg.chat_template, cfg.chat_template)
@@ -188,8 +205,7 @@ def run(cfg: TrainConfig, log=print) -> tuple[nn.Module, dict]:
         distributed.finish(world)
         return model, results
     with distributed.gathered(model):
-        if world.main:
-            plot_run(out, log=log)
+        if world.main:  # the adapter first: nothing after it (evaluation, the plot) may lose it
             save_adapter(model, out / "adapter")
     log(f"adapter saved to {out / 'adapter'} ({fitted.steps} steps in {fitted.seconds:.0f}s, "
         f"loss {fitted.first_loss:.3f} -> {fitted.last_loss:.3f})")
@@ -202,5 +218,6 @@ def run(cfg: TrainConfig, log=print) -> tuple[nn.Module, dict]:
                 f"(before: {results['exact_match_before']:.1%})")
     if world.main:
         atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+        plot_or_warn(out, log)
     distributed.finish(world)
     return model, results

@@ -1,0 +1,276 @@
+"""Every architecture in tests/tiny_archs.py through every feature, one test id per (feature, arch).
+
+References: PEFT (target selection, parameter counts, adapter files both ways with equal logits, DoRA),
+the model's own forward before a merge, and each row run alone for a mixed-adapter batch. Where an
+architecture cannot do a thing, the test asserts the clear message: mixture-of-experts models (fused
+expert parameters, which lorakit cannot adapt yet) get a warning from all-linear and from quantization,
+and PEFT adapters of their experts (`target_parameters`) are refused by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import warnings
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer as PeftLoraLayer
+from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+import lorakit
+from conftest import randomize_adapters
+from lorakit.adapters.layer import LoraLayer, lora_layers
+from lorakit.quant.linear4bit import Linear4bit, quantize_model
+from tiny_archs import ARCHS, tiny_model
+
+MOE = {"mixtral", "qwen3_moe"}  # fused expert parameters [experts, out, in] and a router matrix
+PREFIX = "base_model.model."
+
+
+@functools.cache
+def _built(arch: str) -> nn.Module:
+    return tiny_model(arch)
+
+
+def fresh(arch: str) -> nn.Module:
+    """The architecture's tiny model, built once per test session and copied."""
+    return copy.deepcopy(_built(arch))
+
+
+def ids(rows: int = 2, length: int = 9) -> torch.Tensor:
+    return torch.randint(3, 128, (rows, length), generator=torch.Generator().manual_seed(0))
+
+
+def all_linear_warning(arch: str):
+    """What all-linear and 4-bit quantization say on a mixture-of-experts model; elsewhere: nothing."""
+    if arch in MOE:
+        return pytest.warns(UserWarning, match=r"weight matrices .*mlp\.experts\.gate_up_proj")
+    return no_warning()
+
+
+@contextlib.contextmanager
+def no_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        yield
+
+
+def inject(arch: str, **spec) -> nn.Module:
+    model = fresh(arch)
+    spec.setdefault("targets", "all-linear")
+    warns = all_linear_warning(arch) if spec["targets"] == "all-linear" else contextlib.nullcontext()
+    with warns:
+        lorakit.inject(model, lorakit.LoraSpec(**spec))
+    return model
+
+
+def peft_model(arch: str, **config) -> nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT's notes (fan_in_fan_out on GPT-2, ...)
+        return get_peft_model(fresh(arch), LoraConfig(**config))
+
+
+def peft_wrapped_linears(model: nn.Module) -> set[str]:
+    """Modules PEFT wrapped whose base is a linear layer (not its wrappers of expert parameters)."""
+    return {n.removeprefix(PREFIX) for n, m in model.named_modules()
+            if isinstance(m, PeftLoraLayer) and isinstance(m.get_base_layer(), nn.Linear | Conv1D)}
+
+
+def wrapped(model: nn.Module) -> set[str]:
+    return {n for n, _ in lora_layers(model)}
+
+
+def randomize_peft(model: nn.Module, seed: int = 5) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def train_steps(model: nn.Module, steps: int = 4, lr: float = 1e-2) -> list[float]:
+    """A few AdamW steps on one batch (training mode, fixed dropout masks); the losses."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert params
+    opt = torch.optim.AdamW(params, lr=lr)
+    batch, losses = ids(), []
+    model.train()
+    for step in range(steps):
+        torch.manual_seed(step)
+        loss = model(batch, labels=batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_inject_all_linear(arch):
+    """The same layers as PEFT's all-linear, and the same parameter report where PEFT adapts only linears."""
+    model = inject(arch, r=4, alpha=8)
+    theirs = peft_model(arch, r=4, lora_alpha=8, target_modules="all-linear")
+    assert wrapped(model) and wrapped(model) == peft_wrapped_linears(theirs)
+    assert all(layer.kind in ("linear", "conv1d") for _, layer in lora_layers(model))
+    ours, peft = lorakit.adapters.inject.count_parameters(model), theirs.get_nb_trainable_parameters()
+    if arch in MOE:  # PEFT also adapts the experts and the router (target_parameters)
+        assert ours[0] < peft[0]
+    else:
+        assert ours == peft
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_inject_default_targets(arch):
+    model = inject(arch, r=4, targets=None)
+    if arch in PEFT_DEFAULTS:  # (PEFT's own None lookup fails on MoE models: its MoE conversion runs first)
+        assert wrapped(model) == peft_wrapped_linears(peft_model(arch, r=4, target_modules=PEFT_DEFAULTS[arch]))
+    else:  # PEFT has no default here and says so; ours: the attention's query and value projections
+        with pytest.raises(ValueError, match="target_modules"):
+            peft_model(arch, r=4, target_modules=None)
+        assert {n.rsplit(".", 1)[-1] for n in wrapped(model)} <= {"q_proj", "v_proj", "qkv_proj"}
+    assert wrapped(model)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_training_steps_lower_the_loss(arch):
+    model = inject(arch, r=4, alpha=8)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    losses = train_steps(model)
+    assert losses[-1] < losses[0]
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(".adapters.default.lora_" in n for n in changed)  # the base is frozen
+
+
+def assert_peft_reads_the_same_model(arch: str, model: nn.Module, folder, rtol: float = 1e-5) -> None:
+    """Save `model`'s adapter with lorakit, load it in PEFT over a fresh base: equal logits."""
+    with torch.no_grad():
+        expected = model(ids()).logits
+    lorakit.save_adapter(model, folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = PeftModel.from_pretrained(fresh(arch), folder)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids()).logits, expected, rtol=rtol, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_lorakit_adapter_loads_in_peft(arch, tmp_path):
+    model = inject(arch, r=4, alpha=8)
+    randomize_adapters(model)
+    assert_peft_reads_the_same_model(arch, model, tmp_path)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_peft_adapter_loads_in_lorakit(arch, tmp_path):
+    if arch in MOE:  # PEFT's all-linear adapts the experts: refused by name, not half-loaded
+        moe = peft_model(arch, r=4, lora_alpha=8, target_modules="all-linear")
+        moe.save_pretrained(tmp_path / "experts")
+        with pytest.raises(lorakit.AdapterFileError, match="target_parameters=.* is not supported by lorakit"):
+            lorakit.load_adapter(fresh(arch), tmp_path / "experts")
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj"] if arch in MOE else "all-linear"
+    theirs = peft_model(arch, r=4, lora_alpha=8, target_modules=targets)
+    randomize_peft(theirs)
+    with torch.no_grad():
+        expected = theirs(ids()).logits
+    theirs.save_pretrained(tmp_path / "a")
+    model = fresh(arch)
+    lorakit.load_adapter(model, tmp_path / "a")
+    assert wrapped(model) == peft_wrapped_linears(theirs)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids()).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_merge_gives_the_adapted_logits(arch):
+    model = inject(arch, r=4, alpha=8)
+    randomize_adapters(model)
+    with torch.no_grad():
+        expected = model(ids()).logits
+        base = fresh(arch)(ids()).logits
+        merged = lorakit.merge_and_unload(model)
+        assert not any(isinstance(m, LoraLayer) for m in merged.modules())
+        torch.testing.assert_close(merged(ids()).logits, expected, rtol=1e-5, atol=1e-5)
+    assert (expected - base).abs().max() > 1e-2  # the adapter shows
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_qlora_training_step(arch):
+    model = fresh(arch)
+    with all_linear_warning(arch):
+        quantize_model(model, blocksize=32)
+    head = model.get_output_embeddings()
+    assert not [n for n, m in model.named_modules() if isinstance(m, nn.Linear | Conv1D) and m is not head]
+    with all_linear_warning(arch):
+        lorakit.inject(model, lorakit.LoraSpec(r=4, alpha=8, targets="all-linear"))
+    assert all(layer.kind == "linear4bit" for _, layer in lora_layers(model))
+    losses = train_steps(model, steps=3)
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_dora_equals_peft_and_trains(arch, tmp_path):
+    model = inject(arch, r=4, alpha=8, kind="dora")
+    randomize_adapters(model)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            magnitude = layer.adapters["default"].magnitude
+            magnitude.mul_(1 + 0.1 * torch.randn(magnitude.shape, generator=g))
+    assert_peft_reads_the_same_model(arch, model, tmp_path, rtol=1e-4)
+    losses = train_steps(model, steps=3)
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_mixed_adapter_batch_equals_rows_alone(arch):
+    model = fresh(arch)
+    with all_linear_warning(arch):
+        lorakit.inject(model, lorakit.LoraSpec(r=2, alpha=4, targets="all-linear"), name="a")
+    lorakit.inject(model, lorakit.LoraSpec(r=3, alpha=6, targets=None, kind="dora"), name="b")
+    randomize_adapters(model)
+    rows, batch = ["a", None, "b", "a"], ids(4)
+    with torch.no_grad():
+        with lorakit.route(model, rows):
+            mixed = model(batch).logits
+        for i, name in enumerate(rows):
+            lorakit.set_active(model, [] if name is None else [name])
+            torch.testing.assert_close(mixed[i], model(batch[i : i + 1]).logits[0], rtol=1e-5, atol=1e-5)
+        assert (mixed[0] - mixed[2]).abs().max() > 1e-3  # the rows' adapters differ
+
+
+def test_every_linear_of_every_architecture_is_4bit_or_reported():
+    """No architecture keeps a linear layer in full precision silently."""
+    for arch in ARCHS:
+        model = fresh(arch)
+        with all_linear_warning(arch):
+            quantize_model(model, blocksize=32)
+        assert any(isinstance(m, Linear4bit) for m in model.modules()), arch
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_load_and_load_time_quantization(arch, tmp_path):
+    """`models.load` reads the folder transformers saved (its old key names, per-expert MoE weights) into the
+    same model; with `quant=` (4-bit as each tensor is read) it gives quantize_model's model, and says the
+    same about what it keeps in full precision."""
+    from conftest import tiny_tokenizer
+    from lorakit.models import load
+
+    fresh(arch).save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    plain, _ = load(str(tmp_path))
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids()).logits, fresh(arch)(ids()).logits, rtol=0, atol=0)
+    with all_linear_warning(arch):
+        loaded, _ = load(str(tmp_path), quant={"blocksize": 32})
+    with all_linear_warning(arch):
+        expected = quantize_model(fresh(arch), blocksize=32)
+    kinds = {n: type(m) for n, m in expected.named_modules()}
+    assert {n: type(m) for n, m in loaded.named_modules()} == kinds and Linear4bit in kinds.values()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids()).logits, expected(ids()).logits, rtol=0, atol=0)
