@@ -313,7 +313,7 @@ PROMISED_OUTPUT = {
     "docs/TRAINING.md": [f"({QUICK_CHATS} examples: every row of docs/examples/chats.jsonl",
                          "(4 examples: the held-out rows of the run in runs/chats)",
                          "wrote runs/chats/loss.png"],
-    "docs/DEPLOY.md": ['"id":"dates"', '"id":"dates-copy"', '"object":"chat.completion"'],
+    "docs/DEPLOY.md": ['"dates"', '"dates-copy"', '"chat.completion"', '"text_completion"'],
 }
 
 
