@@ -242,7 +242,7 @@ def environment(sandbox: Path) -> dict[str, str]:
     return env
 
 
-def run_shell(text: str, sandbox: Path, where: str, timeout: int = 900) -> str:
+def run_shell(text: str, sandbox: Path, where: str, timeout: int = 3600) -> str:  # a guard against hangs
     proc = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", text], cwd=sandbox, env=environment(sandbox),
                           capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
