@@ -37,8 +37,15 @@ def _built(arch: str) -> nn.Module:
     return tiny_model(arch)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _drop_built_models():
+    """The cache lives as long as this module's tests: later tests may count the tensors alive."""
+    yield
+    _built.cache_clear()
+
+
 def fresh(arch: str) -> nn.Module:
-    """The architecture's tiny model, built once per test session and copied."""
+    """The architecture's tiny model, built once while this module runs, and copied."""
     return copy.deepcopy(_built(arch))
 
 
@@ -242,6 +249,14 @@ def test_mixed_adapter_batch_equals_rows_alone(arch):
             lorakit.set_active(model, [] if name is None else [name])
             torch.testing.assert_close(mixed[i], model(batch[i : i + 1]).logits[0], rtol=1e-5, atol=1e-5)
         assert (mixed[0] - mixed[2]).abs().max() > 1e-3  # the rows' adapters differ
+        # greedy decoding through the model's cache, each row with its own adapter
+        greedy = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+        with lorakit.route(model, rows):
+            generated = model.generate(batch, attention_mask=torch.ones_like(batch), **greedy)
+        for i, name in enumerate(rows):
+            lorakit.set_active(model, [] if name is None else [name])
+            alone = model.generate(batch[i : i + 1], attention_mask=torch.ones_like(batch[i : i + 1]), **greedy)
+            assert generated[i].tolist() == alone[0].tolist(), f"row {i} ({name})"
 
 
 def test_every_linear_of_every_architecture_is_4bit_or_reported():
@@ -274,3 +289,10 @@ def test_load_and_load_time_quantization(arch, tmp_path):
     assert {n: type(m) for n, m in loaded.named_modules()} == kinds and Linear4bit in kinds.values()
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids()).logits, expected(ids()).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("arch", sorted(MOE))
+@pytest.mark.parametrize("targets", [["experts"], ["q_proj", "gate_up_proj"], r".*\.mlp\.gate"])
+def test_naming_expert_parameters_is_refused_saying_why(arch, targets):
+    with pytest.raises(ValueError, match=r"name .*mlp\.(experts|gate).*\(fused mixture-of-experts parameters"):
+        lorakit.inject(fresh(arch), lorakit.LoraSpec(targets=targets))

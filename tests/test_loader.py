@@ -171,6 +171,12 @@ def test_a_folder_without_safetensors_is_an_error_naming_it(tmp_path):
         load(str(folder))
 
 
+def test_a_folder_without_a_tokenizer_is_an_error_naming_it(tmp_path):
+    tiny_llama().save_pretrained(tmp_path / "m")
+    with pytest.raises(FileNotFoundError, match=rf"^{tmp_path / 'm'} has no tokenizer"):
+        load(str(tmp_path / "m"))
+
+
 def test_a_tensor_missing_from_the_checkpoint_is_an_error_naming_the_parameter(tmp_path):
     folder = save(tiny_llama(), tmp_path / "m")
     tensors = load_file(folder / "model.safetensors")
@@ -282,3 +288,91 @@ def test_eval_generate_and_serve_on_a_4bit_base_keep_no_full_precision_weight(tm
     kept = dequantize_weight(model.model.layers[0].mlp.down_proj.base_module)  # the measure sees a kept copy
     assert float_weights_shaped_like(shapes, before) == [(32, 48)]
     del kept
+
+
+CHILD = """
+import sys
+from lorakit.models import load_weights
+from pathlib import Path
+
+def status_mib(key):  # VmHWM: this process image's peak (ru_maxrss keeps the forking parent's across exec)
+    line = next(line for line in open("/proc/self/status") if line.startswith(key + ":"))
+    return int(line.split()[1]) / 1024
+
+quant = {"type": "nf4", "blocksize": 64, "double_quant": True, "compute_dtype": "float32"}
+load_weights(Path(sys.argv[2]), quant)  # imports and first-use allocations, before the measure
+before = status_mib("VmRSS")
+model = load_weights(Path(sys.argv[1]), quant)
+print(before, status_mib("VmHWM"), status_mib("VmRSS"))
+"""
+
+
+@pytest.mark.slow  # writes and reads a 300 MB checkpoint
+def test_a_4bit_load_peaks_far_below_the_full_precision_size(tmp_path):
+    """Resident memory, in a child process: loading a 300 MB fp32 checkpoint (3 shards) with quant peaks
+    at well under its size: no shard is held whole (read, mapped or converted), only the 4-bit model."""
+    import os
+    import subprocess
+    import sys
+
+    from accelerate import init_empty_weights
+
+    config = LlamaConfig(vocab_size=1024, hidden_size=1024, intermediate_size=2816, num_hidden_layers=6,
+                         num_attention_heads=8, num_key_value_heads=8, tie_word_embeddings=False)
+    with init_empty_weights():
+        skeleton = LlamaForCausalLM(config)
+    folder = tmp_path / "m"
+    folder.mkdir()
+    config.save_pretrained(folder)
+    names = [(n, p.shape) for n, p in skeleton.named_parameters()]
+    total = sum(s.numel() * 4 for _, s in names)
+    g = torch.Generator().manual_seed(0)
+    weight_map, shard, size, files = {}, {}, 0, []
+    for i, (name, shape) in enumerate(names):  # ~100 MB shards written one at a time
+        shard[name] = torch.randn(shape, generator=g) * 0.02
+        size += shard[name].numel() * 4
+        if size > 100 * 2**20 or i == len(names) - 1:
+            files.append(f"model-{len(files):05d}.safetensors")
+            save_file(shard, folder / files[-1], metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, files[-1]))
+            shard, size = {}, 0
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    assert total > 290 * 2**20 and len(files) == 3
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # big frees go back to the system at once
+    tiny = save(tiny_llama(), tmp_path / "tiny")
+    out = subprocess.run([sys.executable, "-c", CHILD, str(folder), str(tiny)], capture_output=True, text=True,
+                         env=env, check=True).stdout
+    before, peak, after = map(float, out.split())
+    four_bit = (total - 2 * 1024 * 1024 * 4) / 8 * 1.04 / 2**20 + 2 * 4  # linears at ~4.1 bits + embed and head
+    assert after - before < 2 * four_bit  # what stays: the 4-bit model
+    assert peak - before < 0.3 * total / 2**20  # full precision would be 300 MB more; one shard alone 100 MB
+
+
+def test_a_4bit_folder_split_across_shards_loads_like_one_file(tmp_path, tokens):
+    """A bitsandbytes-layout folder whose layers' entries (packed bytes, absmax, quant state) lie in
+    different shards is rebuilt the same as from one file, without quantizing again."""
+    from lorakit.quant.checkpoint import save_4bit
+
+    model = quantize_model(biased_tied_llama(), "fp4", 64, False)
+    one = tmp_path / "one"
+    save_4bit(model, one)
+    tiny_tokenizer().save_pretrained(one)
+    split = tmp_path / "split"
+    split.mkdir()
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        if (one / name).is_file():
+            (split / name).write_bytes((one / name).read_bytes())
+    tensors = load_file(one / "model.safetensors")
+    keys = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": keys[0::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    for file, names in shards.items():  # every other key: each layer's entries straddle the two shards
+        save_file({k: tensors[k] for k in names}, split / file, metadata={"format": "pt"})
+    weight_map = {k: file for file, names in shards.items() for k in names}
+    (split / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    a, _ = load(str(one))
+    b, _ = load(str(split))
+    assert isinstance(b.model.layers[1].self_attn.q_proj, Linear4bit)
+    sa, sb, ref = a.state_dict(), b.state_dict(), model.state_dict()
+    assert sa.keys() == sb.keys() == ref.keys() and all(torch.equal(sb[k], ref[k]) and torch.equal(sa[k], ref[k])
+                                                        for k in ref)
+    torch.testing.assert_close(b(tokens).logits, model(tokens).logits, rtol=0, atol=0)

@@ -14,6 +14,7 @@ from lorakit.adapters.layer import LoraLayer
 from lorakit.adapters.loraplus import loraplus_param_groups
 from lorakit.adapters.merge import merge, merge_and_unload, merge_weights, unmerge
 from lorakit.config import LoraSpec, TrainConfig
+from lorakit.models import load
 from lorakit.multi.routing import route
 from lorakit.multi.store import AdapterStore
 
@@ -28,6 +29,7 @@ __all__ = [
     "active_adapters",
     "combine",
     "inject",
+    "load",
     "load_adapter",
     "loraplus_param_groups",
     "match_targets",

@@ -122,6 +122,7 @@ def load(
     from lorakit.adapters.io import AdapterFile, load_adapter, read_adapter
     from lorakit.longlora import apply_context
 
+    store, device = storage_dtype(dtype), resolve_device(device)  # bad arguments fail before any reading
     if isinstance(adapters, (str, Path, AdapterFile)):
         adapters = [adapters]
     pairs = list(adapters.items()) if isinstance(adapters, dict) else [(None, a) for a in adapters]
@@ -133,8 +134,9 @@ def load(
     if base is None:
         base = next((a.base for _, a in files if a.base), None) or "default"
     folder = resolve(base)
-    model = load_weights(folder, quant if quant is not None else wanted, storage_dtype(dtype),
-                         resolve_device(device), quant_storage)
+    if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        raise FileNotFoundError(f"{folder} has no tokenizer (tokenizer.json or tokenizer_config.json)")
+    model = load_weights(folder, quant if quant is not None else wanted, store, device, quant_storage)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -190,12 +192,14 @@ def load_converted(folder: Path, quant: dict | None, dtype: torch.dtype | None, 
     return model
 
 
-def load_weights(folder: Path, quant: dict | None, dtype: torch.dtype | None, device: torch.device,
-                 quant_storage: torch.dtype = torch.uint8) -> nn.Module:
-    """The model of an HF folder, built on the meta device and filled tensor by tensor (`lorakit.stream`)."""
+def load_weights(folder: Path, quant: dict | None = None, dtype: torch.dtype | None = None,
+                 device: str | torch.device = "cpu", quant_storage: torch.dtype = torch.uint8) -> nn.Module:
+    """The model alone (eval mode) of an HF folder, built on the meta device and filled tensor by tensor
+    (`lorakit.stream`): `load` without tokenizer and adapters; `quant` a record (`quant_record`)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
+    device = torch.device(device)
     config = AutoConfig.from_pretrained(folder)
     packed_compute = folder_compute_dtype(config)  # a folder in bitsandbytes' 4-bit layout
     config.__dict__.pop("quantization_config", None)

@@ -153,8 +153,8 @@ def fill_model(model: nn.Module, folder: Path, how: Fill) -> nn.Module:
         for key, tensor in iter_tensors(file, how.device):
             name = _model_key(model, key, expected, renames)
             module_name, _, attr = name.rpartition(".")
-            owner = next((m for m in packed if name.startswith(f"{m}.weight")), None)
-            if owner is not None:
+            owner = name.split(".weight", 1)[0]  # "x.q_proj.weight.absmax" -> "x.q_proj"
+            if owner in pending and owner != name:  # an entry of a layer stored 4-bit
                 pending[owner][name] = tensor
                 continue
             if name not in expected:

@@ -137,10 +137,16 @@ def match_targets(model: nn.Module, spec: LoraSpec) -> list[str]:
             if found is None or int(found.group(1)) not in spec.layers:
                 continue
         names.append(name)
+    loose = loose_weights(model)
+    if targets != "all-linear":  # named expert parameters (or their module) cannot be adapted: say so
+        named = [n for n in loose if name_matches(n, targets) or name_matches(n.rpartition(".")[0], targets)]
+        if named:
+            raise ValueError(f"targets {targets!r} name {listed(named)}: weight matrices held outside linear "
+                             f"layers (fused mixture-of-experts parameters, routers), which lorakit cannot adapt "
+                             f"yet (PEFT does, through target_parameters). Candidates: {describe_candidates(model)}")
     if not names:
         raise ValueError(f"targets {targets!r} match no module. Candidates: {describe_candidates(model)}")
-    loose = loose_weights(model) if targets == "all-linear" else []
-    if loose:
+    if targets == "all-linear" and loose:
         warnings.warn(f"all-linear leaves {len(loose)} weight matrices without an adapter: they are held outside "
                       f"linear layers (fused mixture-of-experts parameters, routers), which lorakit cannot adapt "
                       f"yet (PEFT's all-linear adapts them through target_parameters): {listed(loose)}",
