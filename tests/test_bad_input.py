@@ -61,7 +61,7 @@ CASES = [
     Case("lora-not-a-section", train("lora=5"), ["lora: expected a section", "got 5"], ROWS),
     Case("lora-r-string", train("lora.r=eight"), ["section 'lora': r: expected an integer, got 'eight'"], ROWS),
     Case("lora-targets-number", train("lora.targets=5"), ["targets: expected a string or a list or null"], ROWS),
-    Case("output-dir-number", train("output_dir=5"), ["output_dir: expected a string, got 5"], ROWS),
+    Case("output-dir-number", train("output_dir=5"), ["output_dir: expected a string or null, got 5"], ROWS),
     Case("dataset-number", train(dataset="5"), ["dataset: expected a string or a list, got 5"]),
     Case("eval-not-a-bool", train("eval=maybe"), ["eval: expected true or false, got 'maybe'"], ROWS),
     Case("override-broken-yaml", train("lora.targets=[q_proj"), ["override 'lora.targets=[q_proj': invalid YAML"],

@@ -101,6 +101,7 @@ def test_early_stopping_keeps_the_best_adapter():
     cfg = TrainConfig(max_steps=20, eval_every=2, early_stopping_patience=2, lr=1e-2)
     result = fit(model, toy_rows(), cfg, pad_id=1, evaluate=evaluate, log=lambda *_: None)
     assert result.stopped_early and len(seen) == 4 and result.best_val_loss == 2.0
+    assert result.steps == 8  # the steps run (4 evaluations, every 2 steps), not the 20 planned
     assert all(torch.equal(p, seen[1][n]) for n, p in model.named_parameters() if p.requires_grad)
     assert not all(torch.equal(p, seen[3][n]) for n, p in model.named_parameters() if p.requires_grad)
 

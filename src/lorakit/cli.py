@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
+import logging
+import os
+import re
+import shlex
 import sys
+import warnings
+from pathlib import Path
 
 import torch
 import yaml
@@ -18,8 +25,6 @@ def exec_torchrun(nproc: int, config: str | None, overrides: list[str]) -> None:
     """`lorakit train --nproc N ...` = `torchrun --standalone --nproc-per-node N -m lorakit train ... distributed=ddp`
     (unless the config or an override sets `distributed`); one machine; across machines, call torchrun with
     rendezvous flags: docs/DISTRIBUTED.md."""
-    import os
-
     file, items = (None, [config, *overrides]) if config is not None and "=" in config else (config, overrides)
     if load_train_config(file, items).distributed == "none":  # a file or override may say fsdp2
         overrides = [*overrides, "distributed=ddp"]
@@ -44,7 +49,34 @@ def cmd_train(args: argparse.Namespace) -> int:
     from lorakit.train.run import run
 
     run(cfg)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone
+        print(next_steps(cfg))
     return 0
+
+
+DEMO_PROMPT = "Convert the date 2001-12-25 to the format 'Month D, YYYY'."
+
+
+def next_steps(cfg) -> str:
+    """What a finished `lorakit train` wrote and three commands to try next, with the run's real paths, in
+    the form the user called lorakit (`.venv/bin/lorakit`, `lorakit`, `python -m lorakit`)."""
+    out = Path(cfg.output_dir)
+    called = sys.argv[0] if Path(sys.argv[0]).name == "lorakit" else "lorakit"
+    lines = [f"done: everything is in {out}/", f"  adapter  {out / 'adapter'}/"]
+    files = [f for f in ("metrics.jsonl", "results.json") if (out / f).is_file()]
+    lines.append("  metrics  " + ", ".join(str(out / f) for f in files))
+    if (out / "loss.png").is_file():
+        lines.append(f"  plot     {out / 'loss.png'}")
+    demo = cfg.dataset == "demo"
+    own = demo or cfg.eval_dataset is not None or cfg.val_size  # `eval` finds the run's held-out rows itself
+    held_out = "" if own else f" --dataset {shlex.quote(cfg.dataset) if isinstance(cfg.dataset, str) else 'FILE'}"
+    prompt = shlex.quote(DEMO_PROMPT if demo else "YOUR PROMPT")
+    name = out.name if re.fullmatch(r"[A-Za-z0-9_-]+", out.name) else "mine"
+    lines += ["next:",
+              f"  {called} eval {out / 'adapter'}{held_out}",
+              f"  {called} generate --adapter {out / 'adapter'} {prompt}",
+              f"  {called} serve --adapters {name}={out / 'adapter'}"]
+    return "\n".join(lines)
 
 
 def cmd_train_multi(args: argparse.Namespace) -> int:
@@ -71,12 +103,33 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from lorakit.train.run import datasets
 
     device = resolve_device(args.device)  # before anything is read
+    if args.dataset:
+        held_out = read_rows(args.dataset)
+        source = f"every row of {args.dataset}, training rows included if the adapter was trained on it"
+    else:
+        cfg, source = held_out_config(args.adapter, args.seed)
+        held_out = datasets(cfg)[1]
+        if not held_out:
+            raise ValueError(f"{source} held no rows out (no eval_dataset or val_size): pass --dataset FILE")
     model, tokenizer = load(args.base, adapters=[args.adapter] if args.adapter else [], device=device)
-    cfg = load_train_config(None, [f"seed={args.seed}"])
-    held_out = read_rows(args.dataset) if args.dataset else datasets(cfg)[1]
     em = score_rows(model, tokenizer, held_out, args.max_new_tokens)
-    print(f"exact match: {em:.1%} ({len(held_out)} examples)")
+    print(f"exact match: {em:.1%} ({len(held_out)} examples: {source})")
     return 0
+
+
+def held_out_config(adapter: str, seed: int | None) -> tuple:
+    """The training config whose held-out rows `lorakit eval ADAPTER` scores: the run's own (its
+    results.json beside the adapter folder: same data, split and seed), else the demo's; and its name."""
+    from lorakit.config import TrainConfig, from_dict
+
+    results = Path(adapter).parent / "results.json"
+    if results.is_file():
+        data = json.loads(results.read_text()).get("config")
+        if isinstance(data, dict):
+            data = {**data, **({"seed": seed} if seed is not None else {})}
+            return from_dict(TrainConfig, data, str(results)), f"the held-out rows of the run in {results.parent}"
+    cfg = load_train_config(None, [f"seed={seed or 0}"])
+    return cfg, f"the demo task's {cfg.demo_eval} held-out dates, seed {cfg.seed}"
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -256,7 +309,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import os
     import time
 
     from lorakit.multi.store import AdapterStore
@@ -272,6 +324,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.allow_runtime_adapters and not (api_key and args.store):
         raise ValueError("--allow-runtime-adapters needs --store ROOT and an API key (--api-key or LORAKIT_API_KEY)")
     device = resolve_device(args.device)  # before the model loads
+    if args.store and not os.path.isdir(args.store):  # before the model loads; a typo must not serve an empty store
+        raise ValueError(f"--store {args.store}: no such folder (create it first: mkdir -p {shlex.quote(args.store)}; "
+                         "it may start empty)")
     model, tokenizer = load(args.base, adapters=adapters, device=device)  # the base they need (4-bit, RoPE)
     store = AdapterStore(args.store, max_ram=args.max_ram, max_device=args.max_device,
                          pin_memory=device.type == "cuda") if args.store else None  # RAM tier pinned for the GPU
@@ -288,6 +343,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         engine.close()
     return 0
+
+
+class DefaultsHelp(argparse.HelpFormatter):
+    """`--help` shows each option's default where it has one and its help does not already say it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, [], argparse.SUPPRESS) and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
 
 
 def positive_int(text: str) -> int:
@@ -333,9 +398,11 @@ def parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="held-out exact match of an adapter (default: the demo task)")
     e.add_argument("adapter", help="adapter folder")
-    e.add_argument("--dataset", help="dataset file or folder, any supported format (default: demo held-out split)")
+    e.add_argument("--dataset", help="score every row of this file or folder, any supported format, training rows "
+                   "included (default: the held-out rows of the run that saved the adapter, read from its "
+                   "results.json; else the demo task's)")
     e.add_argument("--base", help="base model (default: the one the adapter was saved for)")
-    e.add_argument("--seed", type=int, default=0, help="demo task seed")
+    e.add_argument("--seed", type=int, help="the split's seed (default: the run's, else 0)")
     e.add_argument("--max-new-tokens", type=positive_int, default=24)
     add_device_argument(e)
     e.set_defaults(func=cmd_eval)
@@ -395,12 +462,14 @@ def parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("serve", help="OpenAI-compatible server (FastAPI): /v1/models, /v1/completions, "
-                       "/v1/chat/completions; requests for any adapters batched together")
-    s.add_argument("--base", default="default", help="base model: 'default', an HF folder or a .gguf file")
+                       "/v1/chat/completions; requests for any adapters batched together",
+                       formatter_class=DefaultsHelp)
+    s.add_argument("--base", default="default", help="base model: the built-in one, an HF folder or a .gguf file")
     s.add_argument("--base-name", help="the base model's id in requests (default: --base as given)")
     s.add_argument("--adapters", "--adapter", dest="adapter", action="extend", nargs="+", default=[],
                    metavar="NAME=DIR", help="adapters attached at start; the base is made to fit them (4-bit, RoPE)")
-    s.add_argument("--store", metavar="ROOT", help="folder of adapter folders, served on demand by folder name")
+    s.add_argument("--store", metavar="ROOT",
+                   help="an existing folder of adapter folders, served on demand by folder name")
     s.add_argument("--max-ram", type=int, default=256, help="store: adapters kept in RAM")
     s.add_argument("--max-device", type=int, default=64, help="store: adapters kept on the model (one batch's most)")
     s.add_argument("--max-tokens-limit", type=int, default=512, help="largest max_tokens a request may ask for")
@@ -415,14 +484,25 @@ def parser() -> argparse.ArgumentParser:
                    help="enable /v1/load_lora_adapter and /v1/unload_lora_adapter (needs --store and an API key; "
                    "paths relative to the store root, safetensors only)")
     add_device_argument(s)
-    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     s.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed)")
     s.set_defaults(func=cmd_serve)
     return p
 
 
+def quiet_dependencies() -> None:
+    """Drop two deprecation notices of transformers 5 that a user of lorakit cannot act on, exactly these (by
+    message, and category for the warning): the server's KV-cache calls use `past_key_values`, the name every
+    supported transformers version knows (5.x logs that it is now `cache`), and PEFT calls the deprecated
+    `is_gradient_checkpointing` (`lorakit bench`'s reference side). Progress, figures and errors stay."""
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    notice = "`past_key_values`/`cache_params` are deprecated"
+    logging.getLogger("transformers.utils.generic").addFilter(lambda record: notice not in record.getMessage())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    quiet_dependencies()
     try:
         return args.func(args)
     except (ValueError, OSError) as e:  # OSError: a path that cannot be read or written, a full disk

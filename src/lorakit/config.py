@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import math
 import types
 import typing
@@ -195,7 +196,7 @@ class TrainConfig:
     packing: bool = False  # several examples per row of max_length, each attending only to itself
     demo_train: int = 1000
     demo_eval: int = 100
-    output_dir: str = "runs/demo"
+    output_dir: str | None = None  # None: runs/demo for the demo, else runs/<name of the (first) dataset>
     lora: LoraSpec = field(default_factory=LoraSpec)
     quant: QuantConfig | None = None
     longlora: LongLoraConfig | None = None
@@ -254,6 +255,9 @@ class TrainConfig:
         if self.distributed == "fsdp2" and self.optim != "adamw":  # 8-bit states are not shaped like the shards
             raise ValueError(f"distributed=fsdp2 supports optim=adamw only, got {self.optim!r}")
         self.check_ranges()
+        if self.output_dir is None:
+            self.output_dir = default_output_dir(self.dataset)
+        check_optional_dependencies(self)
 
     def check_ranges(self) -> None:
         """Counts at least 1 (`keep_checkpoints: 0` is an error, not "keep all"), rates positive and finite."""
@@ -273,6 +277,37 @@ class TrainConfig:
             raise ValueError(f"max_grad_norm must be a positive number (.inf: no clipping), got {self.max_grad_norm!r}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise ValueError(f"weight_decay must be a non-negative number, got {self.weight_decay!r}")
+
+
+def default_output_dir(dataset: str | list) -> str:
+    """`runs/demo` for the demo; otherwise `runs/` + the name of the (first) dataset file or folder, so a
+    user's own run does not overwrite the demo's adapter."""
+    first = dataset[0] if isinstance(dataset, list) and dataset else dataset
+    if isinstance(first, dict):
+        first = first.get("path", "")
+    name = Path(str(first)).stem if first else ""
+    return f"runs/{name or 'run'}"
+
+
+INSTALL = ".venv/bin/python -m pip install {package}   (or: .venv/bin/python -m pip install -e '.[{extra}]')"
+
+
+def check_optional_dependencies(cfg: TrainConfig) -> None:
+    """What the config asks for that needs an optional package, checked before any model loads, with the
+    command that installs it into this project's .venv."""
+    if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ValueError("tensorboard: true needs the tensorboard package: "
+                         + INSTALL.format(package="tensorboard", extra="tensorboard"))
+    sources = [*as_list(cfg.dataset), *as_list(cfg.eval_dataset)]
+    paths = [str(s.get("path", "")) if isinstance(s, dict) else str(s) for s in sources]
+    parquet = [p for p in paths if p.endswith(".parquet") or (Path(p).is_dir() and any(Path(p).glob("*.parquet")))]
+    if parquet and importlib.util.find_spec("pyarrow") is None:
+        raise ValueError(f"{parquet[0]}: reading Parquet needs the pyarrow package: "
+                         + INSTALL.format(package="pyarrow", extra="parquet"))
+
+
+def as_list(value: Any) -> list:
+    return [] if value is None else value if isinstance(value, list) else [value]
 
 
 def from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:

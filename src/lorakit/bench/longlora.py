@@ -136,6 +136,7 @@ def measure_point(request: dict) -> dict:
     from lorakit.data.encode import collate
     from lorakit.longlora import enable_s2_attention
     from lorakit.train.loop import loss_sum
+    from lorakit.train.run import enable_checkpointing
 
     torch.set_num_threads(request["threads"])
     torch.manual_seed(0)
@@ -148,7 +149,7 @@ def measure_point(request: dict) -> dict:
         enable_s2_attention(model, request["group_size_ratio"])
     else:
         model.set_attn_implementation("sdpa")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(model)
     model.train()
     length = request["length"]
     group = int(length * request["group_size_ratio"]) if request["side"] == "s2" else length

@@ -420,6 +420,7 @@ class Run:
             self.log(f"kept the best adapter (val_loss {self.result.best_val_loss:.4f})")
             self.best_params = None
         self.result.seconds = time.perf_counter() - self.start
+        self.result.steps = self.step  # the steps run: fewer than planned after early stopping or an interrupt
         return self.result
 
 

@@ -131,9 +131,19 @@ def prepare_base(model: nn.Module, cfg: TrainConfig) -> None:
             interpolate_positions(model, cfg.longlora.target_context)
     checkpointing = cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else cfg.quant is not None
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     if cfg.compile:
         compile_blocks(model)
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Gradient (activation) checkpointing with non-reentrant autograd. transformers 5 renamed the method
+    (`gradient_checkpointing_enable` still works there but prints a FutureWarning); older versions have
+    only the old name."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def compile_blocks(model: nn.Module) -> int:

@@ -2,7 +2,8 @@
 
 metrics.jsonl stays the record of a run; this only mirrors it for people who watch runs in
 TensorBoard. torch's SummaryWriter needs the `tensorboard` package, which lorakit does not
-require: asking for it without the package installed is an error at the start of the run.
+require: asking for it without the package installed is an error when the config is read
+(`config.check_optional_dependencies`), before any model loads.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ def open_tensorboard(folder: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as e:
-        raise ImportError("tensorboard: true needs the tensorboard package: pip install tensorboard") from e
+        raise ImportError("tensorboard: true needs the tensorboard package: "
+                          ".venv/bin/python -m pip install tensorboard") from e
     return SummaryWriter(str(folder))
 
 
