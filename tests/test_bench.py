@@ -128,8 +128,10 @@ def test_checkpointing_is_set_on_both_training_sides_and_keeps_the_loss(monkeypa
     import transformers
 
     enabled = []
-    real = transformers.PreTrainedModel.gradient_checkpointing_enable
-    monkeypatch.setattr(transformers.PreTrainedModel, "gradient_checkpointing_enable",
+    # transformers 5: lorakit calls activation_checkpointing_enable, PEFT the deprecated
+    # gradient_checkpointing_enable, which calls it in turn: each model counts once
+    real = transformers.PreTrainedModel.activation_checkpointing_enable
+    monkeypatch.setattr(transformers.PreTrainedModel, "activation_checkpointing_enable",
                         lambda self, *a, **k: enabled.append(type(self).__name__) or real(self, *a, **k))
     (record,) = run_bench(["train-qlora"], reps=1, warmup=1, threads=1, quick=True, memory=False,
                           checkpointing=True, log=lambda s: None)
