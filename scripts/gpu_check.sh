@@ -137,13 +137,13 @@ EOF
 SHAPES="$WORK/shapes"
 if [ "$MODE" = gpu ]; then
     step "write 1B and 7B-shape models" 90 "$PY" -c "
-from lorakit.bench.workload import write_shaped_model
+from lorakit_bench.workload import write_shaped_model
 write_shaped_model('1b', '$SHAPES/1b', device='cuda')
 write_shaped_model('7b', '$SHAPES/7b-8', layers=8, device='cuda')
 "
 else
     step "write a 1B-shape model (1 layer, CPU)" 300 "$PY" -c "
-from lorakit.bench.workload import write_shaped_model
+from lorakit_bench.workload import write_shaped_model
 write_shaped_model('1b', '$SHAPES/1b', layers=1)
 "
 fi

@@ -9,10 +9,10 @@ import os
 import pytest
 import torch
 
-from lorakit.bench.peers import need
-from lorakit.bench.run import DEFAULT_SCENARIOS, run_bench
-from lorakit.bench.workload import Workload, load_base, resolve_model
 from lorakit.cli import main
+from lorakit_bench.peers import need
+from lorakit_bench.run import DEFAULT_SCENARIOS, run_bench
+from lorakit_bench.workload import Workload, load_base, resolve_model
 
 SIDE_KEYS = {"name", "seconds"}
 TOP_KEYS = {"scenario", "ours", "peer", "ratios", "reference", "config", "env"}

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from lorakit.bench.multi import settings
 from lorakit.cli import main
+from lorakit_bench.multi import settings
 
 
 def test_quick_suite_records_and_ratios(tmp_path, capsys):
@@ -63,7 +63,7 @@ def test_decode_loop_makes_the_tokens_generate_makes():
 
     import lorakit
     from conftest import tiny_llama
-    from lorakit.bench.multi import decode, prefilled
+    from lorakit_bench.multi import decode, prefilled
 
     model = tiny_llama()
     for i, r in enumerate((2, 4)):

@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from lorakit.bench import scale
-from lorakit.bench.scale_models import SHAPES, llama_config, random_tensor, tensor_infos, write_random_model
 from lorakit.cli import main
+from lorakit_bench import scale
+from lorakit_bench.scale_models import SHAPES, llama_config, random_tensor, tensor_infos, write_random_model
 
 
 def test_shapes_are_the_issue_s():

@@ -2,7 +2,7 @@
 
 import pytest
 
-from lorakit.bench.settings import parse_settings
+from lorakit_bench.settings import parse_settings
 
 DEFAULTS = {"n": 8, "ratio": 0.25, "name": "default", "on": False, "sizes": [1, 8], "names": ("a", "b"),
             "layers": None}

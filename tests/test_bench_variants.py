@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from lorakit.bench import variants
+from lorakit_bench import variants
 
 
 def test_variants_quick(tmp_path, capsys):

@@ -130,15 +130,15 @@ def test_the_audit_catches_a_batch_left_on_the_host(on_meta, monkeypatch):
 
 
 def test_train_multi_step_routes_rows_on_the_model_device(on_meta, tmp_path):
-    from lorakit.multi.train import Job, multi_step
     from lorakit.train.fit import Run
+    from lorakit.train.multi import Job, multi_step
 
     model = meta_model("a", "b")
     jobs = []
     for i, name in enumerate(("a", "b")):
         cfg = TrainConfig(batch_size=2, max_steps=1, precision="fp32", output_dir=str(tmp_path / name), seed=i)
         job = Job(cfg, name, ROWS[i:], [], [])
-        job.run = Run(model, lorakit.multi.train.adapter_parameters(model, name), cfg, len(job.rows), out=None)
+        job.run = Run(model, lorakit.train.multi.adapter_parameters(model, name), cfg, len(job.rows), out=None)
         jobs.append(job)
     assert audit(lambda: multi_step(model, jobs, 0)) == []
 

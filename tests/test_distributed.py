@@ -256,8 +256,8 @@ def test_bench_ddp_quick_counts_the_adapter_gradients_it_all_reduces(tmp_path):
     fp32 gradients, r x (in + out) x 4 bytes per adapted linear, counted here from the model's shapes."""
     import argparse
 
-    from lorakit.bench import ddp
-    from lorakit.bench.workload import tiny_model
+    from lorakit_bench import ddp
+    from lorakit_bench.workload import tiny_model
 
     args = argparse.Namespace(reps=2, warmup=1, threads=1, json=str(tmp_path / "ddp.jsonl"), quick=True,
                               no_memory=True, set=[])

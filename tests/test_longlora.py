@@ -219,7 +219,7 @@ def test_bench_longlora_quick(tmp_path):
 
 
 def test_bench_longlora_settings():
-    from lorakit.bench.longlora import DEFAULTS, settings
+    from lorakit_bench.longlora import DEFAULTS, settings
 
     assert settings([], quick=False)["lengths"] == DEFAULTS["lengths"] == [2048, 4096, 8192, 16384]
     found = settings(["lengths=64,128", "group=16", "targets=q_proj", "max_rss_gib=2.5"], quick=True)
@@ -265,7 +265,7 @@ def test_parallel_jobs_train_on_standard_library_long_text(tiny_model_dir, tmp_p
     from lorakit.config import load_train_config
     from lorakit.data.longtext import as_rows, long_sequences
     from lorakit.models import load
-    from lorakit.multi import train as multi_train
+    from lorakit.train import multi as multi_train
 
     seen = []
     real = multi_train.fit_multi

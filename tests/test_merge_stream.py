@@ -223,7 +223,7 @@ def test_merge_of_a_folder_without_weights_names_it(tmp_path, capsys):
 CHILD = textwrap.dedent("""
     import json, sys
     from lorakit.adapters.io import read_adapter
-    from lorakit.bench.measure import peak_rss_bytes, reset_peak_rss
+    from lorakit_bench.measure import peak_rss_bytes, reset_peak_rss
     from lorakit.export import skeleton, write_merged_streamed
     from transformers import AutoConfig
     base, adapter, out = sys.argv[1:]
@@ -239,8 +239,8 @@ CHILD = textwrap.dedent("""
 def test_streamed_merge_peak_memory_stays_under_two_shards(tmp_path):
     """A ~240 MB bf16 model in 4+ shards merged in a child process: its peak RSS grows by less than two
     shards (a whole-model merge would hold all four, in fp32 twice that)."""
-    from lorakit.bench.measure import reset_peak_rss
-    from lorakit.bench.scale_models import llama_config, write_random_adapter, write_random_model
+    from lorakit_bench.measure import reset_peak_rss
+    from lorakit_bench.scale_models import llama_config, write_random_adapter, write_random_model
 
     if not reset_peak_rss():
         pytest.skip("the kernel does not let a process reset its peak RSS (/proc/self/clear_refs)")

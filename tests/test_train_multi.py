@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from lorakit.cli import main
 from lorakit.config import load_jobs_config, load_train_config
-from lorakit.multi.train import check_jobs, run_multi
+from lorakit.train.multi import check_jobs, run_multi
 from lorakit.train.run import run
 
 WORDS = [["cat", "dog", "sun", "sky", "red", "map", "cup", "pen"],
@@ -113,8 +113,8 @@ def test_combined_batches_give_each_batch_its_own_loss(packed):
     from conftest import tiny_llama
     from lorakit.data.encode import collate
     from lorakit.data.packing import collate_packed, pack
-    from lorakit.multi.train import combine, job_losses
     from lorakit.train.loop import loss_sum
+    from lorakit.train.multi import combine, job_losses
     from test_train import toy_rows
 
     model = tiny_llama()
@@ -131,7 +131,7 @@ def test_combined_batches_give_each_batch_its_own_loss(packed):
 
 def test_interrupted_parallel_run_resumes_to_the_same_adapters(tiny_model_dir, tmp_path, monkeypatch):
     """Ctrl-C checkpoints every unfinished job; resume=auto continues each to the adapter of an unbroken run."""
-    from lorakit.multi import train as multi_train
+    from lorakit.train import multi as multi_train
 
     spec = write_jobs(tmp_path, tiny_model_dir)
     spec["jobs"] = spec["jobs"][:2]

@@ -339,7 +339,7 @@ def test_lorakit_imports_and_runs_without_triton():
 @kernel_test
 def test_bench_gpu_kernel_parts(monkeypatch):
     """The bench's kernel parts run (on the CPU through the interpreter: their arithmetic, not speed)."""
-    from lorakit.bench import gpu
+    from lorakit_bench import gpu
 
     monkeypatch.setattr(gpu, "bnb_or_none", lambda: None)
     s = {**gpu.DEFAULTS, "size": size(64, 1024), "rows": 4, "adapters": 2, "prefill": 4, "inner": 1}
@@ -412,8 +412,8 @@ if not INTERPRETED:  # with the interpreter on, the test above runs this one in 
 def test_bench_gpu_training_sides_agree_on_the_first_loss():
     """The bench's lorakit and PEFT (+ bitsandbytes) training steps train the same thing: a fresh adapter
     changes nothing, so the first losses match (here on the tiny model; the bench runs them on CUDA)."""
-    from lorakit.bench import gpu
-    from lorakit.bench.workload import QUICK, Workload, resolve_model
+    from lorakit_bench import gpu
+    from lorakit_bench.workload import QUICK, Workload, resolve_model
 
     w = resolve_model(Workload(**{**QUICK, "dtype": "float32"}))
     for quantized in (False, True):

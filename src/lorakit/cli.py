@@ -81,7 +81,7 @@ def next_steps(cfg) -> str:
 
 def cmd_train_multi(args: argparse.Namespace) -> int:
     from lorakit.config import load_jobs_config
-    from lorakit.multi.train import check_jobs, run_multi
+    from lorakit.train.multi import check_jobs, run_multi
 
     jobs = load_jobs_config(args.config, args.overrides)
     where = f"{args.config} + overrides" if args.overrides else args.config
@@ -260,18 +260,18 @@ def add_export_parser(sub) -> None:
 # `run(args: argparse.Namespace) -> list[dict]` (records, also written to --json); it reads the common
 # options (--reps, --warmup, --threads, --json, --quick, --no-memory) and its own `--set KEY=VALUE`s.
 BENCH_SUITES = {
-    "multi": "lorakit.bench.multi",
-    "variants": "lorakit.bench.variants",
-    "longlora": "lorakit.bench.longlora",
-    "ddp": "lorakit.bench.ddp",
-    "gpu": "lorakit.bench.gpu",
-    "serve": "lorakit.bench.serve",
-    "scale": "lorakit.bench.scale",
+    "multi": "lorakit_bench.multi",
+    "variants": "lorakit_bench.variants",
+    "longlora": "lorakit_bench.longlora",
+    "ddp": "lorakit_bench.ddp",
+    "gpu": "lorakit_bench.gpu",
+    "serve": "lorakit_bench.serve",
+    "scale": "lorakit_bench.scale",
 }
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from lorakit.bench.run import run_bench
+    from lorakit_bench.run import run_bench
 
     suites = [s for s in args.scenarios if s in BENCH_SUITES]
     try:

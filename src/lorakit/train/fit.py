@@ -305,7 +305,7 @@ class Run:
     checkpoint when `cfg.resume` says so), and the bookkeeping after each step: skipped non-finite
     steps, metrics.jsonl, evaluation, checkpoints, early stopping with the best parameters kept.
 
-    `fit` drives one; `lorakit.multi.train` drives several over one base model. `params` are the
+    `fit` drives one; `lorakit.train.multi` drives several over one base model. `params` are the
     parameters this run trains; `out` is where checkpoints are read from, and, when `write`, where
     metrics and checkpoints go.
     """

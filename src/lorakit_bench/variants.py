@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from lorakit.bench.settings import parse_settings
+from lorakit_bench.settings import parse_settings
 
 # name -> (what trains, settings). Learning rates: the demo's 2e-3 for the adapters and BitFit; full
 # fine-tuning at 5e-5 (2e-3 diverges on every weight); LoRA+ at 1e-3 with B at 16x (the paper's ratio).
@@ -116,13 +116,13 @@ def train_variant(request: dict) -> dict:
     import torch
 
     from lorakit.adapters.loraplus import loraplus_param_groups
-    from lorakit.bench.measure import peak_rss_bytes, reset_peak_rss
     from lorakit.config import TrainConfig
     from lorakit.data.demo import make_demo
     from lorakit.data.encode import encode_all
     from lorakit.generate import score_rows
     from lorakit.models import load
     from lorakit.train.fit import fit
+    from lorakit_bench.measure import peak_rss_bytes, reset_peak_rss
 
     torch.set_num_threads(request["threads"])
     variant, seed = VARIANTS[request["variant"]], request["seed"]
@@ -165,7 +165,7 @@ def run_variant_process(request: dict) -> dict:
     """`train_variant` in a fresh Python process (its peak RSS its own); the record it prints."""
     threads = str(request["threads"])
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-    done = subprocess.run([sys.executable, "-m", "lorakit.bench.variants", json.dumps(request)],
+    done = subprocess.run([sys.executable, "-m", "lorakit_bench.variants", json.dumps(request)],
                           capture_output=True, text=True, env=env)
     lines = done.stdout.strip().splitlines()
     if done.returncode != 0 or not lines:
@@ -180,11 +180,11 @@ def dora_step_times(quick: bool, threads: int, reps: int, warmup: int, seq: int,
     import dataclasses
 
     import lorakit
-    from lorakit.bench.measure import medians, time_sides
-    from lorakit.bench.ours import train_step_task
-    from lorakit.bench.workload import QUICK, Workload, load_base, make_batch, resolve_model, supervised_tokens
     from lorakit.config import LoraSpec
     from lorakit.train.loop import loss_sum
+    from lorakit_bench.measure import medians, time_sides
+    from lorakit_bench.ours import train_step_task
+    from lorakit_bench.workload import QUICK, Workload, load_base, make_batch, resolve_model, supervised_tokens
 
     w = Workload(batch=8, seq=seq, r=8, alpha=16.0, threads=threads)
     if quick:
@@ -203,7 +203,7 @@ def dora_step_times(quick: bool, threads: int, reps: int, warmup: int, seq: int,
 
     def theirs(use_dora: bool):
         def build():
-            from lorakit.bench.peers import need
+            from lorakit_bench.peers import need
 
             peft_lib = need("peft")
             config = peft_lib.LoraConfig(r=w.r, lora_alpha=w.alpha, target_modules=w.targets, use_dora=use_dora,
@@ -272,7 +272,7 @@ def table(records: list[dict], dora: dict[str, float]) -> str:
 
 def run(args: argparse.Namespace) -> list[dict]:
     """Train every variant (one process each), time DoRA's step, print the table, draw the loss plot."""
-    from lorakit.bench.report import environment, write_records
+    from lorakit_bench.report import environment, write_records
 
     s = settings(args)
     threads = args.threads or int(os.environ.get("OMP_NUM_THREADS", 0)) or 2

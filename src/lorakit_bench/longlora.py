@@ -2,7 +2,7 @@
 
 A step is forward + backward (no optimizer update) of batch 1, LoRA on the attention projections,
 gradient checkpointing on, full attention through SDPA (never eager: no [t, t] score matrix per
-head). Each (length, side) point runs alone in its own subprocess (`python -m lorakit.bench.longlora
+head). Each (length, side) point runs alone in its own subprocess (`python -m lorakit_bench.longlora
 REQUEST`), which times `--warmup` + `--reps` steps and reports its peak RSS over the steps (VmHWM reset
 after setup), so one point's allocations never hide in another's. A parent watches each child's RSS
 and stops it at `max_rss_gib`: that point is reported as skipped, with the reason. Children run with
@@ -28,7 +28,7 @@ import os
 import sys
 import time
 
-from lorakit.bench.settings import parse_settings
+from lorakit_bench.settings import parse_settings
 
 SIDES = ("full", "s2")
 DEFAULTS = {"lengths": [2048, 4096, 8192, 16384], "group_size_ratio": 0.25, "r": 8,
@@ -51,8 +51,8 @@ def settings(items: list[str], quick: bool) -> dict:
 
 def run(args: argparse.Namespace) -> list[dict]:
     """Every length, both sides, each in its own subprocess; prints the table, returns the records."""
-    from lorakit.bench.report import measured_environment, write_records
-    from lorakit.bench.workload import Workload, resolve_model
+    from lorakit_bench.report import measured_environment, write_records
+    from lorakit_bench.workload import Workload, resolve_model
 
     cfg = settings(args.set, args.quick)
     threads = args.threads or 2
@@ -80,9 +80,9 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 def run_point(request: dict, max_rss_gib: float, memory: bool = True) -> dict:
     """One point in a fresh process, stopped (and reported as skipped) once its RSS passes the limit."""
-    from lorakit.bench.measure import run_child
+    from lorakit_bench.measure import run_child
 
-    result = run_child("lorakit.bench.longlora", request, request["threads"], max_rss_gib)
+    result = run_child("lorakit_bench.longlora", request, request["threads"], max_rss_gib)
     if not memory:
         result.pop("peak_rss", None)
         result.pop("setup_peak_rss", None)
@@ -130,13 +130,13 @@ def measure_point(request: dict) -> dict:
     import torch
 
     from lorakit.adapters.inject import inject
-    from lorakit.bench.measure import peak_rss_bytes, reset_peak_rss
-    from lorakit.bench.workload import Workload, load_base
     from lorakit.config import LoraSpec
     from lorakit.data.encode import collate
     from lorakit.longlora import enable_s2_attention
     from lorakit.train.loop import loss_sum
     from lorakit.train.run import enable_checkpointing
+    from lorakit_bench.measure import peak_rss_bytes, reset_peak_rss
+    from lorakit_bench.workload import Workload, load_base
 
     torch.set_num_threads(request["threads"])
     torch.manual_seed(0)

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
-from lorakit.bench.measure import measure_memory, medians, profile_sides, time_sides
-from lorakit.bench.report import make_record, measured_environment, table, write_records
-from lorakit.bench.scenarios import SCENARIOS, sides_of
-from lorakit.bench.workload import QUICK, Workload, resolve_model
+from lorakit_bench.measure import measure_memory, medians, profile_sides, time_sides
+from lorakit_bench.report import make_record, measured_environment, table, write_records
+from lorakit_bench.scenarios import SCENARIOS, sides_of
+from lorakit_bench.workload import QUICK, Workload, resolve_model
 
 DEFAULT_SCENARIOS = ("forward", "floor", "train-lora", "train-qlora", "merge", "quant")
 

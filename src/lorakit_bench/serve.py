@@ -27,7 +27,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from lorakit.bench.settings import parse_settings
+from lorakit_bench.settings import parse_settings
 
 DEFAULTS = {"adapters": [1, 8, 64], "clients": 64, "max_tokens": 16, "r": 16, "model": "default", "serial": 0,
             "device": "cpu"}
@@ -58,7 +58,7 @@ def char_tokenizer():
 def load_model(name: str, device: str = "cpu"):
     """(model, tokenizer) on `device`: the tiny random model with a character tokenizer, or `lorakit.models.load`."""
     if name == "tiny":
-        from lorakit.bench.workload import tiny_model
+        from lorakit_bench.workload import tiny_model
 
         return tiny_model(0).to(device), char_tokenizer()
     from lorakit.models import load
@@ -172,7 +172,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     """Every adapter count under the same load; prints the table, returns one record per point."""
     import torch
 
-    from lorakit.bench.report import measured_environment, write_records
+    from lorakit_bench.report import measured_environment, write_records
 
     cfg = settings(args.set, args.quick)
     threads = args.threads or 2

@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from lorakit.bench.settings import parse_settings
+from lorakit_bench.settings import parse_settings
 
 KNOWN = {"batch": 8, "seq": 128, "r": 16, "nproc": 2}
 QUICK = {"batch": 4, "seq": 16, "r": 4}
@@ -47,8 +47,8 @@ def settings(args: argparse.Namespace) -> dict:
 
 def run(args: argparse.Namespace) -> list[dict]:
     """Time both sides (each in fresh processes), print the table, return one record per side."""
-    from lorakit.bench.report import environment, write_records
-    from lorakit.bench.workload import Workload, resolve_model
+    from lorakit_bench.report import environment, write_records
+    from lorakit_bench.workload import Workload, resolve_model
 
     s = settings(args)
     threads = args.threads or 1  # per process
@@ -73,12 +73,12 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 
 def run_side(request: dict) -> dict:
-    """One side in fresh processes: `python -m lorakit.bench.ddp` alone, or under torchrun."""
+    """One side in fresh processes: `python -m lorakit_bench.ddp` alone, or under torchrun."""
     with tempfile.TemporaryDirectory(prefix="lorakit-bench-ddp-") as tmp:
         request = {**request, "out": str(Path(tmp) / "result.json")}
         launcher = [] if request["procs"] == 1 else [
             "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(request["procs"])]
-        cmd = [sys.executable, *launcher, "-m", "lorakit.bench.ddp", json.dumps(request)]
+        cmd = [sys.executable, *launcher, "-m", "lorakit_bench.ddp", json.dumps(request)]
         env = {**os.environ, "OMP_NUM_THREADS": str(request["threads"])}
         done = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if done.returncode != 0:
@@ -91,12 +91,12 @@ def measure(request: dict) -> dict | None:
     import torch
 
     from lorakit.adapters.inject import inject
-    from lorakit.bench.ours import lora_spec
-    from lorakit.bench.workload import Workload, load_base, make_batch
     from lorakit.config import TrainConfig
     from lorakit.quant.optim import make_optimizer
     from lorakit.train import distributed
     from lorakit.train.fit import train_step, trainable
+    from lorakit_bench.ours import lora_spec
+    from lorakit_bench.workload import Workload, load_base, make_batch
 
     torch.set_num_threads(request["threads"])
     nproc = request["procs"]  # this side's processes; request["nproc"]: the N the global batch is split into

@@ -10,8 +10,8 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from lorakit.bench import ours, peers
-from lorakit.bench.workload import Task, Workload
+from lorakit_bench import ours, peers
+from lorakit_bench.workload import Task, Workload
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from lorakit.bench.workload import Task, Workload
+from lorakit_bench.workload import Task, Workload
 
 STATUS = Path("/proc/self/status")
 
@@ -115,7 +115,7 @@ def measure_memory(scenario: str, side: str, w: Workload, runs: int) -> dict[str
     """Peak RSS of one side, built and run alone in a fresh Python process."""
     request = json.dumps({"scenario": scenario, "side": side, "workload": w.to_dict(), "runs": runs})
     env = {**os.environ, "OMP_NUM_THREADS": str(w.threads), "MKL_NUM_THREADS": str(w.threads)}
-    done = subprocess.run([sys.executable, "-m", "lorakit.bench.memory", request], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "lorakit_bench.memory", request], capture_output=True, text=True,
                           env=env)
     lines = done.stdout.strip().splitlines()
     if done.returncode != 0 or not lines:

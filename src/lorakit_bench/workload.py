@@ -118,7 +118,7 @@ def write_shaped_model(shape: str, folder: str | Path, layers: int | None = None
     real layer shapes for speed and memory figures where no model can be downloaded."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lorakit.bench.serve import char_tokenizer
+    from lorakit_bench.serve import char_tokenizer
 
     if shape not in SHAPES:
         raise ValueError(f"unknown model shape {shape!r}; known: {', '.join(SHAPES)}")

@@ -29,7 +29,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from lorakit.bench.settings import parse_settings
+from lorakit_bench.settings import parse_settings
 
 PARTS = ("mixed", "train", "switch")
 DEFAULTS = {"parts": list(PARTS), "model": "default", "adapters": 8, "rows": 16, "prompt": 64, "new_tokens": 16,
@@ -67,8 +67,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     """Every record of the suite; prints the table, writes --json, returns the records."""
     import torch
 
-    from lorakit.bench.report import measured_environment, write_records
-    from lorakit.bench.workload import Workload, resolve_model
+    from lorakit_bench.report import measured_environment, write_records
+    from lorakit_bench.workload import Workload, resolve_model
 
     cfg = settings(args.set, args.quick)
     threads = args.threads or torch.get_num_threads()
@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 
 def record(scenario: str, summary: str, ours: dict, peer: dict) -> dict:
-    from lorakit.bench.report import ratios
+    from lorakit_bench.report import ratios
 
     return {"scenario": scenario, "summary": summary, "ours": ours, "peer": peer, "ratios": ratios(ours, peer)}
 
@@ -102,8 +102,8 @@ def timed(tasks: dict, args: argparse.Namespace, cfg: dict) -> dict[str, float]:
     """Median seconds of each side, the sides alternating (on CUDA each run ends with a synchronize)."""
     import torch
 
-    from lorakit.bench.measure import time_sides
-    from lorakit.bench.workload import Task
+    from lorakit_bench.measure import time_sides
+    from lorakit_bench.workload import Task
 
     if cfg["device"] != "cpu":
         tasks = {side: Task(lambda t=t: [t.run(), torch.cuda.synchronize()][0], reset=t.reset, keep=t.keep)
@@ -118,7 +118,7 @@ def mixed_records(w, cfg: dict, args: argparse.Namespace) -> list[dict]:
     """Prefill and greedy generation, mixed vs one adapter, lorakit beside PEFT."""
     import torch
 
-    from lorakit.bench.workload import Task
+    from lorakit_bench.workload import Task
 
     g = torch.Generator().manual_seed(w.seed)
     ours, peer = lorakit_model(w, cfg), peft_model(w, cfg)
@@ -185,8 +185,8 @@ def lorakit_model(w, cfg: dict):
 
     from lorakit.adapters.inject import inject
     from lorakit.adapters.layer import lora_layers
-    from lorakit.bench.ours import lora_spec, randomize_lora_B
-    from lorakit.bench.workload import load_base
+    from lorakit_bench.ours import lora_spec, randomize_lora_B
+    from lorakit_bench.workload import load_base
 
     model = load_base(w).to(cfg["device"])
     for i in range(cfg["adapters"]):
@@ -200,9 +200,9 @@ def peft_model(w, cfg: dict):
     """The same adapters' shapes in PEFT (its own seeded init, non-zero B)."""
     import torch
 
-    from lorakit.bench.ours import randomize_lora_B
-    from lorakit.bench.peers import need, peft_config
-    from lorakit.bench.workload import load_base
+    from lorakit_bench.ours import randomize_lora_B
+    from lorakit_bench.peers import need, peft_config
+    from lorakit_bench.workload import load_base
 
     peft = need("peft")
     torch.manual_seed(w.seed)
@@ -244,12 +244,12 @@ def train_record(w, cfg: dict, args: argparse.Namespace) -> dict:
     import torch
 
     from lorakit.adapters.inject import inject, set_active
-    from lorakit.bench.ours import lora_spec
-    from lorakit.bench.workload import Task, load_base
     from lorakit.config import TrainConfig
     from lorakit.data.encode import IGNORE
-    from lorakit.multi.train import Job, adapter_parameters, multi_step
     from lorakit.train.fit import Run, train_step
+    from lorakit.train.multi import Job, adapter_parameters, multi_step
+    from lorakit_bench.ours import lora_spec
+    from lorakit_bench.workload import Task, load_base
 
     model = load_base(w).to(cfg["device"])
     g = torch.Generator().manual_seed(w.seed)
@@ -300,9 +300,9 @@ def switch_record(w, cfg: dict, args: argparse.Namespace) -> dict:
 
     from lorakit.adapters.inject import inject, remove_adapter
     from lorakit.adapters.io import save_adapter
-    from lorakit.bench.ours import lora_spec
-    from lorakit.bench.workload import Task, load_base
     from lorakit.multi.store import AdapterStore
+    from lorakit_bench.ours import lora_spec
+    from lorakit_bench.workload import Task, load_base
 
     model = load_base(w).to(cfg["device"])
     root = Path(tempfile.mkdtemp(prefix="lorakit-bench-store-"))

@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from lorakit.bench.settings import parse_settings
+from lorakit_bench.settings import parse_settings
 
 GIB = 1 << 30
 OURS = ("ours-load-4bit", "ours-qlora-step", "ours-load-bf16", "ours-merge")
@@ -49,7 +49,7 @@ def settings(items: list[str], quick: bool) -> dict:
         unknown = [s for s in found[key] if s not in known]
         if unknown:
             raise ValueError(f"bench scale: unknown {key} {unknown}; choose from {', '.join(known)}")
-    from lorakit.bench.scale_models import SHAPES
+    from lorakit_bench.scale_models import SHAPES
 
     unknown = [s for s in found["sizes"] if s not in SHAPES]
     if unknown:
@@ -59,10 +59,10 @@ def settings(items: list[str], quick: bool) -> dict:
 
 def run(args: argparse.Namespace) -> list[dict]:
     """Build (or find) each size's model, run every step in its own process, print a table, return records."""
-    from lorakit.bench.measure import run_child
-    from lorakit.bench.report import measured_environment, write_records
-    from lorakit.bench.scale_models import build_model
     from lorakit.models import cache_dir, resolve
+    from lorakit_bench.measure import run_child
+    from lorakit_bench.report import measured_environment, write_records
+    from lorakit_bench.scale_models import build_model
 
     cfg = settings(args.set, args.quick)
     threads = args.threads or 2
@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 request = {"step": step, "model": str(folder / "model"), "adapter": str(folder / "adapter"),
                            "seq": cfg["seq"], "r": cfg["r"], "threads": threads}
                 print(f"{size} {step} ...", flush=True)
-                steps[step] = run_child("lorakit.bench.scale", request, threads, cfg["max_rss_gib"])
+                steps[step] = run_child("lorakit_bench.scale", request, threads, cfg["max_rss_gib"])
                 print(json.dumps(steps[step]), flush=True)  # a long run keeps what it measured if stopped
             records.append(make_record(size, folder / "model", steps, cfg, measured_environment(threads, load_before)))
             print(table(records[-1]) + "\n", flush=True)
@@ -176,7 +176,7 @@ def measure_step(request: dict) -> dict:
     """In this (fresh) process: run one step, return its seconds and this process's peak RSS."""
     import torch
 
-    from lorakit.bench.measure import peak_rss_bytes
+    from lorakit_bench.measure import peak_rss_bytes
 
     torch.set_num_threads(request["threads"])
     torch.manual_seed(0)
@@ -188,16 +188,16 @@ def measure_step(request: dict) -> dict:
 
 
 def ours_load_4bit(request: dict) -> dict:
-    from lorakit.bench.workload import weight_mib
     from lorakit.models import load
+    from lorakit_bench.workload import weight_mib
 
     model, _ = load(request["model"], quant={})
     return {"weight_bytes": int(weight_mib(model)["base_weight_mib"] * (1 << 20))}
 
 
 def ours_load_bf16(request: dict) -> dict:
-    from lorakit.bench.workload import weight_mib
     from lorakit.models import load
+    from lorakit_bench.workload import weight_mib
 
     model, _ = load(request["model"])
     return {"weight_bytes": int(weight_mib(model)["base_weight_mib"] * (1 << 20)), "dtype": str(model.dtype),
@@ -219,11 +219,11 @@ def touch(model) -> dict:
 def ours_qlora_step(request: dict) -> dict:
     """As `lorakit train base=FOLDER quant={} lora.r=R` builds its model, then one step."""
     import lorakit
-    from lorakit.bench.ours import train_step_task
-    from lorakit.bench.workload import Workload, make_batch, supervised_tokens, weight_mib
     from lorakit.config import load_train_config
     from lorakit.train.loop import loss_sum
     from lorakit.train.run import load_base
+    from lorakit_bench.ours import train_step_task
+    from lorakit_bench.workload import Workload, make_batch, supervised_tokens, weight_mib
 
     r = request["r"]
     start = time.perf_counter()
@@ -242,8 +242,8 @@ def ours_qlora_step(request: dict) -> dict:
 
 def peer_qlora_step(request: dict) -> dict:
     """transformers + bitsandbytes + PEFT's QLoRA recipe (`bench.peers.peft_train`), then one step."""
-    from lorakit.bench.peers import peft_train
-    from lorakit.bench.workload import Workload
+    from lorakit_bench.peers import peft_train
+    from lorakit_bench.workload import Workload
 
     r = request["r"]
     w = Workload(model_dir=request["model"], batch=1, seq=request["seq"], r=r, alpha=2.0 * r, checkpointing=True,

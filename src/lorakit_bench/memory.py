@@ -1,4 +1,4 @@
-"""`python -m lorakit.bench.memory REQUEST`: build one side of one scenario alone, run it, print its peak RSS.
+"""`python -m lorakit_bench.memory REQUEST`: build one side of one scenario alone, run it, print its peak RSS.
 
 REQUEST is a JSON object {"scenario", "side", "workload", "runs"}; the answer is one JSON line
 {"setup_peak_rss", "peak_rss"} in bytes on stdout.
@@ -13,9 +13,9 @@ import sys
 def main(request: str) -> int:
     import torch
 
-    from lorakit.bench.measure import measure_memory_here
-    from lorakit.bench.scenarios import sides_of
-    from lorakit.bench.workload import Workload
+    from lorakit_bench.measure import measure_memory_here
+    from lorakit_bench.scenarios import sides_of
+    from lorakit_bench.workload import Workload
 
     spec = json.loads(request)
     w = Workload(**spec["workload"])

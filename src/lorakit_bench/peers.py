@@ -17,8 +17,8 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from lorakit.bench.ours import forward_task, linear_weights, randomize_lora_B, train_step_task
-from lorakit.bench.workload import Task, Workload, load_base, make_batch
+from lorakit_bench.ours import forward_task, linear_weights, randomize_lora_B, train_step_task
+from lorakit_bench.workload import Task, Workload, load_base, make_batch
 
 INSTALL = {"peft": "pip install peft", "bitsandbytes": "pip install bitsandbytes"}
 

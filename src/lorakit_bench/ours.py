@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorakit.bench.workload import Task, Workload, load_base, make_batch, supervised_tokens, weight_mib
 from lorakit.data.encode import IGNORE
+from lorakit_bench.workload import Task, Workload, load_base, make_batch, supervised_tokens, weight_mib
 
 
 def lora_spec(w: Workload):

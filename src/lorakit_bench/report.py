@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 
 from lorakit.atomic import atomic_write_text
-from lorakit.bench.peers import version
-from lorakit.bench.scenarios import Scenario
-from lorakit.bench.workload import Workload
+from lorakit_bench.peers import version
+from lorakit_bench.scenarios import Scenario
+from lorakit_bench.workload import Workload
 
 MIB = 1 << 20
 REFERENCE_NAMES = {"forward": "frozen base, no grad", "floor": "frozen fwd + bwd to inputs, supervised head",

@@ -31,7 +31,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from lorakit.bench.settings import parse_settings
+from lorakit_bench.settings import parse_settings
 
 MIB = 1 << 20
 DEFAULTS = {"size": 4096, "rank": 16, "adapters": 8, "rows": 16, "prefill": 128, "inner": 20, "kernels": 1,
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         r.update(suite="gpu", settings=s, env=env)
     print(table(records))
     if args.json:
-        from lorakit.bench.report import write_records
+        from lorakit_bench.report import write_records
 
         write_records(args.json, records)
     return records
@@ -193,7 +193,7 @@ def bench_train(s: dict, quick: bool, reps: int, warmup: int, memory: bool) -> l
 
     import torch
 
-    from lorakit.bench.workload import QUICK, Workload, resolve_model
+    from lorakit_bench.workload import QUICK, Workload, resolve_model
 
     w = Workload(model=s["model"], dtype="bfloat16", batch=s["batch"], seq=s["seq"])
     if quick:
@@ -233,13 +233,13 @@ def lorakit_task(w, quantized: bool, device: str = "cuda"):
     """One lorakit LoRA/QLoRA (NF4 + double quant) training step on `device`, as `lorakit train` sets it up."""
 
     import lorakit
-    from lorakit.bench.ours import lora_spec
-    from lorakit.bench.workload import make_batch, supervised_tokens
     from lorakit.config import QuantConfig, TrainConfig
     from lorakit.models import load_weights
     from lorakit.quant.linear4bit import quant_record
     from lorakit.train.loop import loss_sum
     from lorakit.train.run import prepare_base
+    from lorakit_bench.ours import lora_spec
+    from lorakit_bench.workload import make_batch, supervised_tokens
 
     quant = QuantConfig(type="nf4", double_quant=True, blocksize=64, compute_dtype=w.dtype) if quantized else None
     model = load_weights(Path(w.model_dir), quant_record(quant), w.torch_dtype, device)  # 4-bit as it is read,
@@ -254,8 +254,8 @@ def lorakit_task(w, quantized: bool, device: str = "cuda"):
 
 def peft_task(w, quantized: bool, device: str = "cuda"):
     """PEFT's LoRA step (on transformers' bitsandbytes NF4 + double-quant base when `quantized`) on `device`."""
-    from lorakit.bench.peers import need, peft_config
-    from lorakit.bench.workload import load_base, make_batch
+    from lorakit_bench.peers import need, peft_config
+    from lorakit_bench.workload import load_base, make_batch
 
     peft = need("peft")
     if quantized:
@@ -297,7 +297,7 @@ def step_fn(model, loss_fn, lr: float):
 def environment() -> dict:
     import torch
 
-    from lorakit.bench.peers import version
+    from lorakit_bench.peers import version
 
     try:
         driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],

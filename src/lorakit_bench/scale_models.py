@@ -124,7 +124,7 @@ def build_model(root: Path, size: str, seed: int = 0, max_shard_bytes: int = 5 *
 
 
 def main(argv: list[str]) -> int:
-    """`python -m lorakit.bench.scale_models ROOT SIZE...`: build (or find) the models, print their folders."""
+    """`python -m lorakit_bench.scale_models ROOT SIZE...`: build (or find) the models, print their folders."""
     from lorakit.models import resolve
 
     root, sizes = Path(argv[0]), argv[1:]
