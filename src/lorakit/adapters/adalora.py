@@ -29,7 +29,8 @@ from torch import nn
 
 from lorakit.adapters.layer import lora_layers
 from lorakit.adapters.lora import LoraAdapter
-from lorakit.config import AdaLoraSpec, LoraSpec
+from lorakit.adapters.spec import AdaLoraSpec, LoraSpec
+from lorakit.adapters.state import adapters_of
 
 if TYPE_CHECKING:
     from lorakit.adapters.layer import LoraLayer
@@ -241,7 +242,7 @@ class RankAllocator:
 def make_allocator(model: nn.Module, total_step: int) -> RankAllocator | None:
     """The allocator of the model's trainable AdaLoRA adapter (None if it has none). Its `total_step`
     is the spec's, or the run's (then written into the spec, so that saving records it)."""
-    specs = getattr(model, "lorakit_specs", {})
+    specs = adapters_of(model).specs
     names = [n for n, s in specs.items() if s.kind == "adalora"
              and any(a.lora_E.requires_grad for _, a in adalora_adapters(model, n))]
     if not names:
@@ -251,7 +252,7 @@ def make_allocator(model: nn.Module, total_step: int) -> RankAllocator | None:
     spec = specs[names[0]]
     if spec.adalora.total_step is None:
         spec = dataclasses.replace(spec, adalora=dataclasses.replace(spec.adalora, total_step=total_step))
-        model.lorakit_specs = {**specs, names[0]: spec}
+        specs[names[0]] = spec
     return RankAllocator(model, names[0], spec.adalora, spec.adalora.total_step)
 
 
