@@ -39,40 +39,25 @@ if TYPE_CHECKING:
 class AdaLoraAdapter(LoraAdapter):
     """The P Lambda Q factors of one AdaLoRA adapter on one layer.
 
-    Shares LoraAdapter's hooks (forward, merge/unmerge) but not its __init__: the scale is
-    alpha / ranknum, and a pruned adapter may have rank 0."""
+    Shares LoraAdapter's hooks (forward, merge/unmerge) and arguments (rslora and init have no effect), with
+    its own factors, init and scale: alpha / ranknum. A pruned adapter may be loaded at rank 0."""
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        r: int,
-        alpha: float,
-        *,
-        dropout: float = 0.0,
-        rslora: bool = False,
-        init: str = "kaiming",
-        embedding: bool = False,
-        device: torch.device | None = None,
-        dtype: torch.dtype = torch.float32,
-    ) -> None:
-        nn.Module.__init__(self)
-        if embedding:
+    def __init__(self, in_features: int, out_features: int, r: int, alpha: float, **kwargs) -> None:
+        if kwargs.get("embedding"):
             raise ValueError("AdaLoRA adapts Linear, Conv1D and 4-bit linear layers, not embeddings (as PEFT)")
-        self.r, self.alpha, self.rslora, self.embedding, self.init = r, alpha, rslora, False, init
+        super().__init__(in_features, out_features, r, alpha, **kwargs)
         self.ranknum = float(r)  # the initial rank: the scale's divisor, kept when triplets are pruned
         self.rank_mask: torch.Tensor | None = None  # [ranknum] bool, the allocator's last mask (None: never masked)
-        self.lora_A = nn.Parameter(torch.empty(r, in_features, dtype=dtype))
-        self.lora_E = nn.Parameter(torch.empty(r, 1, dtype=dtype))
-        self.lora_B = nn.Parameter(torch.empty(out_features, r, dtype=dtype))
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.reset_parameters(init)  # drawn on the CPU, as PEFT does: a seed gives the same adapter on any device
-        if device is not None:
-            self.to(device)
 
     @property
     def scale(self) -> float:
         return self.alpha / (self.ranknum + 1e-5)
+
+    def add_factors(self, in_features: int, out_features: int, dtype: torch.dtype) -> None:
+        """P Lambda Q: A [r, in], E [r, 1], B [out, r]."""
+        self.lora_A = nn.Parameter(torch.empty(self.r, in_features, dtype=dtype))
+        self.lora_E = nn.Parameter(torch.empty(self.r, 1, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.empty(out_features, self.r, dtype=dtype))
 
     @torch.no_grad()
     def reset_parameters(self, init: str) -> None:
