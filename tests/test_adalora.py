@@ -16,6 +16,7 @@ from transformers.pytorch_utils import Conv1D
 import lorakit
 from conftest import tiny_gpt2, tiny_llama
 from lorakit.adapters.adalora import AdaLoraAdapter, adalora_adapters, final_ranks, make_allocator
+from lorakit.adapters.state import adapters_of
 from lorakit.config import AdaLoraSpec, LoraSpec, TrainConfig
 from lorakit.train.fit import fit
 from test_train import toy_rows
@@ -243,7 +244,7 @@ def test_peft_adalora_loads_in_lorakit(masked, tmp_path, tokens):
     peft_model.save_pretrained(tmp_path)
     model = tiny_llama()
     lorakit.load_adapter(model, tmp_path)
-    spec = model.lorakit_specs["default"]
+    spec = adapters_of(model).specs["default"]
     assert (spec.kind, spec.r, spec.adalora.target_r, spec.adalora.tfinal) == ("adalora", 4, 2, 2)
     torch.testing.assert_close(model(tokens).logits, expected, rtol=1e-5, atol=1e-5)
     ranks = final_ranks(model, "default")
@@ -276,7 +277,7 @@ def test_training_prunes_to_the_target_budget_and_saves_what_peft_loads(tmp_path
     model = lorakit.inject(tiny_llama(), adalora_spec(r=4, target_r=2, tinit=2, tfinal=2, deltaT=2))
     fit(model, toy_rows(), TrainConfig(max_steps=10, batch_size=4, lr=1e-2, warmup_steps=1), pad_id=1,
         log=lambda *_: None)
-    assert model.lorakit_specs["default"].adalora.total_step == 10  # the run's steps, recorded for saving
+    assert adapters_of(model).specs["default"].adalora.total_step == 10  # the run's steps, recorded for saving
     ranks = final_ranks(model, "default")
     assert sum(ranks.values()) == 2 * len(ranks)
     for _, adapter in adalora_adapters(model, "default"):

@@ -10,6 +10,7 @@ import lorakit
 from conftest import randomize_adapters, tiny_llama
 from lorakit.adapters.combine import combine
 from lorakit.adapters.layer import lora_layers
+from lorakit.adapters.state import adapters_of
 
 WEIGHTS = {"a": 0.7, "b": -1.3}
 
@@ -40,7 +41,7 @@ def test_linear_and_cat_are_the_exact_weighted_sum(method, tokens, tmp_path):
         torch.testing.assert_close(layer.adapters["ab"].delta_weight().double(), expected_delta(layer, WEIGHTS),
                                    rtol=1e-5, atol=1e-5)
         assert layer.adapters["ab"].r == sum(layer.adapters[n].r for n in WEIGHTS if n in layer.adapters)
-    assert sorted(paths) == sorted(model.lorakit_specs["ab"].targets)
+    assert sorted(paths) == sorted(adapters_of(model).specs["ab"].targets)
     assert sorted(lorakit.active_adapters(model)) == ["a", "b"]  # added inactive
     lorakit.set_active(model, ["ab"])
     expected = model(tokens).logits

@@ -16,6 +16,7 @@ import lorakit
 from conftest import tiny_gpt2, tiny_llama
 from lorakit.adapters.dora import DoraAdapter, row_norm
 from lorakit.adapters.layer import lora_layers
+from lorakit.adapters.state import adapters_of
 from lorakit.quant.linear4bit import Linear4bit, dequantize_weight, quantize_model
 
 
@@ -240,7 +241,7 @@ def test_peft_dora_loads_in_lorakit(make, spec, config, tmp_path, tokens):
     peft_model.save_pretrained(tmp_path)
     model = make()
     lorakit.load_adapter(model, tmp_path)
-    assert model.lorakit_specs["default"].kind == "dora"
+    assert adapters_of(model).specs["default"].kind == "dora"
     torch.testing.assert_close(model(tokens).logits, expected, rtol=1e-5, atol=1e-5)
     lorakit.save_adapter(model, tmp_path / "again")
     with safe_open(tmp_path / "adapter_model.safetensors", framework="pt") as a, \

@@ -13,6 +13,7 @@ import lorakit
 from conftest import randomize_adapters, tiny_llama
 from lorakit.adapters.inject import adapter_chain, remove_adapter, set_parent
 from lorakit.adapters.layer import lora_layers
+from lorakit.adapters.state import adapters_of
 
 
 def tree() -> torch.nn.Module:
@@ -34,7 +35,7 @@ def reference(model: torch.nn.Module, names: list[str]) -> torch.nn.Module:
         for path, layer in lora_layers(model):
             for n in names:
                 if n in layer.adapters:
-                    ad, spec = layer.adapters[n], model.lorakit_specs[n]
+                    ad, spec = layer.adapters[n], adapters_of(model).specs[n]
                     scale = spec.alpha / (ad.r ** 0.5 if spec.rslora else ad.r)
                     base.get_submodule(path).weight += scale * ad.lora_B @ ad.lora_A
     return base
@@ -66,7 +67,7 @@ def test_injected_child_is_active_with_its_chain_and_relations_are_checked():
         lorakit.inject(model, lorakit.LoraSpec(r=2, targets=["q_proj"]), name="d", parent="zz")
     remove_adapter(model, "b")
     remove_adapter(model, "a")
-    assert adapter_chain(model, "c") == ["root", "c"] and "b" not in model.lorakit_parents
+    assert adapter_chain(model, "c") == ["root", "c"] and "b" not in adapters_of(model).parents
     set_parent(model, "c", None)  # unstacked: c alone
     lorakit.set_active(model, ["c"])
     assert lorakit.active_adapters(model) == ["c"]
@@ -108,7 +109,7 @@ def test_store_loads_a_child_with_its_chain(tmp_path, tokens):
     served = tiny_llama()
     with lorakit.AdapterStore(tmp_path, max_device=4) as store:
         store.activate(served, "b")
-        assert sorted(served.lorakit_specs) == ["a", "b", "root"]
+        assert sorted(adapters_of(served).specs) == ["a", "b", "root"]
         assert lorakit.active_adapters(served) == ["root", "a", "b"]
         torch.testing.assert_close(served(tokens).logits, reference(model, ["root", "a", "b"])(tokens).logits,
                                    rtol=1e-5, atol=1e-5)
@@ -117,5 +118,5 @@ def test_store_loads_a_child_with_its_chain(tmp_path, tokens):
         torch.testing.assert_close(served(tokens).logits, reference(model, ["root", "c"])(tokens).logits,
                                    rtol=1e-5, atol=1e-5)
         store.detach(served, "a")  # takes b (stacked on a) off too
-        assert sorted(served.lorakit_specs) == ["c", "root"]
+        assert sorted(adapters_of(served).specs) == ["c", "root"]
         assert sorted(store.on_model(served)) == ["c", "root"]

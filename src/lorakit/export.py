@@ -500,8 +500,8 @@ def streamed_merge(base: str | Path, adapter: AdapterFile, dtype: str | None = N
         raise ValueError(f"dtype {dtype!r} is not one of {sorted(TORCH_DTYPES)}")
     folder = resolve(str(base))
     config = AutoConfig.from_pretrained(folder)
-    if "lorakit.context" in adapter.metadata:  # trained with another RoPE setup (LongLoRA): the merged model has it
-        context = json.loads(adapter.metadata["lorakit.context"])
+    context = adapter.context
+    if context is not None:  # trained with another RoPE setup (LongLoRA): the merged model has it
         config.rope_parameters = dict(context["rope_parameters"])
         config.max_position_embeddings = context["max_position_embeddings"]
     shards = {file: read_header(file) for file in checkpoint_files(folder)}  # file -> {key: where, dtype, shape}

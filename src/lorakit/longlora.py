@@ -11,8 +11,6 @@ It is registered with transformers' attention interface as "s2attn" (Llama-famil
 
 from __future__ import annotations
 
-import json
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -111,11 +109,6 @@ def context_of(model: nn.Module) -> dict | None:
     if getattr(config, "rope_parameters", None) is None:
         return None
     return {"rope_parameters": dict(config.rope_parameters), "max_position_embeddings": config.max_position_embeddings}
-
-
-def saved_context(adapter) -> dict | None:
-    """The positional setup an adapter (`AdapterFile`) was trained with, if it records one."""
-    return json.loads(adapter.metadata["lorakit.context"]) if "lorakit.context" in adapter.metadata else None
 
 
 def apply_context(model: nn.Module, context: dict) -> None:

@@ -172,10 +172,8 @@ def storage_dtype(dtype: str | torch.dtype) -> torch.dtype | None:
 
 def base_needs(adapters: list) -> tuple[dict | None, dict | None]:
     """(4-bit quantization, positional setup) of the base these adapters were trained on; they must agree."""
-    from lorakit.longlora import saved_context
-
     found = []
-    for what, of in (("4-bit quantization", lambda a: a.quant), ("positional setup", saved_context)):
+    for what, of in (("4-bit quantization", lambda a: a.quant), ("positional setup", lambda a: a.context)):
         kinds = {json.dumps(of(a), sort_keys=True): a for a in adapters if of(a) is not None}
         if len(kinds) > 1:
             a, b = list(kinds.values())[:2]

@@ -29,7 +29,8 @@ from torch import nn
 
 from lorakit.adapters.layer import lora_layers
 from lorakit.adapters.lora import LoraAdapter
-from lorakit.config import AdaLoraSpec, LoraSpec
+from lorakit.adapters.spec import AdaLoraSpec, LoraSpec
+from lorakit.adapters.state import adapters_of
 
 if TYPE_CHECKING:
     from lorakit.adapters.layer import LoraLayer
@@ -38,40 +39,25 @@ if TYPE_CHECKING:
 class AdaLoraAdapter(LoraAdapter):
     """The P Lambda Q factors of one AdaLoRA adapter on one layer.
 
-    Shares LoraAdapter's hooks (forward, merge/unmerge) but not its __init__: the scale is
-    alpha / ranknum, and a pruned adapter may have rank 0."""
+    Shares LoraAdapter's hooks (forward, merge/unmerge) and arguments (rslora and init have no effect), with
+    its own factors, init and scale: alpha / ranknum. A pruned adapter may be loaded at rank 0."""
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        r: int,
-        alpha: float,
-        *,
-        dropout: float = 0.0,
-        rslora: bool = False,
-        init: str = "kaiming",
-        embedding: bool = False,
-        device: torch.device | None = None,
-        dtype: torch.dtype = torch.float32,
-    ) -> None:
-        nn.Module.__init__(self)
-        if embedding:
+    def __init__(self, in_features: int, out_features: int, r: int, alpha: float, **kwargs) -> None:
+        if kwargs.get("embedding"):
             raise ValueError("AdaLoRA adapts Linear, Conv1D and 4-bit linear layers, not embeddings (as PEFT)")
-        self.r, self.alpha, self.rslora, self.embedding, self.init = r, alpha, rslora, False, init
+        super().__init__(in_features, out_features, r, alpha, **kwargs)
         self.ranknum = float(r)  # the initial rank: the scale's divisor, kept when triplets are pruned
         self.rank_mask: torch.Tensor | None = None  # [ranknum] bool, the allocator's last mask (None: never masked)
-        self.lora_A = nn.Parameter(torch.empty(r, in_features, dtype=dtype))
-        self.lora_E = nn.Parameter(torch.empty(r, 1, dtype=dtype))
-        self.lora_B = nn.Parameter(torch.empty(out_features, r, dtype=dtype))
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.reset_parameters(init)  # drawn on the CPU, as PEFT does: a seed gives the same adapter on any device
-        if device is not None:
-            self.to(device)
 
     @property
     def scale(self) -> float:
         return self.alpha / (self.ranknum + 1e-5)
+
+    def add_factors(self, in_features: int, out_features: int, dtype: torch.dtype) -> None:
+        """P Lambda Q: A [r, in], E [r, 1], B [out, r]."""
+        self.lora_A = nn.Parameter(torch.empty(self.r, in_features, dtype=dtype))
+        self.lora_E = nn.Parameter(torch.empty(self.r, 1, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.empty(out_features, self.r, dtype=dtype))
 
     @torch.no_grad()
     def reset_parameters(self, init: str) -> None:
@@ -241,7 +227,7 @@ class RankAllocator:
 def make_allocator(model: nn.Module, total_step: int) -> RankAllocator | None:
     """The allocator of the model's trainable AdaLoRA adapter (None if it has none). Its `total_step`
     is the spec's, or the run's (then written into the spec, so that saving records it)."""
-    specs = getattr(model, "lorakit_specs", {})
+    specs = adapters_of(model).specs
     names = [n for n, s in specs.items() if s.kind == "adalora"
              and any(a.lora_E.requires_grad for _, a in adalora_adapters(model, n))]
     if not names:
@@ -251,7 +237,7 @@ def make_allocator(model: nn.Module, total_step: int) -> RankAllocator | None:
     spec = specs[names[0]]
     if spec.adalora.total_step is None:
         spec = dataclasses.replace(spec, adalora=dataclasses.replace(spec.adalora, total_step=total_step))
-        model.lorakit_specs = {**specs, names[0]: spec}
+        specs[names[0]] = spec
     return RankAllocator(model, names[0], spec.adalora, spec.adalora.total_step)
 
 

@@ -34,7 +34,8 @@ from lorakit.adapters.inject import adapter_names
 from lorakit.adapters.layer import LoraLayer, lora_layers
 from lorakit.adapters.lora import LoraAdapter
 from lorakit.adapters.params import param_layers
-from lorakit.config import LoraSpec
+from lorakit.adapters.spec import LoraSpec
+from lorakit.adapters.state import adapters_of
 
 METHODS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties")
 SPARSE = ("ties", "dare_linear", "dare_ties")  # need `density`; factored back by SVD
@@ -71,7 +72,7 @@ def combine(
         adapter.requires_grad_(False)
         layer.add(new_name, adapter, active=False)
         ranks[path] = a.shape[0]
-    model.lorakit_specs = {**model.lorakit_specs, new_name: combined_spec(ranks)}
+    adapters_of(model).specs[new_name] = combined_spec(ranks)
     return new_name
 
 
@@ -98,7 +99,7 @@ def check_combinable(model: nn.Module, weights: dict[str, float], new_name: str,
     for name in weights:
         if name not in known:
             raise ValueError(f"unknown adapter {name!r}; the model has {known}")
-        spec = model.lorakit_specs[name]
+        spec = adapters_of(model).specs[name]
         if spec.kind != "lora":
             raise ValueError(f"adapter {name!r} is a {spec.kind} adapter; only plain LoRA deltas add up linearly")
         if spec.modules_to_save:

@@ -15,12 +15,13 @@ import torch
 from torch import nn
 
 from lorakit.adapters.adalora import AdaLoraAdapter
-from lorakit.adapters.copies import ModuleCopies, add_copy, module_copies
+from lorakit.adapters.copies import add_copy, module_copies
 from lorakit.adapters.dora import DoraAdapter
 from lorakit.adapters.layer import BaseWrapper, LoraLayer, base_kind, lora_layers
 from lorakit.adapters.lora import LoraAdapter
 from lorakit.adapters.params import ParamAdapter, ParamLoraLayer, param_layers, stacked_shape
-from lorakit.config import LoraSpec
+from lorakit.adapters.spec import LoraSpec
+from lorakit.adapters.state import adapters_of
 from lorakit.quant.linear4bit import loose_weights
 
 # Targets when none are given (`targets: null`), by `config.model_type`. PEFT's table
@@ -220,7 +221,7 @@ def wrap(model: nn.Module, name: str, wrapper: type[BaseWrapper] = LoraLayer) ->
 
 
 def adapter_names(model: nn.Module) -> list[str]:
-    return list(getattr(model, "lorakit_specs", {}))
+    return adapters_of(model).names
 
 
 def adapted_modules(model: nn.Module) -> list[tuple[str, LoraLayer | ParamLoraLayer]]:
@@ -279,13 +280,22 @@ def inject(model: nn.Module, spec: LoraSpec, name: str = "default", trainable: b
     inject_parameters(model, spec, params, name, trainable)
     for path in saved:
         add_copy(model.get_submodule(path), name, trainable=trainable)
-    model.lorakit_specs = {**getattr(model, "lorakit_specs", {}), name: spec}
+    register_adapter(model, name, spec, trainable, parent)
+    return model
+
+
+def register_adapter(model: nn.Module, name: str, spec: LoraSpec, trainable: bool, parent: str | None) -> None:
+    """Record adapter `name`, just added (active) to the layers, on the model; freeze the base (training the
+    biases `spec.bias` asks for, if `trainable`) and stack it on `parent`, if given. The tail that
+    `inject` and `load_adapter` share."""
+    record = adapters_of(model)
+    record.specs[name] = spec
+    record.active.append(name)
     freeze_base(model)
     if trainable:
         train_biases(model, spec.bias)
     if parent is not None:
         set_parent(model, name, parent)
-    return model
 
 
 def inject_parameters(model: nn.Module, spec: LoraSpec, params: list[str], name: str, trainable: bool) -> None:
@@ -336,23 +346,18 @@ def resolve_modules_to_save(model: nn.Module, names: list[str]) -> list[str]:
 
 # ----------------------------------------------------------------------------- stacks
 # An adapter may sit on top of a parent adapter (`inject`/`load_adapter(..., parent=...)`): the parents
-# form a forest, and an adapter is only ever active with its whole chain (root first), like a path in a
-# tree of adapters. The relation is `model.lorakit_parents` {child: parent}; saving records it in
-# adapter_config.json under "lorakit_parent" (PEFT ignores the key).
+# form a forest, and an adapter is only ever active with its whole chain (root first). The relation is the
+# record's `parents` (state.py); saving writes it to adapter_config.json (metadata.py).
 
 
 def adapter_chain(model: nn.Module, name: str) -> list[str]:
     """`name`'s chain of parents, root first, ending with `name` itself."""
-    parents = getattr(model, "lorakit_parents", {})
-    chain = [name]
-    while chain[0] in parents:
-        chain.insert(0, parents[chain[0]])
-    return chain
+    return adapters_of(model).chain(name)
 
 
 def adapter_children(model: nn.Module, name: str) -> list[str]:
     """Every adapter stacked on `name`, directly or not."""
-    return [n for n in getattr(model, "lorakit_parents", {}) if name in adapter_chain(model, n)[:-1]]
+    return adapters_of(model).children(name)
 
 
 def set_parent(model: nn.Module, name: str, parent: str | None) -> None:
@@ -361,15 +366,14 @@ def set_parent(model: nn.Module, name: str, parent: str | None) -> None:
     for n in (name, parent):
         if n is not None and n not in known:
             raise ValueError(f"unknown adapter {n!r}; the model has {known}")
-    parents = {k: v for k, v in getattr(model, "lorakit_parents", {}).items() if k != name}
+    record = adapters_of(model)
+    if parent is not None and (parent == name or name in record.chain(parent)):
+        raise ValueError(f"adapter {parent!r} cannot be the parent of {name!r}: the chain would be a cycle")
+    record.parents.pop(name, None)
     if parent is not None:
-        if parent == name or name in adapter_chain(model, parent):
-            raise ValueError(f"adapter {parent!r} cannot be the parent of {name!r}: the chain would be a cycle")
-        parents[name] = parent
-    model.lorakit_parents = parents
-    active = active_adapters(model)
-    if name in active:
-        set_active(model, active)
+        record.parents[name] = parent
+    if name in record.active:
+        set_active(model, record.active)
 
 
 def set_active(model: nn.Module, names: list[str]) -> None:
@@ -379,19 +383,17 @@ def set_active(model: nn.Module, names: list[str]) -> None:
     for n in names:
         if n not in known:
             raise ValueError(f"unknown adapter {n!r}; the model has {known}")
-    names = list(dict.fromkeys(c for n in names for c in adapter_chain(model, n)))
+    record = adapters_of(model)
+    record.active = list(dict.fromkeys(c for n in names for c in record.chain(n)))
     for _, layer in adapted_modules(model):
-        layer.active = [n for n in names if n in layer.adapters]
+        layer.active = [n for n in record.active if n in layer.adapters]
     for _, copies in module_copies(model):
-        copies.active = [n for n in names if n in copies.copies]
+        copies.active = [n for n in record.active if n in copies.copies]
 
 
 def active_adapters(model: nn.Module) -> list[str]:
-    active = []
-    for _, module in model.named_modules():
-        if isinstance(module, LoraLayer | ParamLoraLayer | ModuleCopies):
-            active += [n for n in module.active if n not in active]
-    return active
+    """The active adapters (chains expanded, roots first), as `set_active` (or adding one) left them."""
+    return list(adapters_of(model).active)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -428,5 +430,4 @@ def remove_adapter(model: nn.Module, name: str) -> None:
         if name in copies.copies:
             del copies.copies[name]
             copies.active = [n for n in copies.active if n != name]
-    model.lorakit_specs = {k: v for k, v in model.lorakit_specs.items() if k != name}
-    model.lorakit_parents = {k: v for k, v in getattr(model, "lorakit_parents", {}).items() if k != name}
+    adapters_of(model).forget(name)

@@ -4,13 +4,13 @@ A folder holds `adapter_config.json` (PEFT's LoraConfig fields) and
 `adapter_model.safetensors` (keys `base_model.model.<module>.lora_A.weight`, ... with the
 adapter name stripped, metadata `{"format": "pt"}`). lorakit adds to that metadata the base's
 name and the names and weight shapes of the adapted modules; loading onto a base that differs
-is refused unless forced (PEFT ignores these metadata keys).
+is refused unless forced (PEFT ignores these metadata keys). What the config and the metadata
+say is written and read in metadata.py; here are the tensors and the checks.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import re
@@ -24,31 +24,28 @@ from torch import nn
 
 from lorakit.adapters import adalora
 from lorakit.adapters.copies import add_copy, module_copies
-from lorakit.adapters.inject import (
-    adapter_names,
-    candidate_names,
-    freeze_base,
-    name_matches,
-    new_adapter,
-    pattern_value,
-    set_parent,
-    train_biases,
-    wrap,
-)
+from lorakit.adapters.inject import adapter_names, name_matches, new_adapter, pattern_value, register_adapter, wrap
 from lorakit.adapters.layer import LoraLayer, base_kind, in_out, lora_layers
 from lorakit.adapters.lora import LoraAdapter
+from lorakit.adapters.metadata import (
+    AdapterFileError,
+    adapter_config,
+    base_metadata,
+    parent_from_config,
+    saved_base,
+    saved_json,
+    spec_from_peft,
+)
 from lorakit.adapters.params_io import (
     check_param_pairs,
-    exact_parameters,
     held_params,
     load_params,
     param_tensors,
     split_params,
 )
+from lorakit.adapters.spec import LoraSpec
+from lorakit.adapters.state import adapters_of
 from lorakit.atomic import atomic_write_bytes, atomic_write_text
-from lorakit.config import LoraSpec
-from lorakit.longlora import context_of
-from lorakit.quant.linear4bit import quantization_of
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -63,17 +60,6 @@ LORA_SUFFIXES = {  # PEFT key suffix -> (our parameter, is embedding)
     "lora_E": ("lora_E", False),  # AdaLoRA, [r, 1]
     "lora_B": ("lora_B", False),  # AdaLoRA, [out, r]
 }
-UNSUPPORTED = {  # PEFT config field -> its default; anything else we cannot honour yet
-    "lora_bias": False,
-    "layer_replication": None,
-    "trainable_token_indices": None,
-    "use_qalora": False,
-    "alora_invocation_tokens": None,
-}
-
-
-class AdapterFileError(ValueError):
-    """An adapter folder that is missing, corrupt, or does not fit the model."""
 
 
 # ----------------------------------------------------------------------------- save
@@ -87,7 +73,7 @@ def save_adapter(model: nn.Module, path: str | Path, name: str = "default", conv
     `convert_pissa=False` it is written as is, for its residual base (`init_lora_weights: "pissa"`,
     which PEFT and lorakit rebuild by redoing the SVD when loading).
     """
-    specs = getattr(model, "lorakit_specs", {})
+    specs = adapters_of(model).specs
     if name not in specs:
         raise ValueError(f"model has no adapter {name!r}; it has {list(specs)}")
     spec = specs[name]
@@ -115,22 +101,10 @@ def save_adapter(model: nn.Module, path: str | Path, name: str = "default", conv
             for key, t in copies.copies[name].state_dict().items():
                 tensors[f"{PREFIX}{path_}.{key}"] = t
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    metadata = {
-        "format": "pt",
-        "lorakit.base": base_name(model),
-        "lorakit.base_shapes": json.dumps(base_shapes, sort_keys=True),
-        "lorakit.fingerprint": fingerprint(base_shapes),
-    }
-    if context_of(model) is not None:  # RoPE and context length, restored on load (LongLoRA's interpolation)
-        metadata["lorakit.context"] = json.dumps(context_of(model), sort_keys=True)
-    if quantization_of(model) is not None:  # trained over a 4-bit base: say how, to rebuild it
-        metadata["lorakit.quant"] = json.dumps(quantization_of(model), sort_keys=True)
+    metadata = base_metadata(model, base_shapes)
     targets = sorted(set(base_shapes) - set(params))
-    config = peft_config(model, pissa_converted_spec(spec) if convert else spec, targets, saved_modules, params)
-    if spec.kind == "adalora":
-        config = adalora.peft_config(config, model, name, spec)
-    if name in getattr(model, "lorakit_parents", {}):  # an adapter stack: the parent's name (PEFT ignores the key)
-        config["lorakit_parent"] = model.lorakit_parents[name]
+    config = adapter_config(model, name, pissa_converted_spec(spec) if convert else spec, targets, saved_modules,
+                            params)
     folder = Path(path)
     atomic_write_bytes(folder / WEIGHTS_FILE, sorted_header(safetensors_bytes(tensors, metadata=metadata)))
     atomic_write_text(folder / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -163,44 +137,6 @@ def bias_tensors(model: nn.Module, mode: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def base_name(model: nn.Module) -> str:
-    config = getattr(model, "config", None)
-    return str(getattr(config, "_name_or_path", "") or type(model).__name__)
-
-
-def fingerprint(base_shapes: dict[str, list[int]]) -> str:
-    return hashlib.sha256(json.dumps(base_shapes, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def peft_config(model: nn.Module, spec: LoraSpec, targets: list[str], saved: list[str], params: list[str]) -> dict:
-    """The adapter_config.json PEFT writes for this adapter (targets as the exact set adapted)."""
-    from transformers import GenerationMixin
-
-    return {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM" if isinstance(model, GenerationMixin) else None,
-        "base_model_name_or_path": base_name(model),
-        "inference_mode": True,
-        "r": spec.r,
-        "lora_alpha": spec.alpha,
-        "lora_dropout": spec.dropout,
-        "target_modules": exact_targets(model, targets) if targets else None,
-        "target_parameters": exact_parameters(model, params) if params else None,
-        "exclude_modules": None,
-        "bias": spec.bias,
-        "use_rslora": spec.rslora,
-        "modules_to_save": saved or None,
-        "init_lora_weights": spec.init if spec.init in ("gaussian", "pissa") else True,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "rank_pattern": dict(spec.rank_pattern),
-        "alpha_pattern": dict(spec.alpha_pattern),
-        "fan_in_fan_out": any(model.get_submodule(t).fan_in_fan_out for t in targets),
-        "use_dora": spec.kind == "dora",
-        "lora_bias": False,
-    }
-
-
 def pissa_as_lora(adapter: LoraAdapter) -> dict[str, torch.Tensor]:
     """A PiSSA adapter as plain LoRA factors for the untouched base W = W_res + s B0 A0:
     W_res + s B A = W + s [B, -B0] [A; A0], so A' = [A; A0] ([2r, in]) and B' = [B, -B0] ([out, 2r]),
@@ -217,14 +153,6 @@ def pissa_converted_spec(spec: LoraSpec) -> LoraSpec:
         rank_pattern={k: 2 * v for k, v in spec.rank_pattern.items()},
         alpha_pattern={k: factor * v for k, v in spec.alpha_pattern.items()},
     )
-
-
-def exact_targets(model: nn.Module, targets: list[str]) -> list[str] | str:
-    """Leaf names if they select exactly `targets` under PEFT's rules, else a full-match regex."""
-    leaves = sorted({t.rsplit(".", 1)[-1] for t in targets})
-    if {n for n in candidate_names(model) if name_matches(n, leaves)} == set(targets):
-        return leaves
-    return "(" + "|".join(re.escape(t) for t in targets) + ")"
 
 
 # ----------------------------------------------------------------------------- load
@@ -249,7 +177,17 @@ class AdapterFile:
     @property
     def quant(self) -> dict | None:
         """How the 4-bit base it was trained on was made (QuantConfig fields), if it was."""
-        return json.loads(self.metadata["lorakit.quant"]) if "lorakit.quant" in self.metadata else None
+        return saved_json(self.metadata, "quant")
+
+    @property
+    def context(self) -> dict | None:
+        """The positional setup (RoPE parameters, context length) it was trained with, if it records one."""
+        return saved_json(self.metadata, "context")
+
+    @property
+    def base_shapes(self) -> dict[str, list[int]] | None:
+        """The weight shapes of the base modules it was saved for, by name (lorakit's files only)."""
+        return saved_json(self.metadata, "base_shapes")
 
 
 def read_adapter(path: str | Path) -> AdapterFile:
@@ -282,49 +220,11 @@ def read_adapter(path: str | Path) -> AdapterFile:
         raise AdapterFileError(f"{weights_file} is not a readable safetensors file: {e}") from None
     adapter = split_tensors(folder, spec, tensors, metadata, weights_file)
     check_finite(adapter)
-    adapter.base = metadata.get("lorakit.base") or config.get("base_model_name_or_path")
+    adapter.base = saved_base(metadata, config)
     if spec.kind == "adalora":
         adapter.masks = adalora.masks_from_peft(config)
-    adapter.parent = config.get("lorakit_parent")
-    if adapter.parent is not None and (not isinstance(adapter.parent, str) or not adapter.parent
-                                       or "." in adapter.parent):
-        raise AdapterFileError(f"{config_file}: lorakit_parent must be an adapter name, got {adapter.parent!r}")
+    adapter.parent = parent_from_config(config, config_file)
     return adapter
-
-
-def spec_from_peft(config: dict, where: Path) -> LoraSpec:
-    if config.get("peft_type", "LORA") not in ("LORA", "ADALORA"):
-        raise AdapterFileError(f"{where}: peft_type {config.get('peft_type')!r} is not LORA or ADALORA")
-    for key, default in UNSUPPORTED.items():
-        if config.get(key, default) not in (default, None, False, [], {}):
-            raise AdapterFileError(f"{where}: {key}={config[key]!r} is not supported by lorakit yet")
-    for key in ("r", "lora_alpha"):
-        if key not in config:
-            raise AdapterFileError(f"{where}: missing field {key!r}")
-    init = config.get("init_lora_weights", True)
-    if isinstance(init, str) and init not in ("gaussian", "pissa", "eva", "orthogonal"):
-        raise AdapterFileError(f"{where}: init_lora_weights={init!r} changes the base weights in a way lorakit "
-                               "cannot redo; save the adapter converted for the original base instead")
-    try:
-        if config.get("peft_type") == "ADALORA":
-            return adalora.spec_from_peft(config)
-        return LoraSpec(
-            r=config["r"],
-            alpha=config["lora_alpha"],
-            dropout=config.get("lora_dropout") or 0.0,
-            targets=None if config.get("target_parameters") and not config.get("target_modules")
-            else config.get("target_modules"),  # PEFT writes [] beside target_parameters
-            target_parameters=list(config["target_parameters"]) if config.get("target_parameters") else None,
-            bias=config.get("bias") or "none",
-            rslora=bool(config.get("use_rslora", False)),
-            init=init if init in ("gaussian", "pissa") else "kaiming",
-            rank_pattern=config.get("rank_pattern") or {},
-            alpha_pattern=config.get("alpha_pattern") or {},
-            modules_to_save=config.get("modules_to_save"),
-            kind="dora" if config.get("use_dora") else "lora",
-        )
-    except (TypeError, ValueError) as e:
-        raise AdapterFileError(f"{where}: {e}") from None
 
 
 def split_tensors(folder: Path, spec: LoraSpec, tensors: dict, metadata: dict, where: Path) -> AdapterFile:
@@ -395,18 +295,18 @@ def copy_owners(name: str, saved: list[str]):
 def base_mismatch(model: nn.Module, adapter: AdapterFile) -> str | None:
     """Where `model` differs from the base the adapter was saved for (the adapted modules' names and weight
     shapes its file records), or None; None also for a file that records none (PEFT's)."""
-    shapes = adapter.metadata.get("lorakit.base_shapes")
+    shapes = adapter.base_shapes
     if not shapes:
         return None
     modules = dict(model.named_modules())
-    for path, shape in json.loads(shapes).items():
+    for path, shape in shapes.items():
         module = modules.get(path)
         got = list(reversed(in_out(module))) if module is not None and base_kind(module) else None
         owner, _, param = path.rpartition(".")
         if got is None and owner in modules and param in held_params(modules[owner]):  # a held weight
             got = list(held_params(modules[owner])[param].shape)
         if got != shape:
-            return (f"saved for base {adapter.metadata.get('lorakit.base')!r}, which differs from this model at "
+            return (f"saved for base {adapter.base!r}, which differs from this model at "
                     f"{path!r}: weight {shape} there, {got if got is not None else 'no such module'} here")
     return None
 
@@ -505,12 +405,7 @@ def load_adapter(
     for path_, state in adapter.copies.items():
         copies = add_copy(model.get_submodule(path_), name, trainable=trainable)
         copies.copies[name].load_state_dict(state, strict=False)
-    model.lorakit_specs = {**getattr(model, "lorakit_specs", {}), name: spec}
-    freeze_base(model)
-    if trainable:
-        train_biases(model, spec.bias)
-    if parent is not None:
-        set_parent(model, name, parent)
+    register_adapter(model, name, spec, trainable, parent)
     return name
 
 

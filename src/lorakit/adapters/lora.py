@@ -8,7 +8,9 @@ which is why PEFT zero-initialises A and draws B at random there.
 
 An adapter kind is this class or a subclass overriding a few hooks, which the wrapper calls:
 `init_from_base` (init that reads or changes the base), `contribution` (what it adds to the base
-output), `merged_weight` / `unmerged_weight` (fold into / take out of the base weight).
+output), `merged_weight` / `unmerged_weight` (fold into / take out of the base weight); a kind
+with other factors or another scale (AdaLoRA) overrides `add_factors`, `reset_parameters` and `scale`
+and keeps this constructor.
 PiSSA (`init="pissa"`) starts from the top-r singular triplets of W and leaves the residual in
 the base; the initial factors are kept (`lora_A0`, `lora_B0`) so that saving can convert the
 adapter into a plain one for the untouched base.
@@ -52,13 +54,20 @@ class LoraAdapter(nn.Module):
     ) -> None:
         super().__init__()
         self.r, self.alpha, self.rslora, self.embedding, self.init = r, alpha, rslora, embedding, init
-        self.scale = lora_scale(r, alpha, rslora)
-        self.lora_A = nn.Parameter(torch.empty(r, in_features, dtype=dtype))
-        self.lora_B = nn.Parameter(torch.empty(out_features, r, dtype=dtype))
+        self.add_factors(in_features, out_features, dtype)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.reset_parameters(init)  # drawn on the CPU, as PEFT does: a seed gives the same adapter on any device
         if device is not None:
             self.to(device)
+
+    @property
+    def scale(self) -> float:
+        return lora_scale(self.r, self.alpha, self.rslora)
+
+    def add_factors(self, in_features: int, out_features: int, dtype: torch.dtype) -> None:
+        """The trainable factors, drawn by `reset_parameters`: A [r, in], B [out, r]."""
+        self.lora_A = nn.Parameter(torch.empty(self.r, in_features, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.empty(out_features, self.r, dtype=dtype))
 
     @torch.no_grad()
     def reset_parameters(self, init: str) -> None:

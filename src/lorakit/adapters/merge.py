@@ -13,6 +13,7 @@ from lorakit.adapters.copies import module_copies, remove_copies
 from lorakit.adapters.inject import active_adapters, adapted_modules
 from lorakit.adapters.io import AdapterFile, attach
 from lorakit.adapters.layer import LoraLayer, merge_order
+from lorakit.adapters.state import adapters_of
 
 
 def merge(model: nn.Module, names: list[str] | None = None, safe: bool = False) -> None:
@@ -52,7 +53,7 @@ def merge_and_unload(model: nn.Module, names: list[str] | None = None, safe: boo
             replace(model, path, layer.unwrap(names, safe=safe))
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
-    model.lorakit_specs = {}
+    adapters_of(model).clear()  # no adapter is left
     return model
 
 

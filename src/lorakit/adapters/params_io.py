@@ -10,7 +10,7 @@ from torch import nn
 from lorakit.adapters.inject import held_weights, name_matches, pattern_value, wrap
 from lorakit.adapters.layer import base_kind
 from lorakit.adapters.params import ParamAdapter, ParamLoraLayer, param_layers, peft_key_prefixes, stacked_shape
-from lorakit.config import LoraSpec
+from lorakit.adapters.spec import LoraSpec
 
 
 def param_tensors(model: nn.Module, name: str, tensors: dict, base_shapes: dict, prefix: str) -> list[str]:

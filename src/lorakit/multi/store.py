@@ -31,6 +31,8 @@ from torch import nn
 
 from lorakit.adapters.inject import active_adapters, adapter_children, remove_adapter, set_active
 from lorakit.adapters.io import CONFIG_FILE, WEIGHTS_FILE, AdapterFile, load_adapter, read_adapter
+from lorakit.adapters.metadata import parent_from_config
+from lorakit.adapters.state import adapters_of
 
 NAME = re.compile(r"[A-Za-z0-9_-]{1,255}")  # a folder name (255: the longest most file systems allow)
 
@@ -258,7 +260,7 @@ class AdapterStore:
                 load_adapter(model, self.get(name), name=name, force=self.force)
                 slots[name] = None
         finally:  # loading activates an adapter: put the active set back, even after a failed load
-            set_active(model, [n for n in active if n in getattr(model, "lorakit_specs", {})])
+            set_active(model, [n for n in active if n in adapters_of(model).specs])
         for name in wanted:
             slots.move_to_end(name)
 
@@ -270,7 +272,7 @@ class AdapterStore:
 
     def detach(self, model: nn.Module, name: str) -> None:
         """Take adapter `name` off `model`, and first the adapters stacked on it (useless without it)."""
-        if name not in getattr(model, "lorakit_specs", {}):
+        if name not in adapters_of(model).specs:
             return  # already taken off with its parent
         for child in reversed(adapter_children(model, name)):
             remove_adapter(model, child)
@@ -279,7 +281,7 @@ class AdapterStore:
         self.slots.get(model, OrderedDict()).pop(name, None)
 
     def chain(self, name: str) -> list[str]:
-        """`name` after its parents (root first), as their files record them ("lorakit_parent")."""
+        """`name` after its parents (root first), as their files record them."""
         chain = [name]
         while (parent := self.parent_of(chain[0])) is not None:
             if parent in chain:
@@ -294,11 +296,11 @@ class AdapterStore:
             cached = self.ram.get(name)
         if cached is not None:
             return cached.parent
+        config_file = self.folder(name) / CONFIG_FILE
         try:
-            parent = json.loads((self.folder(name) / CONFIG_FILE).read_text()).get("lorakit_parent")
+            return parent_from_config(json.loads(config_file.read_text()), config_file)
         except (OSError, ValueError, AttributeError):
             return None
-        return parent if isinstance(parent, str) else None
 
     # ------------------------------------------------------------------------- report
 

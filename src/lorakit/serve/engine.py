@@ -35,7 +35,7 @@ from lorakit.adapters.io import (
     read_adapter,
 )
 from lorakit.data.encode import prompt_text
-from lorakit.longlora import context_of, saved_context
+from lorakit.longlora import context_of
 from lorakit.multi.store import NAME, AdapterStore, UnknownAdapterError, check_safetensors, confined
 from lorakit.quant.linear4bit import quantization_of
 from lorakit.serve.batch import Batcher, QueueFull, Sequence
@@ -68,7 +68,7 @@ def serving_problem(model: nn.Module, adapter: AdapterFile, force: bool = False)
         want = f"a 4-bit base ({adapter.quant})" if adapter.quant else "a full-precision base"
         have = f"4-bit ({quantization_of(model)})" if quantization_of(model) else "full precision"
         return f"adapter {name!r} was trained on {want}, but this server's base is {have}"
-    context, own = saved_context(adapter), context_of(model)
+    context, own = adapter.context, context_of(model)
     if context is not None and context != json.loads(json.dumps(own, sort_keys=True)):
         return (f"adapter {name!r} was trained with positional setup {context} (LongLoRA), but this server's "
                 f"base has {own}")
