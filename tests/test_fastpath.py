@@ -12,11 +12,11 @@ from conftest import randomize_adapters, tiny_gpt2, tiny_llama
 from lorakit.adapters.layer import lora_layers
 from lorakit.data.encode import IGNORE
 from lorakit.kernels import dequant
-from lorakit.kernels.dequant import dequantize_4bit_bytes
+from lorakit.kernels.dequant import dequantize_4bit_bytes, whole_blocks
 from lorakit.kernels.linear_ce import linear_cross_entropy
 from lorakit.kernels.lora_linear import lora_linear, lora_linear_reference
-from lorakit.quant.linear4bit import quantize_model
-from lorakit.quant.nf4 import dequantize_4bit, quantize_4bit
+from lorakit.quant.linear4bit import dequantize, quantize_model
+from lorakit.quant.nf4 import absmax_of, dequantize_4bit, quantize_4bit
 from lorakit.train.loop import loss_sum
 
 
@@ -171,7 +171,24 @@ def test_byte_table_dequantization_is_bit_exact(quant_type, blocksize, nested, s
     w = torch.randn(*shape, generator=torch.Generator().manual_seed(3))
     packed, state = quantize_4bit(w, quant_type, blocksize, nested)
     for dtype in (torch.float32, torch.bfloat16):
-        assert torch.equal(dequantize_4bit_bytes(packed, state, dtype), dequantize_4bit(packed, state, dtype))
+        want = dequantize_4bit(packed, state, dtype)
+        assert torch.equal(dequantize(packed, state, dtype), want)  # the library's choice (ragged: the reference)
+        if whole_blocks(state.numel, blocksize):
+            assert torch.equal(dequantize_4bit_bytes(*plain(packed, state), dtype), want)
+        else:
+            with pytest.raises(ValueError, match="not whole blocks"):
+                dequantize_4bit_bytes(*plain(packed, state), dtype)
+
+
+def plain(packed: torch.Tensor, state) -> tuple:
+    """The plain tensors the byte-table kernels take: packed bytes, code table, fp32 absmax, blocksize, shape."""
+    return packed, state.code, absmax_of(state), state.blocksize, state.shape
+
+
+def test_byte_table_checks_the_byte_count():
+    packed, state = quantize_4bit(torch.randn(8, 64), "nf4", 64, True)
+    with pytest.raises(ValueError, match="holds 255 bytes; shape \\(8, 64\\) needs 256"):
+        dequantize_4bit_bytes(*plain(packed[:-1], state), torch.float32)
 
 
 def test_compiled_dequantization_falls_back_to_the_byte_table(monkeypatch):
@@ -182,14 +199,15 @@ def test_compiled_dequantization_falls_back_to_the_byte_table(monkeypatch):
     monkeypatch.setitem(dequant.COMPILE, "ok", True)
     packed, state = quantize_4bit(torch.randn(8, 64, generator=torch.Generator().manual_seed(5)), "nf4", 64, True)
     with pytest.warns(UserWarning, match="byte table"):
-        out = dequant.dequantize_4bit_compiled(packed, state)
+        out = dequant.dequantize_4bit_compiled(*plain(packed, state), state.dtype)
     assert torch.equal(out, dequantize_4bit(packed, state)) and dequant.COMPILE["ok"] is False
 
 
 @pytest.mark.slow
 def test_compiled_dequantization_is_bit_exact():
     packed, state = quantize_4bit(torch.randn(48, 64, generator=torch.Generator().manual_seed(6)), "nf4", 64, True)
-    assert torch.equal(dequant.dequantize_4bit_compiled(packed, state), dequantize_4bit(packed, state))
+    assert torch.equal(dequant.dequantize_4bit_compiled(*plain(packed, state), state.dtype),
+                       dequantize_4bit(packed, state))
     assert dequant.COMPILE["ok"]
 
 

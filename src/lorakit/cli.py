@@ -16,9 +16,20 @@ from pathlib import Path
 import torch
 import yaml
 
-from lorakit.config import load_train_config, to_dict
+from lorakit import __version__
+from lorakit.adapters.adalora import rank_report
+from lorakit.adapters.io import read_adapter
+from lorakit.adapters.merge import merge_and_unload
+from lorakit.config import TrainConfig, from_dict, load_jobs_config, load_train_config, to_dict
 from lorakit.devices import resolve_device
-from lorakit.models import load
+from lorakit.models import load, resolve
+from lorakit.multi.store import AdapterStore
+from lorakit.outputs import check_output
+from lorakit.quant.checkpoint import save_4bit
+from lorakit.quant.linear4bit import Linear4bit, dequantize_weight, quantizable, quantize_model
+
+# A command's own modules (training, generation, export, serving, plots, the benchmarks) are imported inside
+# its function: a command loads only what it runs, and serve's fastapi or bench's peers stay optional.
 
 
 def exec_torchrun(nproc: int, config: str | None, overrides: list[str]) -> None:
@@ -80,7 +91,6 @@ def next_steps(cfg) -> str:
 
 
 def cmd_train_multi(args: argparse.Namespace) -> int:
-    from lorakit.config import load_jobs_config
     from lorakit.train.multi import check_jobs, run_multi
 
     jobs = load_jobs_config(args.config, args.overrides)
@@ -120,8 +130,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def held_out_config(adapter: str, seed: int | None) -> tuple:
     """The training config whose held-out rows `lorakit eval ADAPTER` scores: the run's own (its
     results.json beside the adapter folder: same data, split and seed), else the demo's; and its name."""
-    from lorakit.config import TrainConfig, from_dict
-
     results = Path(adapter).parent / "results.json"
     if results.is_file():
         data = json.loads(results.read_text()).get("config")
@@ -144,9 +152,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def check_out(args: argparse.Namespace, kind: str) -> None:
     """Refuse, before loading anything, an output that would delete a user's files (`lorakit.outputs`):
     not empty and not lorakit's own output of this kind (without --overwrite), or holding an input."""
-    from lorakit.adapters.io import read_adapter
-    from lorakit.outputs import check_output
-
     adapter = args.adapter or getattr(args, "adapter_only", None)
     base = args.base or (read_adapter(adapter).base if adapter else None)
     check_output(args.out, kind, [adapter, base], args.overwrite)
@@ -154,9 +159,7 @@ def check_out(args: argparse.Namespace, kind: str) -> None:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from lorakit import export
-    from lorakit.adapters.merge import merge_and_unload
     from lorakit.export import write_merged_folder
-    from lorakit.quant.checkpoint import save_4bit
 
     device = resolve_device(args.device)  # before anything is read
     check_out(args, "merged")
@@ -181,8 +184,6 @@ def requantize(model, quant_type: str) -> dict:
     relative Frobenius error ||Q(W) - W|| / ||W|| that this adds, per layer."""
     from transformers.pytorch_utils import Conv1D
 
-    from lorakit.quant.linear4bit import Linear4bit, dequantize_weight, quantizable, quantize_model
-
     before = {n: (m.weight.T if isinstance(m, Conv1D) else m.weight).detach().clone()  # [out, in]
               for n, m in model.named_modules() if quantizable(m)}
     quantize_model(model, quant_type, 64, True, torch.float32)
@@ -195,15 +196,11 @@ def requantize(model, quant_type: str) -> dict:
 def cmd_export(args: argparse.Namespace) -> int:
     """`lorakit export merged|gguf`: the merge path of `lorakit merge`, written in a chosen format."""
     from lorakit import export
-    from lorakit.adapters.merge import merge_and_unload
 
     device = resolve_device(args.device)  # before anything is read
     check_out(args, "merged" if args.format == "merged" else "gguf-adapter" if args.adapter_only else "gguf-model")
     if args.format == "gguf" and args.adapter_only:
         from transformers import AutoConfig
-
-        from lorakit.adapters.io import read_adapter
-        from lorakit.models import resolve
 
         found = read_adapter(args.adapter_only)
         config = AutoConfig.from_pretrained(resolve(args.base or found.base or "default"))
@@ -300,9 +297,6 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from lorakit.adapters.adalora import rank_report
-    from lorakit.adapters.io import read_adapter
-
     adapter = read_adapter(args.adapter)
     print(rank_report(adapter.spec, adapter.lora, adapter.masks))
     return 0
@@ -311,7 +305,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import time
 
-    from lorakit.multi.store import AdapterStore
     from lorakit.serve import Engine, Server, make_app
 
     adapters = {}
@@ -372,8 +365,6 @@ def package_version() -> str:
     try:
         return version("lorakit")
     except PackageNotFoundError:  # run from a source tree that was never installed
-        from lorakit import __version__
-
         return __version__
 
 

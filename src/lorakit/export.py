@@ -25,10 +25,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from lorakit.adapters.io import AdapterFile
+from lorakit.adapters.inject import pattern_value
+from lorakit.adapters.io import WEIGHTS_FILE, AdapterFile, check_fits, read_adapter
+from lorakit.adapters.lora import lora_scale
+from lorakit.adapters.merge import merge_module
 from lorakit.atomic import atomic_dir, current_umask
+from lorakit.models import load_tokenizer, resolve
 from lorakit.outputs import GGUF_KIND_KEY, mark_folder
-from lorakit.quant.linear4bit import dequantize_model
+from lorakit.quant.checkpoint import is_4bit_folder
+from lorakit.quant.linear4bit import Linear4bit, dequantize_model, dequantize_weight
+from lorakit.shards import write_index, write_streamed
+from lorakit.stream import checkpoint_files, iter_tensors, read_header, read_tensor
 
 GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")
 TORCH_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
@@ -321,9 +328,6 @@ def write_adapter_gguf(adapter, config, path: str | Path, dtype: str = "f32") ->
     llama.cpp scales every pair by alpha / r with one file-wide alpha; a module whose own scale
     differs (rank/alpha patterns, rsLoRA) has the difference folded into its B.
     """
-    from lorakit.adapters.inject import pattern_value
-    from lorakit.adapters.lora import lora_scale
-
     check_dtype(dtype)
     if dtype == "q8_0":
         raise ValueError("a LoRA adapter GGUF is written in f32, f16 or bf16 (llama.cpp keeps adapters unquantized)")
@@ -397,8 +401,6 @@ def merge_plan(folder: Path, config, adapter: AdapterFile, keys: set[str], dtype
 
     `dequantized`: an adapter trained over a 4-bit base (it records how) is merged into that base
     dequantized (the model it was trained as), else into the checkpoint's full-precision weights."""
-    from lorakit.adapters.io import WEIGHTS_FILE, check_fits
-
     where = adapter.folder / WEIGHTS_FILE
     model = skeleton(config)
     check_fits(model, dataclasses.replace(adapter, base_weights={}))
@@ -443,9 +445,6 @@ def quantized_linears(model: nn.Module) -> set[str]:
 @torch.no_grad()
 def merged_tensor(plan: MergePlan, key: str, tensor: torch.Tensor) -> torch.Tensor:
     """One checkpoint tensor as the merged model holds it."""
-    from lorakit.adapters.merge import merge_module
-    from lorakit.quant.linear4bit import Linear4bit, dequantize_weight
-
     if key in plan.replaced:
         tensor = plan.replaced[key]
     stored = plan.dtype if plan.dtype is not None and tensor.is_floating_point() else tensor.dtype
@@ -472,8 +471,6 @@ def standalone(meta_module: nn.Module, weight: torch.Tensor) -> nn.Module:
 
 def merge_inputs(base: str | None, adapter: str | Path) -> tuple[str, AdapterFile]:
     """The base to merge into (given, else the adapter's own, else the default) and the adapter file."""
-    from lorakit.adapters.io import read_adapter
-
     found = read_adapter(adapter)
     return base or found.base or "default", found
 
@@ -483,18 +480,12 @@ def streamable(base: str, adapter: AdapterFile) -> bool:
     merged in memory), for an adapter of layers only (expert-parameter adapters merge in memory)."""
     from transformers import AutoConfig
 
-    from lorakit.models import resolve
-    from lorakit.quant.checkpoint import is_4bit_folder
-
     return not adapter.spec.target_parameters and not is_4bit_folder(AutoConfig.from_pretrained(resolve(base)))
 
 
 def streamed_merge(base: str | Path, adapter: AdapterFile, dtype: str | None = None, dequantized: bool = True):
     """(base folder, its config, the merge plan, its checkpoint's tensors by shard) for a streamed merge."""
     from transformers import AutoConfig
-
-    from lorakit.models import resolve
-    from lorakit.stream import checkpoint_files, read_header
 
     if dtype is not None and dtype not in TORCH_DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {sorted(TORCH_DTYPES)}")
@@ -511,8 +502,6 @@ def streamed_merge(base: str | Path, adapter: AdapterFile, dtype: str | None = N
 
 def merged_stream(plan: MergePlan, shards: dict) -> Iterator[tuple[str, torch.Tensor]]:
     """(key, merged tensor) for every checkpoint tensor, one at a time."""
-    from lorakit.stream import iter_tensors
-
     for file in shards:
         for key, tensor in iter_tensors(file):
             yield key, merged_tensor(plan, key, tensor)
@@ -525,9 +514,6 @@ def write_merged_streamed(base: str | Path, adapter: AdapterFile, out: str | Pat
     Keeps the checkpoint's shard layout and key names; `dtype` (f32, bf16, f16; None: each tensor's own)
     casts the float tensors. Then the index, config.json and every other non-weight file of the base
     folder (generation config, tokenizer). Atomic as a whole. See `merge_plan` for `dequantized`."""
-    from lorakit.shards import write_index, write_streamed
-    from lorakit.stream import read_tensor
-
     folder, config, plan, shards = streamed_merge(base, adapter, dtype, dequantized)
     out_dtype = lambda e: plan.dtype if plan.dtype is not None and e.dtype.is_floating_point else e.dtype
 
@@ -560,7 +546,5 @@ def write_merged_streamed(base: str | Path, adapter: AdapterFile, out: str | Pat
 def write_merged_gguf_streamed(base: str | Path, adapter: AdapterFile, path: str | Path, dtype: str = "f16",
                                dequantized: bool = True) -> Path:
     """base + adapter as one llama GGUF, merged and converted tensor by tensor (see `write_merged_streamed`)."""
-    from lorakit.models import load_tokenizer
-
     folder, config, plan, shards = streamed_merge(base, adapter, None, dequantized)
     return write_gguf_tensors(config, load_tokenizer(folder), path, dtype, merged_stream(plan, shards))

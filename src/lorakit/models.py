@@ -19,6 +19,7 @@ from torch import nn
 
 from lorakit.atomic import atomic_dir
 from lorakit.devices import resolve_device
+from lorakit.longlora import apply_context
 from lorakit.quant.checkpoint import folder_compute_dtype
 from lorakit.quant.linear4bit import quant_record, quantize_model
 from lorakit.stream import Fill, fill_model, merged_keys
@@ -117,8 +118,9 @@ def load(
 
     The full-precision model never exists in memory: see `lorakit.stream`.
     """
+    # late, while adapters.io imports lorakit.config (which imports this module): the cycle the adapter
+    # core's move off config removes; then this import goes to the top
     from lorakit.adapters.io import AdapterFile, load_adapter, read_adapter
-    from lorakit.longlora import apply_context
 
     store, device = storage_dtype(dtype), resolve_device(device)  # bad arguments fail before any reading
     if isinstance(adapters, (str, Path, AdapterFile)):

@@ -14,7 +14,8 @@ Each runs as shrink (h = x A^T, [T, R] in the adapters' dtype, like the referenc
 (y += scale * h B^T, added to y in its dtype like `base_out + delta.to(base_out.dtype)`).
 Reference: `lora_rows_reference`, the math of `lorakit.multi.routing.RowRouting.apply` for plain
 LoRA adapters (per adapter: gather its rows, low-rank product, scatter-add). Forward only (serving,
-no autograd); `routed_lora` is the CUDA branch of `RowRouting.apply`.
+no autograd); `routed_lora` is the CUDA branch of `RowRouting.apply`, which decides which adapters it
+takes and hands it their factors: this module imports nothing of `lorakit.adapters`.
 """
 
 from __future__ import annotations
@@ -238,22 +239,17 @@ def segment_adapters(seg_start: Tensor, seg_adapter: Tensor) -> Tensor:
 _STACKS = FactorCache()  # layer -> the stacks of its last routed adapters
 
 
-def routed_lora(groups: list[tuple[str, Tensor | None]], layer: nn.Module, x: Tensor,
-                base_out: Tensor) -> Tensor | None:  # fmt: skip
-    """base_out + each row's own adapter, by BGMV (one token per row) or SGMV (each row a segment);
-    None when this layer's routed adapters are not all plain, linear LoRA (the caller's path then
-    handles them). Forward only: call it without autograd. x [rows, ..., in], base_out [rows, ..., out]."""
-    from lorakit.adapters.lora import LoraAdapter  # late: lorakit.adapters imports the kernels package
-
-    present = [(name, index) for name, index in groups if name in layer.adapters]
-    adapters = [layer.adapters[name] for name, _ in present]
-    if not adapters or any(type(a) is not LoraAdapter or a.embedding or (a.training and not isinstance(
-            a.dropout, nn.Identity)) for a in adapters):  # fmt: skip
-        return None
+def routed_lora(key: object, factors: list[tuple[Tensor, Tensor, float]], rows_of: list[Tensor | None],
+                x: Tensor, base_out: Tensor) -> Tensor:  # fmt: skip
+    """base_out + scale_j * B_j A_j x on the rows of adapter j, for each (A_j [r_j, in], B_j [out, r_j],
+    scale_j) in `factors` (plain LoRA on a linear layer); `rows_of[j]`: its row indices, None = every row.
+    By BGMV (one token per row) or SGMV (each row a segment). `key`: what the stacked factors are cached
+    under (the layer), until a factor is replaced or changed in place. Forward only: call it without
+    autograd. x [rows, ..., in], base_out [rows, ..., out]."""
     rows = x.shape[0]
-    a_stack, b_stack, ranks, scales = _stacks(layer, adapters, x.device)
+    a_stack, b_stack, ranks, scales = _stacks(key, factors, x.device)
     adapter = torch.full((rows,), -1, dtype=torch.int32, device=x.device)
-    for j, (_, index) in enumerate(present):
+    for j, index in enumerate(rows_of):
         adapter[index if index is not None else slice(None)] = j
     per_row = x[0].numel() // x.shape[-1]  # tokens per row
     y = base_out.reshape(rows * per_row, base_out.shape[-1]).clone()  # [T, out]
@@ -266,13 +262,13 @@ def routed_lora(groups: list[tuple[str, Tensor | None]], layer: nn.Module, x: Te
     return y.view(base_out.shape)
 
 
-def _stacks(layer: nn.Module, adapters: list[nn.Module], device: torch.device) -> tuple:
-    """The stacked factors of `adapters`, cached per layer until a factor changes (or is replaced)."""
+def _stacks(key: object, factors: list[tuple[Tensor, Tensor, float]], device: torch.device) -> tuple:
+    """The stacked `factors`, cached under `key` until a factor changes (or is replaced)."""
     def build() -> tuple:
-        a_stack, b_stack, ranks = stack_adapters([a.lora_A.detach() for a in adapters],
-                                                 [a.lora_B.detach() for a in adapters])  # fmt: skip
-        scales = torch.tensor([a.scale for a in adapters], dtype=torch.float32, device=device)
+        a_stack, b_stack, ranks = stack_adapters([A.detach() for A, _, _ in factors],
+                                                 [B.detach() for _, B, _ in factors])  # fmt: skip
+        scales = torch.tensor([scale for _, _, scale in factors], dtype=torch.float32, device=device)
         return a_stack, b_stack, ranks, scales
 
-    factors = [t for a in adapters for t in (a.lora_A, a.lora_B)]
-    return _STACKS.get(layer, factors, tuple(a.scale for a in adapters), build)
+    tensors = [t for A, B, _ in factors for t in (A, B)]
+    return _STACKS.get(key, tensors, tuple(scale for _, _, scale in factors), build)

@@ -1,9 +1,9 @@
 """y = x W^T + b with a 4-bit W dequantized inside the matmul (Triton), never written to memory.
 
-Reference: `matmul_4bit_reference` = `F.linear(x, dequantize_4bit(packed, state, x.dtype), bias)`,
-which is what `Linear4bit`'s forward computes. Each weight tile is dequantized in registers by
-`triton_nf4.dequant_values` (same fp32 arithmetic), rounded to x's dtype like the reference's W,
-and accumulated in fp32.
+Reference: `F.linear(x, dequantize_4bit(packed, state, x.dtype), bias)` (`lorakit.quant.nf4`), which is
+what `Linear4bit`'s forward computes (tests/test_triton_kernels.py compares them). Each weight tile is
+dequantized in registers by `triton_nf4.dequant_values` (same fp32 arithmetic), rounded to x's dtype like
+the reference's W, and accumulated in fp32.
 
 `gemv`: decode (a few rows): one program per (row, BLOCK_N outputs) streams its W rows once; the
 weight is read as 4-bit bytes, a quarter of bf16 W's traffic, which is what makes batch-1 decoding
@@ -14,13 +14,13 @@ dequantized tile by tile into the product.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from lorakit import kernels
 from lorakit.kernels.triton_nf4 import (
+    Blockwise4bit,
     cast_rtne,
     dequant_values,
     dequantize_4bit_triton,
@@ -29,7 +29,6 @@ from lorakit.kernels.triton_nf4 import (
     kernel_args,
     launch,
 )
-from lorakit.quant.nf4 import QuantState, dequantize_4bit
 
 GEMV_MAX_ROWS = 4  # up to this many rows: `gemv` (one pass over W per row); more: `tiled`
 # Block sizes: picked so that ptxas (sm_90) compiles every kernel without register spills; untuned for speed
@@ -81,7 +80,7 @@ def _tiled_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_code_ptr, nest
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(m[:, None] < M) & (n[None, :] < N))
 
 
-def matmul_4bit(x: Tensor, packed: Tensor, state: QuantState, bias: Tensor | None = None,
+def matmul_4bit(x: Tensor, packed: Tensor, state: Blockwise4bit, bias: Tensor | None = None,
                 tiled: bool | None = None) -> Tensor:  # fmt: skip
     """x [..., in] -> [..., out] in x's dtype; `tiled` None picks by row count (GEMV_MAX_ROWS)."""
     if len(state.shape) != 2:
@@ -113,15 +112,10 @@ def matmul_4bit(x: Tensor, packed: Tensor, state: QuantState, bias: Tensor | Non
     return result
 
 
-def linear_4bit(x: Tensor, packed: Tensor, state: QuantState, bias: Tensor | None = None) -> Tensor:
+def linear_4bit(x: Tensor, packed: Tensor, state: Blockwise4bit, bias: Tensor | None = None) -> Tensor:
     """What `Linear4bit` runs on CUDA: the fused matmul for up to FUSED_MAX_ROWS rows (decoding), else
     W dequantized by one Triton kernel into a cuBLAS matmul (training and prefill: compute-bound, where
     the matmul, not reading W, dominates). Not tuned on a GPU yet: see docs/BENCHMARKS.md."""
     if x.numel() // max(x.shape[-1], 1) <= FUSED_MAX_ROWS:
         return matmul_4bit(x, packed, state, bias)
     return kernels.linear(x, dequantize_4bit_triton(packed, state, x.dtype), bias)
-
-
-def matmul_4bit_reference(x: Tensor, packed: Tensor, state: QuantState, bias: Tensor | None = None) -> Tensor:
-    """The plain-PyTorch product `matmul_4bit` must equal (what `Linear4bit.forward` computes)."""
-    return F.linear(x, dequantize_4bit(packed, state, x.dtype), bias)

@@ -9,18 +9,19 @@ equal the reference's; the kernel is compiled without fused multiply-adds for th
 `dequant_values` is the same arithmetic as a Triton function, shared with the fused matmuls
 (`triton_matmul4bit`), which call it on a tile of weight indices and never write W.
 Importing this module imports triton: the library imports it only where `kernels.use_triton` says so.
+The kernels read a weight's quantization as plain tensors and numbers (`Blockwise4bit`) and import
+nothing of `lorakit.quant`, which calls them.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Protocol
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-
-from lorakit.quant.nf4 import QuantState
 
 BLOCK = 1024  # elements per program
 
@@ -87,7 +88,27 @@ def _dequant_kernel(packed_ptr, code_ptr, absmax_ptr, nested_code_ptr, nested_ab
     tl.store(out_ptr + idx, cast_rtne(values, out_ptr.dtype.element_ty), mask=mask)
 
 
-def kernel_args(packed: Tensor, state: QuantState) -> tuple:
+class Blockwise4bit(Protocol):
+    """What the 4-bit kernels read of a packed weight's quantization (`lorakit.quant.nf4.QuantState` is one)."""
+
+    shape: tuple[int, ...]  # of the weight
+    dtype: torch.dtype  # the weight's own: the default output dtype
+    blocksize: int
+    code: Tensor  # [16] fp32 code values, indexed by the 4-bit code
+    absmax: Tensor  # [blocks] fp32 scales, or when nested their uint8 codes in `nested_code`
+    nested_code: Tensor | None  # [256] fp32
+    nested_absmax: Tensor | None  # [ceil(blocks / nested_blocksize)] fp32
+    nested_blocksize: int | None
+    offset: Tensor | None  # 0-d fp32, added to every nested absmax
+
+    @property
+    def nested(self) -> bool: ...
+
+    @property
+    def numel(self) -> int: ...
+
+
+def kernel_args(packed: Tensor, state: Blockwise4bit) -> tuple:
     """The quantization arguments every 4-bit kernel takes, in `dequant_values`' order, plus NESTED."""
     q = packed.reshape(-1).view(torch.uint8)  # [(n + 1) // 2]
     n = state.numel
@@ -100,7 +121,7 @@ def kernel_args(packed: Tensor, state: QuantState) -> tuple:
     return q, state.code, state.absmax, state.code, state.code, state.code, state.blocksize, 1, False
 
 
-def dequantize_4bit_triton(packed: Tensor, state: QuantState, dtype: torch.dtype | None = None) -> Tensor:
+def dequantize_4bit_triton(packed: Tensor, state: Blockwise4bit, dtype: torch.dtype | None = None) -> Tensor:
     """`dequantize_4bit(packed, state, dtype)`: the weight of `state.shape` in `dtype`, one kernel launch."""
     args = kernel_args(packed, state)
     n = state.numel

@@ -140,16 +140,16 @@ class RowRouting:
             y = self.apply(layer, x.reshape(self.rows, -1, x.shape[-1]),
                            base_out.reshape(self.rows, -1, base_out.shape[-1]))  # [rows, t, out]
             return y.reshape(base_out.shape)
-        if not torch.is_grad_enabled() and not self.chained and kernels.use_triton(x):
-            # CUDA serving: segmented kernels (SGMV/BGMV), one adapter a row
-            from lorakit.kernels.triton_lora import routed_lora
-
-            y = routed_lora(self.groups_on(x.device), layer, x, base_out)  # None: not all plain LoRA here
-            if y is not None:
-                return y
         groups = [(n, i) for n, i in self.groups_on(x.device) if n in layer.adapters]  # adapters of this layer
         if not groups:
             return base_out
+        if (not torch.is_grad_enabled() and not self.chained and kernels.use_triton(x)
+                and all(batchable(layer.adapters[n]) for n, _ in groups)):  # fmt: skip
+            # CUDA serving, plain LoRA only: segmented kernels (SGMV/BGMV), one adapter a row
+            from lorakit.kernels.triton_lora import routed_lora  # late: imports triton (optional, heavy)
+
+            factors = [(a.lora_A, a.lora_B, a.scale) for a in (layer.adapters[n] for n, _ in groups)]
+            return routed_lora(layer, factors, [i for _, i in groups], x, base_out)
         plain = [n for n, _ in groups if batchable(layer.adapters[n])]
         if len(groups) == 1 and plain and groups[0][1] is None:  # one plain adapter for every row
             adapter = layer.adapters[plain[0]]

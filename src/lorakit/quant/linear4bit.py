@@ -14,7 +14,16 @@ from torch import Tensor, nn
 from transformers.models.falcon.modeling_falcon import FalconLinear
 from transformers.pytorch_utils import Conv1D
 
-from lorakit.quant.nf4 import QuantState, dequantize_4bit, from_state_dict_entries, quantize_4bit, state_dict_entries
+from lorakit import kernels
+from lorakit.kernels.dequant import dequantize_4bit_bytes, whole_blocks
+from lorakit.quant.nf4 import (
+    QuantState,
+    absmax_of,
+    dequantize_4bit,
+    from_state_dict_entries,
+    quantize_4bit,
+    state_dict_entries,
+)
 
 COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 PLAIN_LINEARS = (FalconLinear,)  # subclasses of nn.Linear computing x W^T + b (tests/test_qlora_layers.py checks)
@@ -169,10 +178,8 @@ class _Linear4bitFn(torch.autograd.Function):
     def forward(ctx, x: Tensor, packed: Tensor, state: QuantState, bias: Tensor | None) -> Tensor:
         ctx.save_for_backward(packed)
         ctx.state, ctx.has_bias = state, bias is not None
-        from lorakit import kernels  # late: lorakit.kernels' modules import lorakit.quant
-
         if kernels.use_triton(x):  # CUDA: W dequantized inside the matmul (decode) or by one kernel
-            from lorakit.kernels.triton_matmul4bit import linear_4bit
+            from lorakit.kernels.triton_matmul4bit import linear_4bit  # late: imports triton (optional, heavy)
 
             return linear_4bit(x, packed, state, bias)
         return kernels.linear(x, dequantize(packed, state, x.dtype), bias)
@@ -200,16 +207,15 @@ def _packed_parameter(packed: Tensor) -> nn.Parameter:
 
 def dequantize(packed: Tensor, state: QuantState, dtype: torch.dtype | None = None) -> Tensor:
     """`dequantize_4bit`, through the byte-table kernel (same bits, about 2x faster on the CPU) unless
-    LORAKIT_KERNELS=0; on CUDA through one Triton kernel (same bits)."""
-    from lorakit import kernels  # late: lorakit.kernels.dequant imports lorakit.quant
-    from lorakit.kernels.dequant import dequantize_4bit_bytes
-
+    LORAKIT_KERNELS=0 (or a ragged last block); on CUDA through one Triton kernel (same bits)."""
     if kernels.use_triton(packed):
-        from lorakit.kernels.triton_nf4 import dequantize_4bit_triton
+        from lorakit.kernels.triton_nf4 import dequantize_4bit_triton  # late: imports triton (optional, heavy)
 
         return dequantize_4bit_triton(packed, state, dtype)
-
-    return (dequantize_4bit_bytes if kernels.enabled() else dequantize_4bit)(packed, state, dtype)
+    if kernels.enabled() and whole_blocks(state.numel, state.blocksize):
+        return dequantize_4bit_bytes(packed, state.code, absmax_of(state), state.blocksize, state.shape,
+                                     dtype or state.dtype)
+    return dequantize_4bit(packed, state, dtype)
 
 
 def dequantize_weight(layer: Linear4bit, dtype: torch.dtype | None = None) -> Tensor:

@@ -11,7 +11,7 @@ __all__ = ["Engine", "RequestError", "Server", "make_app"]
 
 def __getattr__(name: str):
     if name in ("Server", "make_app"):
-        from lorakit.serve import server
+        from lorakit.serve import server  # late: it imports fastapi, which is optional (see above)
 
         return getattr(server, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

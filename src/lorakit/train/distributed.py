@@ -30,7 +30,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from lorakit.adapters.layer import lora_layers
 from lorakit.devices import model_device
+from lorakit.train.loop import loss_sum
 
 MODES = ("none", "ddp", "fsdp2")
 CPU = torch.device("cpu")
@@ -125,8 +127,6 @@ class StepLoss(nn.Module):
         self.model = model
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        from lorakit.train.loop import loss_sum  # late: loop imports this module
-
         return loss_sum(self.model, batch)
 
 
@@ -135,8 +135,6 @@ def shard(model: nn.Module, world: World) -> nn.Module:
     the entries of its longest ModuleList), then the root, which takes what is left (embeddings, head)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
-
-    from lorakit.adapters.layer import lora_layers
 
     if any(type(m).__name__.startswith("AdaLora") for m in model.modules()):
         raise ValueError("distributed=fsdp2 does not support AdaLoRA (its rank allocator reads whole "
@@ -148,14 +146,6 @@ def shard(model: nn.Module, world: World) -> nn.Module:
     for _, layer in lora_layers(model):  # the hidden base modules let go of the whole tensors too
         layer.sync_base_parameters()
     return model
-
-
-def is_sharded(model: nn.Module) -> bool:
-    """Whether FSDP2 shards `model`: only a call of the whole model then gathers its root's parameters
-    (embeddings, head)."""
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
 
 
 def blocks(model: nn.Module) -> list[nn.Module]:

@@ -11,7 +11,6 @@ from torch import nn
 
 from lorakit.data.encode import IGNORE
 from lorakit.kernels.linear_ce import linear_cross_entropy
-from lorakit.train.distributed import is_sharded
 
 # model types whose logits are exactly lm_head(last hidden state): the head runs only where loss is taken
 PLAIN_HEAD_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gpt2", "phi3", "smollm3", "olmo2"}
@@ -51,6 +50,14 @@ def plain_head(model: nn.Module) -> nn.Module | None:
     if is_sharded(model):  # FSDP2: only the root's forward gathers the head's weight
         return None
     return head if model_type in PLAIN_HEAD_TYPES and head is not None else None
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether FSDP2 shards `model` (`train.distributed.shard`): only a call of the whole model then gathers
+    its root's parameters (embeddings, head)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
 
 
 def head_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module) -> torch.Tensor:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from lorakit.adapters.adalora import rank_grid
+
 
 def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
@@ -71,8 +73,6 @@ def plot_ranks(ranks: dict[str, int], path: str | Path, title: str = "AdaLoRA fi
     except ImportError:
         log("matplotlib is not installed: no rank heat map (pip install matplotlib)")
         return None
-    from lorakit.adapters.adalora import rank_grid
-
     layers, modules, grid = rank_grid(ranks)
     values = [[float("nan") if r is None else r for r in row] for row in grid]
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(modules), 1.2 + 0.3 * len(layers)), dpi=110)

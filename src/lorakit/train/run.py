@@ -17,9 +17,11 @@ from lorakit.adapters.io import save_adapter
 from lorakit.adapters.loraplus import loraplus_param_groups
 from lorakit.atomic import atomic_write_text
 from lorakit.config import TrainConfig, to_dict
+from lorakit.data.demo import make_demo
 from lorakit.data.encode import CHAT_TEMPLATES, encode_all
 from lorakit.data.files import read_rows
 from lorakit.data.formats import Row
+from lorakit.data.longtext import as_rows, long_sequences
 from lorakit.data.packing import pack
 from lorakit.devices import peak_memory_mb, resolve_device, resolve_precision
 from lorakit.generate import score_rows
@@ -38,8 +40,6 @@ def datasets(cfg: TrainConfig) -> tuple[list[Row], list[Row]]:
     if cfg.dataset == LONG_TEXT:
         return [], []  # token rows, made with the tokenizer: `long_text_rows`
     if cfg.dataset == "demo":
-        from lorakit.data.demo import make_demo
-
         train, held_out = make_demo(cfg.seed, n_train=cfg.demo_train, n_eval=cfg.demo_eval)
     else:
         train, held_out = read_rows(cfg.dataset, cfg.format, cfg.seed), []
@@ -63,8 +63,6 @@ def long_text_rows(cfg: TrainConfig, tokenizer) -> tuple[list[tuple[list[int], l
     (`lorakit.data.longtext`: files split by path into training and held-out, packed end to end): as many
     training rows as `max_steps` consumes, shuffled by the seed, and `val_size` held-out rows (default 1
     when `eval_every` is set) for validation loss. There are no answers to score: no exact match."""
-    from lorakit.data.longtext import as_rows, long_sequences
-
     if cfg.max_steps is None:
         raise ValueError(f"dataset: {LONG_TEXT} is an open stream of text: set max_steps (not epochs)")
     count = cfg.max_steps * cfg.batch_size * cfg.grad_accum
