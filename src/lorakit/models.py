@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lorakit.adapters.io import AdapterFile, load_adapter, read_adapter
 from lorakit.atomic import atomic_dir
 from lorakit.devices import resolve_device
 from lorakit.longlora import apply_context
@@ -118,10 +119,6 @@ def load(
 
     The full-precision model never exists in memory: see `lorakit.stream`.
     """
-    # late, while adapters.io imports lorakit.config (which imports this module): the cycle the adapter
-    # core's move off config removes; then this import goes to the top
-    from lorakit.adapters.io import AdapterFile, load_adapter, read_adapter
-
     store, device = storage_dtype(dtype), resolve_device(device)  # bad arguments fail before any reading
     if isinstance(adapters, (str, Path, AdapterFile)):
         adapters = [adapters]
