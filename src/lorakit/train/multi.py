@@ -36,14 +36,14 @@ from lorakit.adapters.loraplus import loraplus_param_groups
 from lorakit.atomic import atomic_write_text
 from lorakit.config import TrainConfig, to_dict
 from lorakit.data.encode import CHAT_TEMPLATES, IGNORE
-from lorakit.devices import device_metrics, peak_memory_mb, resolve_device, resolve_precision
+from lorakit.devices import device_metrics, resolve_device, resolve_precision
 from lorakit.generate import score_rows
 from lorakit.multi.routing import route
 from lorakit.train import distributed
-from lorakit.train.fit import FitResult, Run, micro_batch, peak_rss_mb, validation_loss
+from lorakit.train.fit import FitResult, Run, micro_batch, peak_rss_mb
 from lorakit.train.loop import head_loss_sum, model_inputs, on_device, plain_head
 from lorakit.train.plot import plot_or_warn
-from lorakit.train.run import check_output_dir, datasets, load_base, training_rows
+from lorakit.train.run import check_output_dir, datasets, fit_summary, held_out_metrics, load_base, training_rows
 
 # keys that build or change the one base model, or the batch layout, so every job must agree on them
 SHARED = ("base", "dtype", "quant", "longlora", "gradient_checkpointing", "compile", "precision", "chat_template",
@@ -194,7 +194,7 @@ def fit_multi(model: nn.Module, jobs: list[Job], pad_id: int, tokenizer=None, lo
             groups = [g for g in groups if g["params"]]
         job.out.mkdir(parents=True, exist_ok=True)
         job.run = Run(model, params, job.cfg, len(job.rows), out=job.out,
-                      evaluate=evaluator(job, pad_id, tokenizer) if job.val_rows else None,
+                      evaluate=evaluator(job, tokenizer) if job.val_rows else None,
                       save_adapter=lambda path, n=job.name: save_adapter(model, path, name=n),
                       param_groups=groups, log=lambda message, n=job.name: log(f"[{n}] {message}"))
     model.train()
@@ -218,15 +218,12 @@ def fit_multi(model: nn.Module, jobs: list[Job], pad_id: int, tokenizer=None, lo
     return results
 
 
-def evaluator(job: Job, pad_id: int, tokenizer):
-    """Validation loss (and exact match when `eval` is on) of the job's adapter alone."""
+def evaluator(job: Job, tokenizer):
+    """`lorakit train`'s held-out metrics, of the job's adapter alone."""
 
     def evaluate(model: nn.Module) -> dict:
         set_active(model, [job.name])
-        metrics = validation_loss(model, job.val_rows, job.cfg.batch_size, pad_id)
-        if job.cfg.eval and job.held_out:  # dataset: stdlib has no answers to score
-            metrics["exact_match"] = score_rows(model, tokenizer, job.held_out, job.cfg.max_new_tokens)
-        return metrics
+        return held_out_metrics(model, job.cfg, tokenizer, job.val_rows, job.held_out)
 
     return evaluate
 
@@ -258,10 +255,7 @@ def run_multi(cfgs: list[TrainConfig], where: str = "config", log=print) -> tupl
     log(trainable_report(model))
     fitted = fit_multi(model, jobs, tokenizer.pad_token_id, tokenizer, log)
     for job, result in zip(jobs, fitted, strict=True):
-        job.results.update(steps=result.steps, first_loss=result.first_loss, last_loss=result.last_loss,
-                           train_seconds=round(result.seconds, 1), skipped_steps=result.skipped_steps,
-                           best_val_loss=result.best_val_loss, stopped_early=result.stopped_early,
-                           device=str(device), peak_device_mb=peak_memory_mb(device))  # None on the CPU
+        job.results.update(fit_summary(result, device), device=str(device))
         save_adapter(model, job.out / "adapter", name=job.name)
         log(f"[{job.name}] adapter saved to {job.out / 'adapter'} (loss {result.first_loss:.3f} -> "
             f"{result.last_loss:.3f})")

@@ -30,7 +30,7 @@ from lorakit.models import load, resolve, storage_dtype
 from lorakit.quant.linear4bit import quantization_of
 from lorakit.stream import stored_float_dtype
 from lorakit.train import distributed
-from lorakit.train.fit import fit, resume_path, validation_loss
+from lorakit.train.fit import FitResult, fit, resume_path, validation_loss
 from lorakit.train.plot import plot_or_warn
 
 
@@ -172,6 +172,23 @@ def check_output_dir(cfg: TrainConfig) -> None:
     resume_path(cfg, out)
 
 
+def held_out_metrics(model: nn.Module, cfg: TrainConfig, tokenizer, val_rows: list, held_out: list[Row]) -> dict:
+    """Validation loss and perplexity of the adapters active in `model`, and the task's own metric (exact
+    match) when `eval` is on and the held-out rows have answers (`dataset: stdlib` has none to score)."""
+    metrics = validation_loss(model, val_rows, cfg.batch_size, tokenizer.pad_token_id)
+    if cfg.eval and held_out:
+        metrics["exact_match"] = score_rows(model, tokenizer, held_out, cfg.max_new_tokens)
+    return metrics
+
+
+def fit_summary(fitted: FitResult, device: torch.device) -> dict:
+    """What results.json says of a finished fit (train and train-multi alike)."""
+    return {"steps": fitted.steps, "first_loss": fitted.first_loss, "last_loss": fitted.last_loss,
+            "train_seconds": round(fitted.seconds, 1), "skipped_steps": fitted.skipped_steps,
+            "best_val_loss": fitted.best_val_loss, "stopped_early": fitted.stopped_early,
+            "peak_device_mb": peak_memory_mb(device)}  # None on the CPU
+
+
 def run(cfg: TrainConfig, log=print) -> tuple[nn.Module, dict]:
     """Train one adapter as `cfg` says. Returns the trained model and a summary, which is also
     written to output_dir/results.json; the adapter is saved to output_dir/adapter."""
@@ -202,19 +219,12 @@ def run(cfg: TrainConfig, log=print) -> tuple[nn.Module, dict]:
     out.mkdir(parents=True, exist_ok=True)
 
     def evaluate(m: nn.Module) -> dict:
-        """Validation loss and perplexity, and the task's own metric (exact match) when `eval` is on."""
-        metrics = validation_loss(m, val_rows, cfg.batch_size, tokenizer.pad_token_id)
-        if cfg.eval and held_out:
-            metrics["exact_match"] = score_rows(m, tokenizer, held_out, cfg.max_new_tokens)
-        return metrics
+        return held_out_metrics(m, cfg, tokenizer, val_rows, held_out)
     groups = loraplus_param_groups(model, cfg.lr, cfg.loraplus_ratio, cfg.loraplus_embedding_lr,
                                    cfg.weight_decay) if cfg.loraplus_ratio else None
     fitted = fit(model, rows, cfg, tokenizer.pad_token_id, out=out, evaluate=evaluate if val_rows else None,
                  save_adapter=lambda path: save_adapter(model, path), param_groups=groups, log=log)
-    results.update(steps=fitted.steps, first_loss=fitted.first_loss, last_loss=fitted.last_loss,
-                   train_seconds=round(fitted.seconds, 1), skipped_steps=fitted.skipped_steps,
-                   best_val_loss=fitted.best_val_loss, stopped_early=fitted.stopped_early,
-                   peak_device_mb=peak_memory_mb(device))  # None on the CPU
+    results.update(fit_summary(fitted, device))
     sharded = world.mode == "fsdp2"  # every rank takes part in gathering the adapter and in forward passes
     if not world.main and not sharded:
         distributed.finish(world)
