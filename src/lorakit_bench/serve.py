@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from lorakit_bench.settings import parse_settings
+from lorakit_bench.workload import char_tokenizer, tiny_model
 
 DEFAULTS = {"adapters": [1, 8, 64], "clients": 64, "max_tokens": 16, "r": 16, "model": "default", "serial": 0,
             "device": "cpu"}
@@ -43,23 +44,9 @@ def settings(items: list[str], quick: bool) -> dict:
     return found
 
 
-def char_tokenizer():
-    """A character-level tokenizer (ids < 128, `<|im_end|>` = 1) for the quick run's tiny random model."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {chr(i): i for i in range(32, 127)} | {"<unk>": 0, "<|im_end|>": 1, "\n": 10}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    backend.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<|im_end|>")
-
-
 def load_model(name: str, device: str = "cpu"):
     """(model, tokenizer) on `device`: the tiny random model with a character tokenizer, or `lorakit.models.load`."""
     if name == "tiny":
-        from lorakit_bench.workload import tiny_model
-
         return tiny_model(0).to(device), char_tokenizer()
     from lorakit.models import load
 

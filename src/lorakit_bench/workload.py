@@ -111,14 +111,24 @@ SHAPES = {
 }
 
 
+def char_tokenizer():
+    """A character-level tokenizer (ids < 128, `<|im_end|>` = 1) for the quick run's tiny random model."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {chr(i): i for i in range(32, 127)} | {"<unk>": 0, "<|im_end|>": 1, "\n": 10}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<|im_end|>")
+
+
 def write_shaped_model(shape: str, folder: str | Path, layers: int | None = None, device: str = "cpu",
                        seed: int = 0) -> Path:
     """A Llama folder with `SHAPES[shape]`'s dimensions (`layers` of them, default all), random bf16 weights
     (built on `device`, written as safetensors) and a character tokenizer (ids < 128): a stand-in with the
     real layer shapes for speed and memory figures where no model can be downloaded."""
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from lorakit_bench.serve import char_tokenizer
 
     if shape not in SHAPES:
         raise ValueError(f"unknown model shape {shape!r}; known: {', '.join(SHAPES)}")
