@@ -161,10 +161,15 @@ def cmd_merge(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)  # before anything is read
     check_out(args, "merged")
     base, found = export.merge_inputs(args.base, args.adapter)
-    if not args.requantize and export.streamable(base, found):  # shard by shard
-        export.write_merged_streamed(base, found, args.out, dequantized=args.qlora_base == "dequantized")
+    dequantized = args.qlora_base == "dequantized"
+    if not args.requantize and export.streamable(base, found, dequantized):  # shard by shard
+        export.write_merged_streamed(base, found, args.out, dequantized=dequantized)
         print(f"merged model written to {args.out}")
         return 0
+    if found.quant and not dequantized:
+        raise ValueError(f"--qlora-base original merges shard by shard, which {args.adapter} cannot (it adapts "
+                         "weights held as parameters, or the base is a 4-bit folder): merge it into its "
+                         "dequantized 4-bit base (the default)")
     model, tokenizer = load(base, adapters=[found], device=device)  # in memory: a 4-bit base folder, or --requantize
     merged = merge_and_unload(model, safe=True)  # full precision, a 4-bit base dequantized
     if args.requantize:
@@ -185,7 +190,7 @@ def requantize(model, quant_type: str) -> dict:
 
     before = {n: (m.weight.T if isinstance(m, Conv1D) else m.weight).detach().clone()  # [out, in]
               for n, m in model.named_modules() if quantizable(m)}
-    quantize_model(model, quant_type, 64, True, torch.float32)
+    quantize_model(model, quant_type, 64, True, torch.float32, experts=False)  # bitsandbytes has no 4-bit experts
     errors = {n: float((dequantize_weight(m, torch.float32) - before[n]).norm() / before[n].norm())
               for n, m in model.named_modules() if isinstance(m, Linear4bit)}
     worst = max(errors, key=errors.get)

@@ -478,15 +478,21 @@ def merge_inputs(base: str | None, adapter: str | Path) -> tuple[str, AdapterFil
     return base or found.base or "default", found
 
 
-def streamable(base: str, adapter: AdapterFile) -> bool:
+def streamable(base: str, adapter: AdapterFile, dequantized: bool = True) -> bool:
     """Whether a streamed merge reads `base`: a full-precision safetensors checkpoint (a 4-bit folder is
-    merged in memory), for an adapter of layers only (expert-parameter adapters merge in memory)."""
+    merged in memory), for an adapter of layers only (expert-parameter adapters merge in memory), and not
+    into the dequantized 4-bit base of a mixture-of-experts model (its experts, stored one by one, are
+    quantized together: the merge rebuilds that base in memory)."""
     from transformers import AutoConfig
 
     from lorakit.models import resolve
     from lorakit.quant.checkpoint import is_4bit_folder
+    from lorakit.quant.linear4bit import experts_targets
 
-    return not adapter.spec.target_parameters and not is_4bit_folder(AutoConfig.from_pretrained(resolve(base)))
+    config = AutoConfig.from_pretrained(resolve(base))
+    if adapter.spec.target_parameters or is_4bit_folder(config):
+        return False
+    return not (dequantized and adapter.quant and experts_targets(skeleton(config)))
 
 
 def streamed_merge(base: str | Path, adapter: AdapterFile, dtype: str | None = None, dequantized: bool = True):

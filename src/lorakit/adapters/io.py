@@ -37,6 +37,7 @@ from lorakit.adapters.inject import (
 )
 from lorakit.adapters.layer import LoraLayer, base_kind, in_out, lora_layers
 from lorakit.adapters.lora import LoraAdapter
+from lorakit.adapters.params import held_shape
 from lorakit.adapters.params_io import (
     check_param_pairs,
     exact_parameters,
@@ -404,7 +405,7 @@ def base_mismatch(model: nn.Module, adapter: AdapterFile) -> str | None:
         got = list(reversed(in_out(module))) if module is not None and base_kind(module) else None
         owner, _, param = path.rpartition(".")
         if got is None and owner in modules and param in held_params(modules[owner]):  # a held weight
-            got = list(held_params(modules[owner])[param].shape)
+            got = list(held_shape(held_params(modules[owner])[param]))
         if got != shape:
             return (f"saved for base {adapter.metadata.get('lorakit.base')!r}, which differs from this model at "
                     f"{path!r}: weight {shape} there, {got if got is not None else 'no such module'} here")
