@@ -484,16 +484,23 @@ def warn_full_precision(model: nn.Module, skip: tuple[str, ...] = ("lm_head",)) 
         warnings.warn(f"{len(left)} linear layers stay in full precision: their class is a subclass of nn.Linear "
                       f"that 4-bit layers do not replace (as in transformers + bitsandbytes): {listed(left)}",
                       stacklevel=3)
-    modules = dict(model.named_modules())
-    beside_experts = {name.rpartition(".")[0] for name, m in modules.items() if isinstance(m, Experts4bit)
-                      or any(p is not None and p.dim() == 3 for p in m._parameters.values())}  # fmt: skip
-    loose = [name for name in loose_weights(model) if not _skipped(name, skip)
-             and not isinstance(modules[name.rpartition(".")[0]], Experts4bit)
-             and name.rpartition(".")[0].rpartition(".")[0] not in beside_experts]  # 4-bit experts; routers
+    loose = [name for name in loose_weights(model) if not _skipped(name, skip) and not _router_or_4bit(model, name)]
     if loose:
         warnings.warn(f"{len(loose)} weight matrices outside linear layers stay in full precision (fused "
                       f"mixture-of-experts weights of a module that is not a transformers experts module, or "
                       f"that quantize_model was told to leave): {listed(loose)}", stacklevel=3)
+
+
+def _router_or_4bit(model: nn.Module, name: str) -> bool:
+    """Whether loose weight `name` is held by 4-bit experts, or is a router: a matrix [experts, hidden] held
+    by a module beside an experts module (4-bit or not)."""
+    owner = model.get_submodule(name.rpartition(".")[0])
+    if isinstance(owner, Experts4bit):
+        return True
+    parent = model.get_submodule(name.rpartition(".")[0].rpartition(".")[0])
+    experts = [m for m in parent.children() if m is not owner and (isinstance(m, Experts4bit) or any(
+        p is not None and p.dim() == 3 for p in m._parameters.values()))]  # fmt: skip
+    return model.get_parameter(name).dim() == 2 and bool(experts)
 
 
 def loose_weights(model: nn.Module) -> list[str]:
