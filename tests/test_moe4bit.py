@@ -496,3 +496,42 @@ def test_experts_of_an_unknown_kind_stay_in_full_precision_with_a_warning():
     with pytest.warns(UserWarning, match=r"1 weight matrices outside linear layers stay in full precision.*stacked"):
         quantize_model(model, blocksize=32)
     assert model.block.stacked.dtype == torch.float32 and not any(isinstance(m, Experts4bit) for m in model.modules())
+
+
+def test_the_training_loop_trains_expert_adapters_over_4bit_experts_with_checkpointing():
+    """`fit` with gradient checkpointing (the default with `quant`): the checkpointed blocks run the 4-bit
+    experts again in the backward, and the expert factors train."""
+    from lorakit.config import TrainConfig
+    from lorakit.train.fit import fit
+    from test_train import toy_rows
+
+    model = quantize_model(tiny_model("mixtral"), blocksize=32)
+    lorakit.inject(model, lorakit.LoraSpec(r=2, targets=["experts"]))
+    down = model.model.layers[1].mlp.experts.adapters["default"]["down_proj"]
+    before = down.lora_A.detach().clone()
+    result = fit(model, toy_rows(), TrainConfig(max_steps=3, batch_size=4, gradient_checkpointing=True), pad_id=0,
+                 log=lambda *_: None)
+    assert result.skipped_steps == 0
+    assert not torch.equal(down.lora_A, before) and down.lora_B.abs().sum() > 0
+
+
+def test_cli_merge_requantize_keeps_the_experts_in_full_precision(tmp_path, capsys):
+    """`lorakit merge --requantize` writes transformers + bitsandbytes' 4-bit layout, which has no 4-bit
+    experts: the linears are 4-bit, the merged experts full precision (the warning says so), and the folder
+    loads back in lorakit with those experts as written."""
+    from lorakit.cli import main
+
+    folder = save_folder(tiny_model("mixtral"), tmp_path / "m")
+    qlora_adapter(folder, tmp_path / "a", ["experts", "q_proj"])
+    assert main(["merge", str(tmp_path / "a"), str(tmp_path / "full"), "--base", str(folder)]) == 0
+    with pytest.warns(UserWarning, match=r"weight matrices outside linear layers stay in full precision.*experts"):
+        code = main(["merge", str(tmp_path / "a"), str(tmp_path / "4bit"), "--base", str(folder), "--requantize",
+                     "nf4"])
+    assert code == 0
+    reloaded, _ = load(str(tmp_path / "4bit"))
+    full = AutoModelForCausalLM.from_pretrained(tmp_path / "full")
+    assert any(isinstance(m, linear4bit.Linear4bit) for m in reloaded.modules())
+    for path, experts in experts_of(reloaded):
+        assert not isinstance(experts, Experts4bit)
+        for name in FUSED:
+            assert torch.equal(experts._parameters[name], full.get_submodule(path)._parameters[name])

@@ -186,8 +186,9 @@ def requantize(model, quant_type: str) -> dict:
     relative Frobenius error ||Q(W) - W|| / ||W|| that this adds, per layer."""
     from transformers.pytorch_utils import Conv1D
 
-    from lorakit.quant.linear4bit import Linear4bit, dequantize_weight, quantizable, quantize_model
+    from lorakit.quant.linear4bit import Linear4bit, dequantize_model, dequantize_weight, quantizable, quantize_model
 
+    dequantize_model(model)  # the 4-bit layers no adapter touched (a QLoRA adapter on some layers), experts too
     before = {n: (m.weight.T if isinstance(m, Conv1D) else m.weight).detach().clone()  # [out, in]
               for n, m in model.named_modules() if quantizable(m)}
     quantize_model(model, quant_type, 64, True, torch.float32, experts=False)  # bitsandbytes has no 4-bit experts
