@@ -397,11 +397,12 @@ def test_a_4bit_load_holds_one_expert_matrix_in_flight(tmp_path, monkeypatch):
     assert float_matrix_bytes_alive() - baseline <= embed_and_head + small
 
 
-def test_transposed_biased_experts_with_their_own_gate_gpt_oss():
+def test_transposed_biased_experts_with_their_own_gate_gpt_oss(tmp_path):
     """transformers' experts flags beyond Mixtral's: GPT-OSS stores its experts [E, in, out] (is_transposed),
     with biases and its own clamped, interleaved gate. Each expert is quantized as its [out, in] matrix
     W_e^T (bitsandbytes' bytes of it), biases stay in full precision, and the forward equals the model's own
-    with bitsandbytes' dequantized weights in place."""
+    with bitsandbytes' dequantized weights in place. Its checkpoint holds the fused weights whole: a 4-bit
+    load quantizes them expert by expert into the same model."""
     from transformers import CONFIG_MAPPING
 
     config = CONFIG_MAPPING["gpt_oss"](vocab_size=128, hidden_size=32, intermediate_size=48, num_local_experts=4,
@@ -429,6 +430,10 @@ def test_transposed_biased_experts_with_their_own_gate_gpt_oss():
                     assert torch.equal(experts._parameters[name][e], packed.reshape(-1))
                     stored[e].copy_(bnbf.dequantize_4bit(packed, state).T)
     torch.testing.assert_close(logits(model), logits(ref), rtol=1e-5, atol=1e-5)
+    save_folder(fp, tmp_path)
+    loaded, _ = load(str(tmp_path), quant={"blocksize": 32})
+    assert all(isinstance(e, Experts4bit) for _, e in experts_of(loaded))
+    torch.testing.assert_close(logits(loaded), logits(model), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -214,9 +214,9 @@ def fill_model(model: nn.Module, folder: Path, how: Fill) -> nn.Module:
             tensor = tensor.to(how.dtype)
         if attr == "weight" and module_name in to_quantize:
             _put_4bit(model, to_quantize[module_name], tensor, how)
-        elif isinstance(owner := model.get_submodule(module_name), Experts4bit) and attr in owner.quantized:
+        elif isinstance(experts := model.get_submodule(module_name), Experts4bit) and attr in experts.quantized:
             for e, matrix in enumerate(tensor):  # a fused expert weight stored whole
-                owner.set_expert(attr, e, matrix)
+                experts.set_expert(attr, e, matrix)
         else:
             _put(model, name, tensor)
     parts.check(folder)
