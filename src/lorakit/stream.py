@@ -188,6 +188,7 @@ def fill_model(model: nn.Module, folder: Path, how: Fill) -> nn.Module:
         setattr(model.get_submodule(parent), child, Experts4bit(
             experts, q["type"], q["blocksize"], q["double_quant"], getattr(torch, q["compute_dtype"]),
             how.quant_storage))  # fmt: skip
+    fused = {f"{n}.{p}" for n, m in model.named_modules() if isinstance(m, Experts4bit) for p in m.quantized}
     pending: dict[str, dict[str, Tensor]] = {name: {} for name in packed}
     renames, parts = KeyRenames.of(model), ExpertParts()
     for file, key, tensor in read_grouped(headers, renames, how.device):
@@ -214,9 +215,9 @@ def fill_model(model: nn.Module, folder: Path, how: Fill) -> nn.Module:
             tensor = tensor.to(how.dtype)
         if attr == "weight" and module_name in to_quantize:
             _put_4bit(model, to_quantize[module_name], tensor, how)
-        elif isinstance(experts := model.get_submodule(module_name), Experts4bit) and attr in experts.quantized:
-            for e, matrix in enumerate(tensor):  # a fused expert weight stored whole
-                experts.set_expert(attr, e, matrix)
+        elif name in fused:  # a fused expert weight stored whole, into its Experts4bit
+            for e, matrix in enumerate(tensor):
+                model.get_submodule(module_name).set_expert(attr, e, matrix)
         else:
             _put(model, name, tensor)
     parts.check(folder)
