@@ -3,8 +3,8 @@
 References: PEFT (target selection, parameter counts, adapter files both ways with equal logits, DoRA),
 the model's own forward before a merge, and each row run alone for a mixed-adapter batch. Where an
 architecture cannot do a thing, the test asserts the clear message: mixture-of-experts models get their
-fused expert parameters and routers adapted (PEFT's `target_parameters`; more in tests/test_moe.py), but
-those stay in full precision under 4-bit quantization (a warning) and cannot be routed per row (an error).
+fused expert parameters and routers adapted (PEFT's `target_parameters`; more in tests/test_moe.py), their
+experts stored 4-bit under quantization (tests/test_moe4bit.py), but they cannot be routed per row (an error).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import lorakit
 from conftest import randomize_adapters
 from lorakit.adapters.layer import LoraLayer, lora_layers
 from lorakit.adapters.params import ParamLoraLayer, param_layers
-from lorakit.quant.linear4bit import Linear4bit, quantize_model
+from lorakit.quant.linear4bit import Experts4bit, Linear4bit, quantize_model
 from tiny_archs import ARCHS, tiny_model
 
 MOE = {"mixtral", "qwen3_moe"}  # fused expert parameters [experts, out, in] and a router matrix
@@ -52,14 +52,6 @@ def fresh(arch: str) -> nn.Module:
 
 def ids(rows: int = 2, length: int = 9) -> torch.Tensor:
     return torch.randint(3, 128, (rows, length), generator=torch.Generator().manual_seed(0))
-
-
-def quantization_warning(arch: str):
-    """What 4-bit quantization says on a mixture-of-experts model (its expert weights and routers stay in
-    full precision); elsewhere: nothing."""
-    if arch in MOE:
-        return pytest.warns(UserWarning, match=r"weight matrices .*mlp\.experts\.gate_up_proj")
-    return no_warning()
 
 
 @contextlib.contextmanager
@@ -202,15 +194,22 @@ def test_merge_gives_the_adapted_logits(arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_qlora_training_step(arch):
     model = fresh(arch)
-    with quantization_warning(arch):
+    with no_warning():  # nothing is left in full precision but the head, embeddings, norms and routers
         quantize_model(model, blocksize=32)
     head = model.get_output_embeddings()
     assert not [n for n, m in model.named_modules() if isinstance(m, nn.Linear | Conv1D) and m is not head]
+    assert not [n for n, p in model.named_parameters() if p.dim() == 3]  # MoE: fused experts are 4-bit
     with no_warning():
         lorakit.inject(model, lorakit.LoraSpec(r=4, alpha=8, targets="all-linear"))
-    assert all(layer.kind == "linear4bit" for _, layer in lora_layers(model))  # (MoE experts: full precision)
+    assert all(layer.kind == "linear4bit" for _, layer in lora_layers(model))
+    experts = [layer for _, layer in param_layers(model) if isinstance(layer.base_module, Experts4bit)]
+    assert len(experts) == (2 if arch in MOE else 0)  # expert adapters over 4-bit experts, one per block
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
     losses = train_steps(model, steps=3)
     assert losses[-1] < losses[0]
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(".adapters.default." in n and ".lora_" in n for n in changed)  # the base is frozen
+    assert any(".experts.adapters." in n for n in changed) == (arch in MOE)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -265,16 +264,17 @@ def test_every_linear_of_every_architecture_is_4bit_or_reported():
     """No architecture keeps a linear layer in full precision silently."""
     for arch in ARCHS:
         model = fresh(arch)
-        with quantization_warning(arch):
+        with no_warning():
             quantize_model(model, blocksize=32)
         assert any(isinstance(m, Linear4bit) for m in model.modules()), arch
+        assert any(isinstance(m, Experts4bit) for m in model.modules()) == (arch in MOE), arch
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_load_and_load_time_quantization(arch, tmp_path):
     """`models.load` reads the folder transformers saved (its old key names, per-expert MoE weights) into the
     same model; with `quant=` (4-bit as each tensor is read) it gives quantize_model's model, and says the
-    same about what it keeps in full precision."""
+    same about what it keeps in full precision (nothing but the head, embeddings, norms and routers)."""
     from conftest import tiny_tokenizer
     from lorakit.models import load
 
@@ -283,9 +283,8 @@ def test_load_and_load_time_quantization(arch, tmp_path):
     plain, _ = load(str(tmp_path))
     with torch.no_grad():
         torch.testing.assert_close(plain(ids()).logits, fresh(arch)(ids()).logits, rtol=0, atol=0)
-    with quantization_warning(arch):
+    with no_warning():
         loaded, _ = load(str(tmp_path), quant={"blocksize": 32})
-    with quantization_warning(arch):
         expected = quantize_model(fresh(arch), blocksize=32)
     kinds = {n: type(m) for n, m in expected.named_modules()}
     assert {n: type(m) for n, m in loaded.named_modules()} == kinds and Linear4bit in kinds.values()

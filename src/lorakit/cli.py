@@ -26,7 +26,7 @@ from lorakit.models import load, resolve
 from lorakit.multi.store import AdapterStore
 from lorakit.outputs import check_output
 from lorakit.quant.checkpoint import save_4bit
-from lorakit.quant.linear4bit import Linear4bit, dequantize_weight, quantizable, quantize_model
+from lorakit.quant.linear4bit import Linear4bit, dequantize_model, dequantize_weight, quantizable, quantize_model
 
 # A command's own modules (training, generation, export, serving, plots, the benchmarks) are imported inside
 # its function: a command loads only what it runs, and serve's fastapi or bench's peers stay optional.
@@ -164,10 +164,15 @@ def cmd_merge(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)  # before anything is read
     check_out(args, "merged")
     base, found = export.merge_inputs(args.base, args.adapter)
-    if not args.requantize and export.streamable(base, found):  # shard by shard
-        export.write_merged_streamed(base, found, args.out, dequantized=args.qlora_base == "dequantized")
+    dequantized = args.qlora_base == "dequantized"
+    if not args.requantize and export.streamable(base, found, dequantized):  # shard by shard
+        export.write_merged_streamed(base, found, args.out, dequantized=dequantized)
         print(f"merged model written to {args.out}")
         return 0
+    if found.quant and not dequantized:
+        raise ValueError(f"--qlora-base original merges shard by shard, which {args.adapter} cannot (it adapts "
+                         "weights held as parameters, or the base is a 4-bit folder): merge it into its "
+                         "dequantized 4-bit base (the default)")
     model, tokenizer = load(base, adapters=[found], device=device)  # in memory: a 4-bit base folder, or --requantize
     merged = merge_and_unload(model, safe=True)  # full precision, a 4-bit base dequantized
     if args.requantize:
@@ -184,9 +189,10 @@ def requantize(model, quant_type: str) -> dict:
     relative Frobenius error ||Q(W) - W|| / ||W|| that this adds, per layer."""
     from transformers.pytorch_utils import Conv1D
 
+    dequantize_model(model)  # the 4-bit layers no adapter touched (a QLoRA adapter on some layers), experts too
     before = {n: (m.weight.T if isinstance(m, Conv1D) else m.weight).detach().clone()  # [out, in]
               for n, m in model.named_modules() if quantizable(m)}
-    quantize_model(model, quant_type, 64, True, torch.float32)
+    quantize_model(model, quant_type, 64, True, torch.float32, experts=False)  # bitsandbytes has no 4-bit experts
     errors = {n: float((dequantize_weight(m, torch.float32) - before[n]).norm() / before[n].norm())
               for n, m in model.named_modules() if isinstance(m, Linear4bit)}
     worst = max(errors, key=errors.get)

@@ -33,7 +33,7 @@ from lorakit.atomic import atomic_dir, current_umask
 from lorakit.models import load_tokenizer, resolve
 from lorakit.outputs import GGUF_KIND_KEY, mark_folder
 from lorakit.quant.checkpoint import is_4bit_folder
-from lorakit.quant.linear4bit import Linear4bit, dequantize_model, dequantize_weight
+from lorakit.quant.linear4bit import Linear4bit, dequantize_model, dequantize_weight, experts_targets
 from lorakit.shards import write_index, write_streamed
 from lorakit.stream import checkpoint_files, iter_tensors, read_header, read_tensor
 
@@ -475,12 +475,17 @@ def merge_inputs(base: str | None, adapter: str | Path) -> tuple[str, AdapterFil
     return base or found.base or "default", found
 
 
-def streamable(base: str, adapter: AdapterFile) -> bool:
+def streamable(base: str, adapter: AdapterFile, dequantized: bool = True) -> bool:
     """Whether a streamed merge reads `base`: a full-precision safetensors checkpoint (a 4-bit folder is
-    merged in memory), for an adapter of layers only (expert-parameter adapters merge in memory)."""
+    merged in memory), for an adapter of layers only (expert-parameter adapters merge in memory), and not
+    into the dequantized 4-bit base of a mixture-of-experts model (its experts, stored one by one, are
+    quantized together: the merge rebuilds that base in memory)."""
     from transformers import AutoConfig
 
-    return not adapter.spec.target_parameters and not is_4bit_folder(AutoConfig.from_pretrained(resolve(base)))
+    config = AutoConfig.from_pretrained(resolve(base))
+    if adapter.spec.target_parameters or is_4bit_folder(config):
+        return False
+    return not (dequantized and adapter.quant and experts_targets(skeleton(config)))
 
 
 def streamed_merge(base: str | Path, adapter: AdapterFile, dtype: str | None = None, dequantized: bool = True):

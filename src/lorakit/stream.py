@@ -7,21 +7,34 @@ in place in the file's dtype (or cast to `dtype`). The weight of a linear layer 
 4-bit goes straight into its `Linear4bit`; a folder already in the bitsandbytes 4-bit layout is
 rebuilt from its packed bytes. So the full-precision model never exists: the peak is the finished
 model plus one tensor in flight.
+
+Mixture-of-experts checkpoints store each expert's projections apart (`experts.3.w1.weight`, ...), which
+transformers merges into fused weights (`experts.gate_up_proj` [E, 2 * ff, hidden]); here each expert's
+matrix is assembled from its parts (gate and up: two tensors in flight) and placed at once: quantized into
+the `Experts4bit` that `quant` makes of the experts module, or copied into the fused weight.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from lorakit.quant.linear4bit import Linear4bit, quantization_targets, quantize_layer, warn_full_precision
+from lorakit.quant.linear4bit import (
+    Experts4bit,
+    Linear4bit,
+    experts_targets,
+    quantization_targets,
+    quantize_layer,
+    warn_full_precision,
+)
 from lorakit.quant.nf4 import _as_storage, from_state_dict_entries
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -109,6 +122,28 @@ def iter_tensors(file: Path, device: torch.device | str = "cpu") -> Iterator[tup
             yield name, read_tensor(f, entry).to(device)
 
 
+def read_grouped(headers: dict[Path, dict[str, TensorEntry]], renames: KeyRenames, device: torch.device | str = "cpu"
+                 ) -> Iterator[tuple[Path, str, Tensor]]:  # fmt: skip
+    """(file, name, tensor) for each tensor of the checkpoint (`headers`: file -> its header), file by file
+    in file order, but one expert's parts of a fused expert weight together, at the first one's place: they
+    may lie far apart (transformers 5 saves each projection of all experts together), and an expert's matrix
+    is only whole, and then placed and freed, with all its parts."""
+    groups: dict[tuple[str, int], list[tuple[int, Path, str]]] = {}
+    for file, entries in headers.items():
+        for key in entries:
+            piece = renames.expert_piece(key)
+            if piece is not None:
+                groups.setdefault((renames.rename(key)[0], piece[0]), []).append((piece[1], file, key))
+    group_of = {(file, key): group for group, members in groups.items() for _, file, key in members}
+    with contextlib.ExitStack() as stack:
+        opened = {file: stack.enter_context(open(file, "rb")) for file in headers}
+        for file, entries in headers.items():
+            for key in sorted(entries, key=lambda k: entries[k].start):  # reads go forward
+                group = groups.pop(group_of[(file, key)], None) if (file, key) in group_of else [(0, file, key)]
+                for _, at, name in sorted(group or []):
+                    yield at, name, read_tensor(opened[at], headers[at][name]).to(device)
+
+
 def read_tensor(f, entry: TensorEntry) -> Tensor:
     buffer = torch.empty(entry.end - entry.start, dtype=torch.uint8)
     f.seek(entry.start)
@@ -147,29 +182,45 @@ def fill_model(model: nn.Module, folder: Path, how: Fill) -> nn.Module:
     packed = {key.split(".weight.quant_state.")[0] for h in headers.values() for key in h
               if ".weight.quant_state." in key}  # fmt: skip  # layers stored 4-bit (bitsandbytes layout)
     to_quantize = _names_to_quantize(model, packed) if how.quant is not None else {}
+    for name, experts in experts_targets(model) if how.quant is not None else []:  # filled expert by expert
+        q = how.quant
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, Experts4bit(
+            experts, q["type"], q["blocksize"], q["double_quant"], getattr(torch, q["compute_dtype"]),
+            how.quant_storage))  # fmt: skip
+    fused = {f"{n}.{p}" for n, m in model.named_modules() if isinstance(m, Experts4bit) for p in m.quantized}
     pending: dict[str, dict[str, Tensor]] = {name: {} for name in packed}
-    renames = KeyRenames.of(model)
-    for file in files:
-        for key, tensor in iter_tensors(file, how.device):
-            name = _model_key(model, key, expected, renames)
-            module_name, _, attr = name.rpartition(".")
-            owner = name.split(".weight", 1)[0]  # "x.q_proj.weight.absmax" -> "x.q_proj"
-            if owner in pending and owner != name:  # an entry of a layer stored 4-bit
-                pending[owner][name] = tensor
-                continue
-            if name not in expected:
-                if _ignored(model, key):
-                    continue
-                raise CheckpointError(f"{file}: tensor {key} is not a parameter or buffer of {type(model).__name__}")
-            if tuple(expected[name].shape) != tuple(tensor.shape):
-                raise CheckpointError(f"{file}: tensor {key} has shape {list(tensor.shape)}, but the model built "
-                                      f"from config.json expects {list(expected[name].shape)}")
-            if how.dtype is not None and tensor.is_floating_point():
+    renames, parts = KeyRenames.of(model), ExpertParts()
+    for file, key, tensor in read_grouped(headers, renames, how.device):
+        name = _model_key(model, key, expected, renames)
+        piece = renames.expert_piece(key)
+        if piece is not None and name in expected:  # one expert's part of a fused expert weight
+            if how.dtype is not None:
                 tensor = tensor.to(how.dtype)
-            if attr == "weight" and module_name in to_quantize:
-                _put_4bit(model, to_quantize[module_name], tensor, how)
-            else:
-                _put(model, name, tensor)
+            parts.add(model, name, *piece, tensor, tuple(expected[name].shape), file)
+            continue
+        module_name, _, attr = name.rpartition(".")
+        owner = name.split(".weight", 1)[0]  # "x.q_proj.weight.absmax" -> "x.q_proj"
+        if owner in pending and owner != name:  # an entry of a layer stored 4-bit
+            pending[owner][name] = tensor
+            continue
+        if name not in expected:
+            if _ignored(model, key):
+                continue
+            raise CheckpointError(f"{file}: tensor {key} is not a parameter or buffer of {type(model).__name__}")
+        if tuple(expected[name].shape) != tuple(tensor.shape):
+            raise CheckpointError(f"{file}: tensor {key} has shape {list(tensor.shape)}, but the model built "
+                                  f"from config.json expects {list(expected[name].shape)}")
+        if how.dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(how.dtype)
+        if attr == "weight" and module_name in to_quantize:
+            _put_4bit(model, to_quantize[module_name], tensor, how)
+        elif name in fused:  # a fused expert weight stored whole, into its Experts4bit
+            for e, matrix in enumerate(tensor):
+                model.get_submodule(module_name).set_expert(attr, e, matrix)
+        else:
+            _put(model, name, tensor)
+    parts.check(folder)
     for name, entries in pending.items():
         _put_packed(model, name, entries, how, folder)
     model.tie_weights()
@@ -214,6 +265,30 @@ class KeyRenames:
         return cls([t for t in transforms if isinstance(t, WeightRenaming)],
                    [t for t in transforms if isinstance(t, WeightConverter)])
 
+    def expert_piece(self, key: str) -> tuple[int, int, int] | None:
+        """(expert, part, parts) when checkpoint tensor `key` is one expert's part of a fused expert weight, as
+        transformers' MoE converters merge them: each source pattern's experts stacked (MergeModulelist(dim=0)),
+        several patterns (gate, up) then concatenated (Concatenate(dim=1)), so expert e's matrix is its parts
+        concatenated on dim 0, in pattern order. None for any other key or converter."""
+        from transformers.core_model_loading import Concatenate, MergeModulelist, apply_renamings
+
+        if not self.converters:
+            return None
+        renamed = apply_renamings(key, self.renamings)
+        for converter in self.converters:  # the first that matches, as transformers takes it
+            pattern = converter.rename_source_key(renamed)[1]
+            if pattern is None:
+                continue
+            ops, patterns = converter.operations, converter.source_patterns
+            stacked = isinstance(ops[0], MergeModulelist) and ops[0].dim == 0
+            joined = (len(ops) == 1 and len(patterns) == 1) or (
+                len(ops) == 2 and isinstance(ops[1], Concatenate) and ops[1].dim == 1)  # fmt: skip
+            found = re.search(re.escape(pattern).replace(r"\*", r"(\d+)"), renamed)
+            if not (stacked and joined and found):
+                return None
+            return int(found.group(1)), patterns.index(pattern), len(patterns)
+        return None
+
     def rename(self, key: str) -> tuple[str, bool]:
         """(the model's name for checkpoint `key`, whether a converter must merge it with other tensors)."""
         from transformers.core_model_loading import rename_source_key
@@ -225,10 +300,53 @@ class KeyRenames:
 
 
 def merged_keys(model: nn.Module, folder: Path) -> list[str]:
-    """The checkpoint keys that transformers merges with others on load (per-expert MoE weights): a
-    tensor-by-tensor fill cannot place them."""
+    """The checkpoint keys that transformers merges with others on load and a tensor-by-tensor fill cannot
+    place (per-expert MoE weights of a converter other than `KeyRenames.expert_piece`'s)."""
     renames = KeyRenames.of(model)
-    return [key for file in checkpoint_files(folder) for key in read_header(file) if renames.rename(key)[1]]
+    return [key for file in checkpoint_files(folder) for key in read_header(file)
+            if renames.rename(key)[1] and renames.expert_piece(key) is None]
+
+
+@dataclass
+class ExpertParts:
+    """Per-expert tensors of fused expert weights, held until an expert's matrix is whole (its gate and up
+    parts), then placed: quantized into the `Experts4bit` holding the weight, or copied into the fused
+    full-precision weight (made on the first expert)."""
+
+    waiting: dict = field(default_factory=dict)  # (fused name, expert) -> {part: tensor}
+    placed: dict = field(default_factory=dict)  # fused name -> (experts placed, experts wanted)
+
+    def add(self, model: nn.Module, name: str, expert: int, part: int, parts: int, tensor: Tensor,
+            shape: tuple[int, ...], file: Path) -> None:  # fmt: skip
+        got = self.waiting.setdefault((name, expert), {})
+        got[part] = tensor
+        if len(got) < parts:
+            return
+        matrix = torch.cat([got[i] for i in range(parts)]) if parts > 1 else got[0]  # [out, in] as stored
+        got.clear()  # the parts are freed before the matrix is placed
+        del self.waiting[(name, expert)]
+        if tuple(matrix.shape) != shape[1:] or not 0 <= expert < shape[0]:
+            raise CheckpointError(f"{file}: expert {expert} of {name} is {list(matrix.shape)}, but the model built "
+                                  f"from config.json has {shape[0]} experts of {list(shape[1:])}")
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        if isinstance(module, Experts4bit):
+            module.set_expert(attr, expert, matrix)
+        else:
+            if module._parameters[attr].is_meta:
+                _put(model, name, torch.empty(shape, dtype=matrix.dtype, device=matrix.device))
+            with torch.no_grad():
+                module._parameters[attr][expert].copy_(matrix)
+        done, _ = self.placed.get(name, (0, shape[0]))
+        self.placed[name] = (done + 1, shape[0])
+
+    def check(self, folder: Path) -> None:
+        """Every fused weight begun has all its experts, every expert all its parts."""
+        for (name, expert), got in self.waiting.items():
+            raise CheckpointError(f"{folder}: the checkpoint has only parts {sorted(got)} of expert {expert} of {name}")
+        for name, (done, wanted) in self.placed.items():
+            if done != wanted:
+                raise CheckpointError(f"{folder}: the checkpoint has {done} of the {wanted} experts of {name}")
 
 
 def _model_key(model: nn.Module, key: str, expected: dict, renames: KeyRenames | None = None) -> str:

@@ -36,6 +36,7 @@ from lorakit.adapters.metadata import (
     saved_json,
     spec_from_peft,
 )
+from lorakit.adapters.params import held_shape
 from lorakit.adapters.params_io import (
     check_param_pairs,
     held_params,
@@ -304,7 +305,7 @@ def base_mismatch(model: nn.Module, adapter: AdapterFile) -> str | None:
         got = list(reversed(in_out(module))) if module is not None and base_kind(module) else None
         owner, _, param = path.rpartition(".")
         if got is None and owner in modules and param in held_params(modules[owner]):  # a held weight
-            got = list(held_params(modules[owner])[param].shape)
+            got = list(held_shape(held_params(modules[owner])[param]))
         if got != shape:
             return (f"saved for base {adapter.base!r}, which differs from this model at "
                     f"{path!r}: weight {shape} there, {got if got is not None else 'no such module'} here")

@@ -12,6 +12,11 @@ experts implementation (loop, grouped_mm) sees adapted weights. This is PEFT's `
 (rank-major columns, `B.reshape(out, r, E)[..., e]` is B_e); `peft_factors` / `from_peft` convert.
 PEFT refuses dropout, DoRA and mixed-adapter batches on these, and so does lorakit.
 
+Over 4-bit experts (`quant.linear4bit.Experts4bit`, QLoRA) the dense W' is never formed: the experts module
+runs its own loop, each routed-to expert's W_e dequantized on its own, and adds scale * x A_e^T B_e^T; the
+gradient reaches the factors only. A merge there gives the full-precision experts module holding
+dequantize(W_e) + scale * B_e A_e.
+
 The wrapper keeps the base's parameter names (`...experts.gate_up_proj`), as `LoraLayer` does.
 """
 
@@ -26,15 +31,22 @@ from torch.func import functional_call
 
 from lorakit.adapters.layer import BaseWrapper
 from lorakit.adapters.lora import lora_scale
+from lorakit.quant.linear4bit import Experts4bit
+
+
+def held_shape(weight: torch.Tensor) -> torch.Size:
+    """The shape of a held weight as the model stores it: the packed bytes of 4-bit experts say theirs."""
+    return getattr(weight, "lorakit_shape", weight.shape)
 
 
 def stacked_shape(weight: torch.Tensor) -> tuple[int, int, int]:
-    """(experts, out, in) of a [E, out, in] or [out, in] parameter."""
-    if weight.dim() == 2:
-        return (1, *weight.shape)
-    if weight.dim() == 3:
-        return tuple(weight.shape)
-    raise ValueError(f"a {weight.dim()}-d parameter cannot take LoRA (only [out, in] and [experts, out, in])")
+    """(experts, out, in) of a [E, out, in] or [out, in] parameter (4-bit experts: of the weight they hold)."""
+    shape = held_shape(weight)
+    if len(shape) == 2:
+        return (1, *shape)
+    if len(shape) == 3:
+        return tuple(shape)
+    raise ValueError(f"a {len(shape)}-d parameter cannot take LoRA (only [out, in] and [experts, out, in])")
 
 
 class ParamAdapter(nn.Module):
@@ -108,6 +120,12 @@ class ParamLoraLayer(BaseWrapper):
         names = [n for n in self.active if n not in self.merged]
         if not names:
             return self.base_module(*args, **kwargs)
+        if isinstance(self.base_module, Experts4bit):  # per expert: x W_e^T + scale * x A_e^T B_e^T
+            lora = {}
+            for name in names:
+                for param, adapter in self.adapters[name].items():
+                    lora.setdefault(param, []).append((adapter.lora_A, adapter.lora_B, adapter.scale))
+            return self.base_module(*args, lora=lora, **kwargs)
         weights = {}
         for name in names:
             for param, adapter in self.adapters[name].items():
@@ -120,6 +138,9 @@ class ParamLoraLayer(BaseWrapper):
         """Fold adapter `name` into the base parameters; `safe` refuses a non-finite result."""
         if name in self.merged:
             return
+        if isinstance(self.base_module, Experts4bit):
+            raise ValueError("merging in place into 4-bit experts would re-quantize them (lossy); use "
+                             "merge_and_unload, which writes the full-precision experts module")
         merged = {}
         for param, adapter in self.adapters[name].items():
             weight = self._parameters[param]
@@ -137,8 +158,18 @@ class ParamLoraLayer(BaseWrapper):
                 weight = self._parameters[param]
                 weight.copy_(weight.float() - adapter.delta_weight().reshape(weight.shape).float())
 
+    @torch.no_grad()
     def unwrap(self, names: list[str], safe: bool = False) -> nn.Module:
-        """The base module with adapters `names` merged in."""
+        """The base module with adapters `names` merged in; 4-bit experts become the full-precision experts
+        module holding the merged dequantize(W) (nothing is re-quantized)."""
+        if isinstance(self.base_module, Experts4bit):
+            weights = {p: self.base_module.dequantized(p, torch.float32) for p in self.base_module.quantized}
+            for name in [n for n in names if n in self.adapters]:
+                for param, adapter in self.adapters[name].items():
+                    weights[param] = weights[param] + adapter.delta_weight().reshape(weights[param].shape).float()
+                    if safe and not torch.isfinite(weights[param]).all():
+                        raise ValueError(f"merging adapter {name!r} gives non-finite weights in {param}")
+            return self.base_module.full_precision(weights)
         for name in names:
             if name in self.adapters:
                 self.merge(name, safe=safe)

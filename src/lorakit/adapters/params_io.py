@@ -9,7 +9,14 @@ from torch import nn
 
 from lorakit.adapters.inject import held_weights, name_matches, pattern_value, wrap
 from lorakit.adapters.layer import base_kind
-from lorakit.adapters.params import ParamAdapter, ParamLoraLayer, param_layers, peft_key_prefixes, stacked_shape
+from lorakit.adapters.params import (
+    ParamAdapter,
+    ParamLoraLayer,
+    held_shape,
+    param_layers,
+    peft_key_prefixes,
+    stacked_shape,
+)
 from lorakit.adapters.spec import LoraSpec
 
 
@@ -26,7 +33,7 @@ def param_tensors(model: nn.Module, name: str, tensors: dict, base_shapes: dict,
         for param, infix in peft_key_prefixes(layer, list(adapters)).items():
             tensors[f"{prefix}{path}{infix}.lora_A.weight"], tensors[f"{prefix}{path}{infix}.lora_B.weight"] = (
                 adapters[param].peft_factors())
-            base_shapes[f"{path}.{param}"] = list(layer.base_module._parameters[param].shape)
+            base_shapes[f"{path}.{param}"] = list(held_shape(layer.base_module._parameters[param]))
             names.append(f"{path}.{param}")
     return sorted(names)
 

@@ -1,6 +1,7 @@
-"""4-bit quantization (NF4 / FP4, double quantization) in bitsandbytes' byte layout, and the 4-bit linear layer."""
+"""4-bit quantization (NF4 / FP4, double quantization) in bitsandbytes' byte layout, the 4-bit linear layer and
+4-bit mixture-of-experts weights."""
 
-from lorakit.quant.linear4bit import Linear4bit, dequantize_weight, quantize_model
+from lorakit.quant.linear4bit import Experts4bit, Linear4bit, dequantize_weight, quantize_model
 from lorakit.quant.nf4 import (
     QuantState,
     bits_per_parameter,
@@ -13,6 +14,7 @@ from lorakit.quant.nf4 import (
 )
 
 __all__ = [
+    "Experts4bit",
     "Linear4bit",
     "QuantState",
     "bits_per_parameter",

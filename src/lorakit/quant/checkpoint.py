@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorakit.quant.linear4bit import quantization_of
+from lorakit.quant.linear4bit import Experts4bit, quantization_of
 
 
 def bnb_quantization_config(quant: dict) -> dict:
@@ -44,6 +44,9 @@ def save_4bit(model: nn.Module, folder: Path) -> None:
     quant = quantization_of(model)
     if quant is None:
         raise ValueError("the model has no 4-bit layers to save")
+    if any(isinstance(m, Experts4bit) for m in model.modules()):
+        raise ValueError("transformers + bitsandbytes have no layout for 4-bit mixture-of-experts weights: save "
+                         "the experts in full precision (quantize_model(..., experts=False))")
     model.save_pretrained(folder)
     config_file = Path(folder) / "config.json"
     config = json.loads(config_file.read_text())
