@@ -24,7 +24,6 @@ import functools
 import json
 import math
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -34,8 +33,10 @@ QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Values quantized at once on the CPU: a multiple of every blocksize (so whole blocks), even, and no more
-# than torch's intra-op grain (32768), so each op of a chunk runs on the thread that calls it, in cache.
+# Values quantized at once on the CPU: a multiple of every blocksize (so whole blocks), even, and no more than
+# torch's intra-op grain (32768), so each op runs on the calling thread, in cache. torch's threads would fork
+# and join at every op, and on a busy machine each join waits for the slowest thread: at a load of 8-11 on 2
+# cores, 2 threads (torch's, or Python threads taking chunks) took 2-8x the time of 1.
 QUANTIZE_CHUNK = 1 << 15
 DEVICE_QUANTIZE_CHUNK = 1 << 22  # on an accelerator: few launches, bounded temporaries
 LOOKUP_CELLS = 1024  # cells per unit of [-1, 1] in `_nearest_code`'s table: at most one code midpoint each
@@ -156,19 +157,9 @@ def quantize_4bit(
         raise ValueError("cannot quantize an empty tensor")
     code = code_book(quant_type, t.device)
     flat = t.detach().reshape(-1)  # [n]
-    cpu = flat.device.type == "cpu"
-    chunk = QUANTIZE_CHUNK if cpu else DEVICE_QUANTIZE_CHUNK
-    quantize = functools.partial(_quantize_chunk, flat, chunk=chunk, blocksize=blocksize,
-                                 lookup=_code_lookup(quant_type, flat.device))
-    starts = range(0, flat.numel(), chunk)
-    workers = min(torch.get_num_threads(), len(starts)) if cpu else 1
-    if workers > 1:
-        # Small chunks dealt to Python threads (torch releases the GIL inside its ops), not torch's own threads:
-        # those fork and join at every op, and on a busy machine each join waits for the slowest thread.
-        with ThreadPoolExecutor(workers) as pool:
-            parts = list(pool.map(quantize, starts))
-    else:
-        parts = [quantize(start) for start in starts]
+    lookup = _code_lookup(quant_type, flat.device)
+    chunk = QUANTIZE_CHUNK if flat.device.type == "cpu" else DEVICE_QUANTIZE_CHUNK
+    parts = [_quantize_chunk(flat[start : start + chunk], blocksize, lookup) for start in range(0, flat.numel(), chunk)]
     packed = torch.cat([p for p, _ in parts]).unsqueeze(1)  # [(n + 1) // 2, 1]
     absmax = torch.cat([a for _, a in parts])  # [blocks]
     state = QuantState(absmax, t.shape, t.dtype, blocksize, quant_type, code)
@@ -258,11 +249,12 @@ def _dynamic_lut(device: torch.device) -> Tensor:
     return torch.searchsorted(midpoints, left, right=False).to(torch.uint8).to(device)  # [65536]
 
 
-def _quantize_chunk(flat: Tensor, start: int, chunk: int, blocksize: int, lookup: tuple[Tensor, Tensor, Tensor]
-                    ) -> tuple[Tensor, Tensor]:
-    """Packed codes [c / 2] (c rounded up to even) and absmax [c / blocksize, rounded up] of
-    flat[start : start + chunk]: whole blocks, but for a ragged last one."""
-    absmax, scaled = _scale_blocks(flat[start : start + chunk].float(), blocksize)  # [c / blocksize], [c]
+def _quantize_chunk(
+    part: Tensor, blocksize: int, lookup: tuple[Tensor, Tensor, Tensor | None]
+) -> tuple[Tensor, Tensor]:
+    """Packed codes [c / 2] (c rounded up to even) and absmax [c / blocksize, rounded up] of part [c]: whole
+    blocks, but for a ragged last one."""
+    absmax, scaled = _scale_blocks(part.float(), blocksize)  # [c / blocksize], [c]
     if not bool(torch.isfinite(absmax).all()):  # before the codes: a NaN has no cell in the lookup table
         raise ValueError("cannot quantize a tensor that holds NaN or Inf")
     q = _nearest_code(scaled, lookup)  # [c] uint8
@@ -291,7 +283,7 @@ def _scale_blocks(flat: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
     return absmax, scaled
 
 
-def _nearest_code(x: Tensor, lookup: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+def _nearest_code(x: Tensor, lookup: tuple[Tensor, Tensor, Tensor | None]) -> Tensor:
     """uint8 index of the code value nearest to each x in [-1, 1]; ties (x exactly on a midpoint) go to the
     lower value: the number of midpoints below x, as `torch.bucketize(x, midpoints)`, mapped to its code.
 
