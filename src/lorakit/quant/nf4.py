@@ -33,11 +33,11 @@ QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Values quantized at once on the CPU: a multiple of every blocksize (so whole blocks), even, and no more than
-# torch's intra-op grain (32768), so each op runs on the calling thread, in cache. torch's threads would fork
-# and join at every op, and on a busy machine each join waits for the slowest thread: at a load of 8-11 on 2
-# cores, 2 threads (torch's, or Python threads taking chunks) took 2-8x the time of 1.
-QUANTIZE_CHUNK = 1 << 15
+# Values quantized at once on the CPU: a multiple of every blocksize (so whole blocks), even, and under torch's
+# intra-op grain (32768; at 32768 its reductions already split), so each op runs on the calling thread, in
+# cache. torch's threads would fork and join at every op, and on a busy machine each join waits for the slowest
+# thread: at a load of 8-11 on 2 cores, 2 threads (torch's, or Python threads taking chunks) took 2-8x as long.
+QUANTIZE_CHUNK = 7 * 4096
 DEVICE_QUANTIZE_CHUNK = 1 << 22  # on an accelerator: few launches, bounded temporaries
 LOOKUP_CELLS = 1024  # cells per unit of [-1, 1] in `_nearest_code`'s table: at most one code midpoint each
 STORAGE_DTYPES = (torch.uint8, torch.bfloat16, torch.float16, torch.float32)
