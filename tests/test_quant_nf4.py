@@ -476,3 +476,23 @@ def test_nan_or_inf_in_a_later_chunk_is_refused(threads, bad):
     x[2 * nf4.QUANTIZE_CHUNK + 100] = bad
     with pytest.raises(ValueError, match="NaN or Inf"):
         quantize_4bit(x)
+
+
+@pytest.mark.parametrize(("shape", "blocksize", "chunk", "constant"), [
+    ((1031, 1025), 32, None, False),  # 33,024 blocks: the nested step runs over two real chunks, ragged
+    ((300, 1000), 64, 4096, False),  # 4,688 blocks: two chunks of 4096, a ragged nested block of 80
+    ((300, 1000), 64, 4096, True),  # every absmax equal: (absmax - offset) blocks of zeros or near zero
+])  # fmt: skip
+def test_nested_step_in_chunks_equals_bnb_native(monkeypatch, shape, blocksize, chunk, constant):
+    """The 8-bit step of double quantization runs a chunk of whole blocks at a time too: offset, codes and
+    nested absmax equal those of bitsandbytes' native kernel over the whole absmax."""
+    from lorakit.quant import nf4
+
+    if chunk is not None:
+        monkeypatch.setattr(nf4, "QUANTIZE_CHUNK", chunk)
+    x = torch.full(shape, 0.02) if constant else sample(shape, torch.float32, seed=3)
+    assert -(-x.numel() // blocksize) > nf4.QUANTIZE_CHUNK
+    packed, state = quantize_4bit(x, "nf4", blocksize, True)
+    ref_packed, ref = bnb_quantize(x, "nf4", blocksize, True)
+    assert same_bytes(packed, ref_packed) and same_bytes(state.absmax, ref.absmax)
+    assert same_bytes(state.offset, ref.offset) and same_bytes(state.nested_absmax, ref.state2.absmax)

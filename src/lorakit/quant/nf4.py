@@ -227,7 +227,16 @@ def _quantize_8bit_lut(flat: Tensor, lut: Tensor, blocksize: int) -> tuple[Tenso
     fp32 op by op; the code is the one nearest to point i (the number of code midpoints below it). So a
     value within half a bin of a midpoint can get the farther of its two neighbouring codes, farther by
     at most one bin (2/65535 of the block absmax). An all-zero block keeps absmax 0 and gets code index 0.
+    In chunks of whole blocks (the chunk sizes are multiples of 4096), for the reasons `QUANTIZE_CHUNK` gives.
     """
+    chunk = QUANTIZE_CHUNK if flat.device.type == "cpu" else DEVICE_QUANTIZE_CHUNK
+    parts = [_quantize_8bit_lut_chunk(flat[start : start + chunk], lut, blocksize)
+             for start in range(0, flat.numel(), chunk)]  # fmt: skip
+    return torch.cat([codes for codes, _ in parts]), torch.cat([absmax for _, absmax in parts])
+
+
+def _quantize_8bit_lut_chunk(flat: Tensor, lut: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
+    """`_quantize_8bit_lut` of whole blocks but for a ragged last one."""
     n = flat.numel()
     blocks = F.pad(flat, (0, -n % blocksize)).view(-1, blocksize)  # [blocks, blocksize]; padding: zeros
     absmax = blocks.abs().amax(dim=1)  # [blocks]
@@ -255,7 +264,7 @@ def _quantize_chunk(
     """Packed codes [c / 2] (c rounded up to even) and absmax [c / blocksize, rounded up] of part [c]: whole
     blocks, but for a ragged last one."""
     absmax, scaled = _scale_blocks(part.float(), blocksize)  # [c / blocksize], [c]
-    if not bool(torch.isfinite(absmax).all()):  # before the codes: a NaN has no cell in the lookup table
+    if not math.isfinite(absmax.max()):  # (max keeps a NaN) before the codes: a NaN has no cell in the lookup table
         raise ValueError("cannot quantize a tensor that holds NaN or Inf")
     q = _nearest_code(scaled, lookup)  # [c] uint8
     if q.numel() % 2:  # odd n (the last chunk): one padding 0.0, quantized like the rest
