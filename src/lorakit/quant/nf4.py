@@ -243,7 +243,7 @@ def _quantize_8bit_lut_chunk(flat: Tensor, lut: Tensor, blocksize: int) -> tuple
     inverse = torch.where(absmax > 0, 1.0 / absmax, 0.0)  # [blocks]
     scaled = (blocks * inverse[:, None]).clamp(-1.0, 1.0)
     bins = (((scaled + 1.0) * 0.5) * (LUT_SIZE - 1) + 0.5).long()  # trunc toward 0; all >= 0
-    codes = lut[bins]
+    codes = lut.index_select(0, bins.view(-1)).view_as(bins)  # as lut[bins], which splits over torch's threads
     codes[absmax == 0] = 0
     return codes.reshape(-1)[:n], absmax
 
