@@ -36,7 +36,7 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Values quantized at once on the CPU: a multiple of every blocksize (so whole blocks), even, and under torch's
 # intra-op grain (32768; at 32768 its reductions already split), so each op runs on the calling thread, in
 # cache. torch's threads would fork and join at every op, and on a busy machine each join waits for the slowest
-# thread: at a load of 8-11 on 2 cores, 2 threads (torch's, or Python threads taking chunks) took 2-8x as long.
+# thread: at a load of 8-11 on 2 cores, 2 threads (torch's, or Python threads taking chunks) took 1.8-8x as long.
 QUANTIZE_CHUNK = 7 * 4096
 DEVICE_QUANTIZE_CHUNK = 1 << 22  # on an accelerator: few launches, bounded temporaries
 LOOKUP_CELLS = 1024  # cells per unit of [-1, 1] in `_nearest_code`'s table: at most one code midpoint each
@@ -264,7 +264,7 @@ def _quantize_chunk(
     """Packed codes [c / 2] (c rounded up to even) and absmax [c / blocksize, rounded up] of part [c]: whole
     blocks, but for a ragged last one."""
     absmax, scaled = _scale_blocks(part.float(), blocksize)  # [c / blocksize], [c]
-    if not math.isfinite(absmax.max()):  # (max keeps a NaN) before the codes: a NaN has no cell in the lookup table
+    if not math.isfinite(absmax.max()):  # before the codes: a NaN (which max keeps) has no cell in the table
         raise ValueError("cannot quantize a tensor that holds NaN or Inf")
     q = _nearest_code(scaled, lookup)  # [c] uint8
     if q.numel() % 2:  # odd n (the last chunk): one padding 0.0, quantized like the rest
