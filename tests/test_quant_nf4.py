@@ -14,6 +14,7 @@ What bitsandbytes 0.50 does on CPU, and so what each test compares with:
 from __future__ import annotations
 
 import json
+import math
 
 import bitsandbytes.functional as bnbf
 import pytest
@@ -350,5 +351,148 @@ def test_quantizing_in_chunks_gives_bnb_bytes(bnb_reference, monkeypatch, shape,
     assert x.numel() > nf4.QUANTIZE_CHUNK
     ref_packed, ref = bnb_quantize(x, quant_type, blocksize, True)
     packed, state = quantize_4bit(x, quant_type, blocksize, True)
+    assert same_bytes(packed, ref_packed) and same_bytes(state.absmax, ref.absmax)
+    assert same_bytes(state.offset, ref.offset) and same_bytes(state.nested_absmax, ref.state2.absmax)
+
+
+# The quantizer finds each code through a lookup table over a grid of [-1, 1] and quantizes chunks of
+# QUANTIZE_CHUNK values on Python threads; bitsandbytes (a binary search over the code midpoints, whole
+# tensor at once) is the reference for every test below.
+
+
+def unpacked_codes(packed: torch.Tensor, n: int) -> torch.Tensor:
+    q = packed.reshape(-1).view(torch.uint8)
+    return torch.stack([q >> 4, q & 0xF], dim=1).reshape(-1)[:n].long()  # [n]
+
+
+def probes_near_boundaries(quant_type: str) -> torch.Tensor:
+    """fp32 values in [-1, 1] at and within 3 ulps of every code midpoint and of every edge of the lookup
+    grid (k / LOOKUP_CELLS - 1), plus the ends, signed zeros and the smallest subnormals."""
+    from lorakit.quant import nf4
+
+    ranked = code_book(quant_type).sort(stable=True).values
+    midpoints = (ranked[:-1] + ranked[1:]) / 2  # [15] fp32, as bitsandbytes computes them
+    edges = torch.arange(2 * nf4.LOOKUP_CELLS + 1, dtype=torch.float32) / nf4.LOOKUP_CELLS - 1.0  # exact in fp32
+    centres = torch.cat([midpoints, edges])
+    near = [centres]
+    for direction in (math.inf, -math.inf):
+        step = centres
+        for _ in range(3):
+            step = torch.nextafter(step, torch.full_like(step, direction))
+            near.append(step)
+    tiny = torch.tensor([1.0, -1.0, 0.0, -0.0, 1e-45, -1e-45, 1e-38, -1e-38])
+    return torch.cat([*near, tiny]).clamp(-1.0, 1.0)
+
+
+def with_unit_absmax(values: torch.Tensor, blocksize: int = 64) -> torch.Tensor:
+    """Blocks of `blocksize` whose first value is 1.0 and the rest `values` (padded with 0.5): each block's
+    absmax is 1, so the scaled values are the values themselves, bit for bit."""
+    per = blocksize - 1
+    rows = -(-values.numel() // per)
+    body = torch.full((rows * per,), 0.5)
+    body[: values.numel()] = values
+    return torch.cat([torch.ones(rows, 1), body.view(rows, per)], dim=1).reshape(-1)  # [rows * blocksize]
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_codes_equal_bnb_at_every_midpoint_and_lookup_cell_edge(quant_type):
+    """Values on and a few ulps around each midpoint (ties go to the lower code) and each cell edge of the
+    lookup grid get bitsandbytes' code, and the code a plain search over the fp32 midpoints gives."""
+    x = with_unit_absmax(probes_near_boundaries(quant_type))  # [n] fp32, every block's absmax 1
+    packed, state = quantize_4bit(x, quant_type, 64, double_quant=False)
+    ref_packed, ref = bnb_quantize(x, quant_type, 64, False)
+    assert same_bytes(packed, ref_packed) and same_bytes(state.absmax, ref.absmax)
+    code = code_book(quant_type)
+    order = torch.argsort(code, stable=True)
+    ranked = code[order]
+    midpoints = (ranked[:-1] + ranked[1:]) / 2
+    plain = order[(x[:, None] > midpoints[None, :]).sum(dim=1)]  # [n] count of midpoints strictly below
+    assert torch.equal(unpacked_codes(packed, x.numel()), plain)
+
+
+def across_chunks(dtype: torch.dtype) -> torch.Tensor:
+    """3 chunks and 333 values (not a multiple of the chunk, of 64 or of 256; odd), with a block of zeros at
+    the end of the first chunk, a zero ragged last block, and (fp32 only: no bf16 or fp16 value lies on an
+    NF4 or FP4 midpoint) blocks of exact midpoints with absmax 1 straddling the second chunk boundary."""
+    from lorakit.quant import nf4
+
+    chunk = nf4.QUANTIZE_CHUNK
+    n = 3 * chunk + 333
+    x = sample((n,), torch.float32, seed=7)
+    x[chunk - 64 : chunk] = 0.0
+    x[n - 333 % 64 :] = 0.0
+    if dtype == torch.float32:
+        for quant_type in ("nf4", "fp4"):
+            ranked = code_book(quant_type).sort().values
+            ties = with_unit_absmax(((ranked[:-1] + ranked[1:]) / 2).repeat(10))  # [11 * 64]
+            start = 2 * chunk - 5 * 64 + (quant_type == "fp4") * ties.numel()
+            x[start : start + ties.numel()] = ties
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_odd_sizes_across_chunks_equal_bnb(quant_type, dtype):
+    """Packed bytes, absmax, offset and nested absmax equal bitsandbytes' over chunk boundaries, zero blocks,
+    a ragged last block, an odd count and exact ties."""
+    x = across_chunks(dtype).view(3, -1) if dtype == torch.bfloat16 else across_chunks(dtype)  # 3 * (chunk + 111)
+    for blocksize in (64, 256) if dtype == torch.float32 else (64,):
+        packed, state = quantize_4bit(x, quant_type, blocksize, True)
+        ref_packed, ref = bnb_quantize(x, quant_type, blocksize, True)
+        assert same_bytes(packed, ref_packed) and same_bytes(state.absmax, ref.absmax)
+        assert same_bytes(state.offset, ref.offset) and same_bytes(state.nested_absmax, ref.state2.absmax)
+
+
+@pytest.fixture
+def threads():
+    """Set torch's thread count for a test, restored afterwards."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("count", [1, 2])
+def test_big_chunks_on_torch_threads_give_the_same_bytes(threads, monkeypatch, count):
+    """Chunks above torch's intra-op grain (as on an accelerator, DEVICE_QUANTIZE_CHUNK), each op split over
+    torch's threads: the same bytes as bitsandbytes."""
+    from lorakit.quant import nf4
+
+    threads(count)
+    monkeypatch.setattr(nf4, "QUANTIZE_CHUNK", 1 << 17)  # 4 x torch's grain: its ops run on `count` threads
+    x = across_chunks(torch.bfloat16)
+    assert x.numel() > nf4.QUANTIZE_CHUNK
+    packed, state = quantize_4bit(x, "nf4", 64, True)
+    ref_packed, ref = bnb_quantize(x, "nf4", 64, True)
+    assert same_bytes(packed, ref_packed) and same_bytes(state.absmax, ref.absmax)
+    assert same_bytes(state.nested_absmax, ref.state2.absmax)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_nan_or_inf_in_a_later_chunk_is_refused(threads, bad):
+    from lorakit.quant import nf4
+
+    threads(2)
+    x = across_chunks(torch.bfloat16)
+    x[2 * nf4.QUANTIZE_CHUNK + 100] = bad
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        quantize_4bit(x)
+
+
+@pytest.mark.parametrize(("shape", "blocksize", "chunk", "constant"), [
+    ((1031, 1025), 32, None, False),  # 33,024 blocks: the nested step runs over two real chunks, ragged
+    ((300, 1000), 64, 4096, False),  # 4,688 blocks: two chunks of 4096, a ragged nested block of 80
+    ((300, 1000), 64, 4096, True),  # every absmax equal: (absmax - offset) blocks of zeros or near zero
+])  # fmt: skip
+def test_nested_step_in_chunks_equals_bnb_native(monkeypatch, shape, blocksize, chunk, constant):
+    """The 8-bit step of double quantization runs a chunk of whole blocks at a time too: offset, codes and
+    nested absmax equal those of bitsandbytes' native kernel over the whole absmax."""
+    from lorakit.quant import nf4
+
+    if chunk is not None:
+        monkeypatch.setattr(nf4, "QUANTIZE_CHUNK", chunk)
+    x = torch.full(shape, 0.02) if constant else sample(shape, torch.float32, seed=3)
+    assert -(-x.numel() // blocksize) > nf4.QUANTIZE_CHUNK
+    packed, state = quantize_4bit(x, "nf4", blocksize, True)
+    ref_packed, ref = bnb_quantize(x, "nf4", blocksize, True)
     assert same_bytes(packed, ref_packed) and same_bytes(state.absmax, ref.absmax)
     assert same_bytes(state.offset, ref.offset) and same_bytes(state.nested_absmax, ref.state2.absmax)
