@@ -11,7 +11,7 @@ import pytest
 
 from lorakit.config import load_train_config
 from lorakit.data.demo import make_demo
-from lorakit.data.tasks import CITIES, NAMES, TASKS, make_task
+from lorakit.data.tasks import NAMES, TASKS, make_task
 from lorakit.generate import exact_match
 
 NEW_TASKS = ("json", "units", "roman")
@@ -73,24 +73,42 @@ TENS = ["twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "nin
 WORD_VALUES = {w: i for i, w in enumerate(ONES)} | {w: 10 * i for i, w in enumerate(TENS, start=2)}
 
 
+def words_to_number(words: list[str]) -> int:
+    """"three hundred forty-five" as its words -> 345, by accumulating (an independent reading)."""
+    total = 0
+    for word in words:
+        if word == "hundred":
+            total *= 100
+        else:
+            total += sum(WORD_VALUES[part] for part in word.split("-"))
+    return total
+
+
 def test_json_answers():
+    assert words_to_number(["nine", "hundred", "ninety-nine"]) == 999
+    assert words_to_number(["three", "hundred", "five"]) == 305
     train, held_out = make_task("json", seed=1, n_train=1500, n_eval=200)
-    forms = set()
+    forms, prices = set(), set()
     for row in train + held_out:
         question, answer = row.messages[0]["content"], row.messages[1]["content"]
-        sentence = question.removeprefix("Extract name, age and city as JSON: ")
+        sentence = question.removeprefix("Extract name, item and price as JSON: ")
         assert sentence != question
         fields = json.loads(answer)
-        assert list(fields) == ["name", "age", "city"] and isinstance(fields["age"], int)
+        assert list(fields) == ["name", "item", "price"] and isinstance(fields["price"], int)
         assert answer == json.dumps(fields, separators=(",", ":"))  # compact: no spaces anywhere
         words = re.findall(r"[A-Za-z]+", sentence)
         assert [w for w in words if w in NAMES] == [fields["name"]]
-        assert [w for w in words if w in CITIES] == [fields["city"]]
-        assert sum(WORD_VALUES.get(w, 0) for w in re.findall(r"[a-z]+", sentence)) == fields["age"], sentence
-        assert not re.search(r"\d", sentence)  # the age is only in words
-        form = re.sub(r"[a-z]+", lambda w: "A" if w[0] in WORD_VALUES else w[0], sentence)
-        forms.add(form.replace(fields["name"], "N").replace(fields["city"], "C"))
+        assert fields["item"] in words and fields["item"] not in NAMES
+        spelled = re.findall(r"[a-z-]+", sentence)
+        number = [w for w in spelled if w == "hundred" or w.split("-")[0] in WORD_VALUES]
+        assert words_to_number(number) == fields["price"], sentence
+        assert not re.search(r"\d", sentence)  # the price is only in words
+        forms.add(sentence.replace(" ".join(number), "P").replace(fields["name"], "N").replace(fields["item"], "I"))
+        prices.add(fields["price"])
     assert len(forms) >= 6  # the facts come in several sentence forms
+    # prices of every shape: one word, no tens ("three hundred five"), round tens ("three hundred forty")
+    assert min(prices) < 20 and any(p > 100 and p % 100 < 10 for p in prices)
+    assert any(p > 100 and p % 10 == 0 and p % 100 for p in prices)
 
 
 METRES_OR_GRAMS = {"km": Fraction(1000), "m": Fraction(1), "cm": Fraction(1, 100), "mm": Fraction(1, 1000),

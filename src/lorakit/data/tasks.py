@@ -7,7 +7,7 @@ A held-out row is scored like the demo's: the model's greedy answer to all messa
 the last (assistant) message after stripping surrounding whitespace (`lorakit.generate.exact_match`).
 
     demo    ISO date -> "Month D, YYYY"                      easy: a lookup and a reorder
-    json    a sentence about a person -> compact JSON        medium: find three facts, age in words -> digits
+    json    a sentence about a sale -> compact JSON          medium: find three facts, price in words -> digits
     units   metric conversion, then a follow-up ("And in     medium-hard, two turns: move the decimal point;
             cm?") that converts the first answer again        the follow-up needs the first answer
     roman   1..3999 -> Roman numerals ("MMCDXLIV")            hard: one pattern per decimal digit and place
@@ -20,6 +20,7 @@ system prompt) so that many training runs fit on a CPU.
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -98,24 +99,23 @@ def make_roman(seed: int = 0, n_train: int = 1000, n_eval: int = 100) -> tuple[l
     return split(keys, roman_example, n_train)
 
 
-# --- json: facts in a sentence -> compact JSON ---------------------------------------------------------
+# --- json: a sale in a sentence -> compact JSON --------------------------------------------------------
 
 NAMES = ("Ana", "Ben", "Carla", "David", "Elena", "Farid", "Grace", "Hugo", "Ines", "Jonas", "Kim", "Leo",
          "Maria", "Nadia", "Omar", "Paula", "Quentin", "Rosa", "Sam", "Tara", "Umar", "Vera", "Walter", "Yuki",
          "Zoe", "Amir", "Bruno", "Chloe", "Dmitri", "Emma", "Felix", "Greta", "Hana", "Ivan", "Julia", "Karl")
-CITIES = ("Lisbon", "Oslo", "Paris", "Berlin", "Madrid", "Rome", "Vienna", "Prague", "Dublin", "Athens",
-          "Warsaw", "Helsinki", "Zurich", "Munich", "Milan", "Porto", "Lyon", "Seville", "Krakow", "Boston",
-          "Denver", "Austin", "Seattle", "Toronto", "Chicago", "Sydney", "Tokyo", "Seoul", "Lima", "Cairo")
-AGES = range(18, 90)
+ITEMS = ("bike", "lamp", "sofa", "guitar", "laptop", "camera", "desk", "watch", "phone", "kettle",
+         "piano", "tent", "chair", "drone", "radio", "mirror", "rug", "printer", "violin", "scooter")
+PRICES = range(1, 1000)
 SENTENCES = (
-    "{name} is {age} and lives in {city}.",
-    "{name}, aged {age}, lives in {city}.",
-    "Living in {city}, {name} is {age} years old.",
-    "{city} is home to {name}, who is {age}.",
-    "At {age}, {name} moved to {city}.",
-    "{name} ({age}) works in {city}.",
-    "In {city} we met {name}, {age} years old.",
-    "The {age}-year-old {name} lives in {city}.",
+    "{name} sold a {item} for {price} euros.",
+    "{name} bought a {item} for {price} euros.",
+    "For {price} euros, {name} sold a {item}.",
+    "The {item} cost {name} {price} euros.",
+    "{name} paid {price} euros for a {item}.",
+    "A {item} went to {name} for {price} euros.",
+    "{name}'s new {item} was {price} euros.",
+    "It took {price} euros for {name} to get a {item}.",
 )
 ONES = ("", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
         "ten", "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen")
@@ -123,16 +123,20 @@ TENS = ("", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eight
 
 
 def number_words(n: int) -> str:
-    """English words for 1..99: 34 -> "thirty-four"."""
-    if not 1 <= n <= 99:
-        raise ValueError(f"number words cover 1..99, got {n}")
-    if n < 20:
-        return ONES[n]
-    tens, ones = divmod(n, 10)
-    return TENS[tens] + (f"-{ONES[ones]}" if ones else "")
+    """English words for 1..999, without "and": 305 -> "three hundred five", 340 -> "three hundred forty"."""
+    if not 1 <= n <= 999:
+        raise ValueError(f"number words cover 1..999, got {n}")
+    hundreds, rest = divmod(n, 100)
+    words = [f"{ONES[hundreds]} hundred"] if hundreds else []
+    if rest >= 20:
+        tens, ones = divmod(rest, 10)
+        words.append(TENS[tens] + (f"-{ONES[ones]}" if ones else ""))
+    elif rest:
+        words.append(ONES[rest])
+    return " ".join(words)
 
 
-JSON_SPACE = (len(NAMES), len(AGES), len(CITIES), len(SENTENCES))
+JSON_SPACE = (len(NAMES), len(ITEMS), len(PRICES), len(SENTENCES))
 
 
 def unravel(index: int, radices: tuple[int, ...]) -> tuple[int, ...]:
@@ -145,18 +149,17 @@ def unravel(index: int, radices: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def json_example(index: int) -> Row:
-    n, a, c, s = unravel(index, JSON_SPACE)
-    name, age, city = NAMES[n], AGES[a], CITIES[c]
-    sentence = SENTENCES[s].format(name=name, age=number_words(age), city=city)
-    answer = json.dumps({"name": name, "age": age, "city": city}, separators=(",", ":"))
-    return chat("json", str(index), f"Extract name, age and city as JSON: {sentence}", answer)
+    n, i, p, s = unravel(index, JSON_SPACE)
+    name, item, price = NAMES[n], ITEMS[i], PRICES[p]
+    sentence = SENTENCES[s].format(name=name, item=item, price=number_words(price))
+    answer = json.dumps({"name": name, "item": item, "price": price}, separators=(",", ":"))
+    return chat("json", str(index), f"Extract name, item and price as JSON: {sentence}", answer)
 
 
 def make_json(seed: int = 0, n_train: int = 1000, n_eval: int = 100) -> tuple[list[Row], list[Row]]:
-    """Distinct (name, age, city, sentence form): "... Oslo is home to Ben, who is forty-one." ->
-    '{"name":"Ben","age":41,"city":"Oslo"}' (keys in that order, no spaces, age a number)."""
-    size = len(NAMES) * len(AGES) * len(CITIES) * len(SENTENCES)
-    return split(draw(seed, size, n_train, n_eval, "json"), json_example, n_train)
+    """Distinct (name, item, price, sentence form): "... For three hundred five euros, Ben sold a lamp." ->
+    '{"name":"Ben","item":"lamp","price":305}' (keys in that order, no spaces, the price a number)."""
+    return split(draw(seed, math.prod(JSON_SPACE), n_train, n_eval, "json"), json_example, n_train)
 
 
 # --- units: a metric conversion, then a follow-up that converts the answer again ------------------------
@@ -197,8 +200,8 @@ def make_units(seed: int = 0, n_train: int = 1000, n_eval: int = 100) -> tuple[l
 
 TASKS: dict[str, Task] = {task.name: task for task in (
     Task("demo", "rewrite an ISO date in long form: 2019-07-04 -> July 4, 2019 (easy)", make_demo, 12, N_DAYS),
-    Task("json", "extract name, age (in words) and city from a sentence as compact JSON (medium)", make_json, 24,
-         len(NAMES) * len(AGES) * len(CITIES) * len(SENTENCES)),
+    Task("json", "extract name, item and price (in words, 1..999) from a sentence as compact JSON (medium)",
+         make_json, 24, math.prod(JSON_SPACE)),
     Task("units", "metric conversion, then a follow-up converting the first answer (two turns, medium-hard)",
          make_units, 16, len(UNIT_CHAINS) * len(UNIT_VALUES)),
     Task("roman", "write 1..3999 in Roman numerals: 2444 -> MMCDXLIV (hard)", make_roman, 12, ROMAN_MAX),
