@@ -206,3 +206,22 @@ def test_training_on_a_task_uses_its_rows(tiny_model_dir, tmp_path, monkeypatch)
     assert (results["train_examples"], results["eval_examples"], results["steps"]) == (12, 3, 2)
     saved = json.loads((tmp_path / "run" / "results.json").read_text())["config"]
     assert saved["dataset"] == "task:roman" and (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
+
+
+@pytest.mark.slow
+def test_answers_fit_max_new_tokens_and_rows_stay_short_on_the_default_model():
+    """In the default model's tokens: every answer and its end of turn fit the task's `max_new_tokens`, and a
+    whole row (chat template and default system prompt included) stays under 80 tokens, so the many runs of
+    a learning benchmark stay cheap."""
+    from transformers import AutoTokenizer
+
+    from lorakit.data.encode import encode_row
+    from lorakit.models import resolve
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve("default"))
+    for name, task in TASKS.items():
+        train, held_out = make_task(name, seed=0, n_train=1500, n_eval=500)
+        for row in train + held_out:
+            answer = tokenizer(row.messages[-1]["content"], add_special_tokens=False)["input_ids"]
+            assert len(answer) + 1 <= task.max_new_tokens, (name, row.messages[-1])
+            assert len(encode_row(tokenizer, row)[0]) < 80, (name, row.messages)
