@@ -6,15 +6,17 @@ rows of one call are distinct keys drawn without replacement, so no held-out pro
 A held-out row is scored like the demo's: the model's greedy answer to all messages but the last must equal
 the last (assistant) message after stripping surrounding whitespace (`lorakit.generate.exact_match`).
 
-    demo    ISO date -> "Month D, YYYY"                      easy: a lookup and a reorder
-    json    a sentence about a sale -> compact JSON          medium: find three facts, price in words -> digits
-    units   metric conversion, then a follow-up ("And in     medium-hard, two turns: move the decimal point;
-            cm?") that converts the first answer again        the follow-up needs the first answer
-    roman   1..3999 -> Roman numerals ("MMCDXLIV")            hard: one pattern per decimal digit and place
+    demo    ISO date -> "Month D, YYYY"                    easy: a lookup and a reorder
+    json    a sentence about a sale -> compact JSON        easy: find three facts, a price in words -> digits
+    units   metric conversion, then a follow-up ("And in   medium, two turns: move the decimal point; the
+            cm?") that converts the first answer again      follow-up needs the first answer
+    roman   1..3999 -> Roman numerals ("MMCDXLIV")          hard: a letter pattern per decimal digit and place
 
-SmolLM2-135M-Instruct (the default base) scores under 20% on each before training (docs/RESULTS.md,
-"Built-in tasks"). Rows are short (under about 80 tokens with SmolLM2's chat template and its default
-system prompt) so that many training runs fit on a CPU.
+The grades are measured (docs/RESULTS.md, "Built-in tasks"): SmolLM2-135M-Instruct, the default base,
+scores under 20% on each before training; the default recipe (LoRA r=8, batch 8, lr 2e-3) reaches about
+95% on demo and json within 25 steps, 70% on units and 10% on roman at 100 steps. Rows are short (under
+80 tokens with SmolLM2's chat template and its default system prompt) so that many training runs fit on a
+CPU.
 """
 
 from __future__ import annotations
@@ -69,34 +71,6 @@ def check_sizes(name: str, size: int, n_train: int, n_eval: int) -> None:
     if n_train + n_eval > size:
         raise ValueError(f"task {name!r} has {size} distinct examples; n_train + n_eval = {n_train} + {n_eval} "
                          f"= {n_train + n_eval} exceeds it")
-
-
-# --- roman: an integer -> Roman numerals ---------------------------------------------------------------
-
-ROMAN_MAX = 3999
-ROMAN_VALUES = ((1000, "M"), (900, "CM"), (500, "D"), (400, "CD"), (100, "C"), (90, "XC"),
-                (50, "L"), (40, "XL"), (10, "X"), (9, "IX"), (5, "V"), (4, "IV"), (1, "I"))
-
-
-def to_roman(n: int) -> str:
-    """Standard (subtractive) Roman numerals of 1..3999: 1994 -> "MCMXCIV"."""
-    if not 1 <= n <= ROMAN_MAX:
-        raise ValueError(f"Roman numerals cover 1..{ROMAN_MAX}, got {n}")
-    out = []
-    for value, letters in ROMAN_VALUES:
-        count, n = divmod(n, value)
-        out.append(letters * count)
-    return "".join(out)
-
-
-def roman_example(n: int) -> Row:
-    return chat("roman", str(n), f"Write {n} in Roman numerals.", to_roman(n))
-
-
-def make_roman(seed: int = 0, n_train: int = 1000, n_eval: int = 100) -> tuple[list[Row], list[Row]]:
-    """Distinct integers of 1..3999: "Write 2444 in Roman numerals." -> "MMCDXLIV"."""
-    keys = [i + 1 for i in draw(seed, ROMAN_MAX, n_train, n_eval, "roman")]
-    return split(keys, roman_example, n_train)
 
 
 # --- json: a sale in a sentence -> compact JSON --------------------------------------------------------
@@ -198,11 +172,39 @@ def make_units(seed: int = 0, n_train: int = 1000, n_eval: int = 100) -> tuple[l
     return split(draw(seed, size, n_train, n_eval, "units"), units_example, n_train)
 
 
+# --- roman: an integer -> Roman numerals ---------------------------------------------------------------
+
+ROMAN_MAX = 3999
+ROMAN_VALUES = ((1000, "M"), (900, "CM"), (500, "D"), (400, "CD"), (100, "C"), (90, "XC"),
+                (50, "L"), (40, "XL"), (10, "X"), (9, "IX"), (5, "V"), (4, "IV"), (1, "I"))
+
+
+def to_roman(n: int) -> str:
+    """Standard (subtractive) Roman numerals of 1..3999: 1994 -> "MCMXCIV"."""
+    if not 1 <= n <= ROMAN_MAX:
+        raise ValueError(f"Roman numerals cover 1..{ROMAN_MAX}, got {n}")
+    out = []
+    for value, letters in ROMAN_VALUES:
+        count, n = divmod(n, value)
+        out.append(letters * count)
+    return "".join(out)
+
+
+def roman_example(n: int) -> Row:
+    return chat("roman", str(n), f"Write {n} in Roman numerals.", to_roman(n))
+
+
+def make_roman(seed: int = 0, n_train: int = 1000, n_eval: int = 100) -> tuple[list[Row], list[Row]]:
+    """Distinct integers of 1..3999: "Write 2444 in Roman numerals." -> "MMCDXLIV"."""
+    keys = [i + 1 for i in draw(seed, ROMAN_MAX, n_train, n_eval, "roman")]
+    return split(keys, roman_example, n_train)
+
+
 TASKS: dict[str, Task] = {task.name: task for task in (
     Task("demo", "rewrite an ISO date in long form: 2019-07-04 -> July 4, 2019 (easy)", make_demo, 12, N_DAYS),
-    Task("json", "extract name, item and price (in words, 1..999) from a sentence as compact JSON (medium)",
+    Task("json", "extract name, item and price (in words, 1..999) from a sentence as compact JSON (easy)",
          make_json, 24, math.prod(JSON_SPACE)),
-    Task("units", "metric conversion, then a follow-up converting the first answer (two turns, medium-hard)",
+    Task("units", "metric conversion, then a follow-up converting the first answer (two turns, medium)",
          make_units, 16, len(UNIT_CHAINS) * len(UNIT_VALUES)),
     Task("roman", "write 1..3999 in Roman numerals: 2444 -> MMCDXLIV (hard)", make_roman, 12, ROMAN_MAX),
 )}
