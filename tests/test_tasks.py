@@ -208,6 +208,26 @@ def test_training_on_a_task_uses_its_rows(tiny_model_dir, tmp_path, monkeypatch)
     assert saved["dataset"] == "task:roman" and (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
 
 
+def test_eval_scores_a_task_runs_held_out_rows(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """`lorakit eval ADAPTER` of a task run scores that run's held-out rows (from its results.json) with the
+    task's generation length, as the commands printed after training say."""
+    import lorakit.generate
+    from lorakit.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", f"base={tiny_model_dir}", "dataset=task:units", "demo_train=8", "demo_eval=2", "seed=3",
+                 "max_steps=1", "batch_size=4", "warmup_steps=1", "eval=false", f"output_dir={out}"]) == 0
+    scored = []
+    score_rows = lorakit.generate.score_rows
+    monkeypatch.setattr(lorakit.generate, "score_rows", lambda model, tok, rows, n: scored.append((rows, n)) or
+                        score_rows(model, tok, rows, n))
+    printed = capsys.readouterr().out  # the next steps: eval finds the held-out rows, generate tries a question
+    assert f"eval {out / 'adapter'}\n" in printed and "generate" in printed and "'Convert " in printed
+    assert main(["eval", str(out / "adapter")]) == 0
+    assert scored == [(make_task("units", seed=3, n_train=8, n_eval=2)[1], TASKS["units"].max_new_tokens)]
+    assert "(2 examples: the held-out rows of the run in" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_answers_fit_max_new_tokens_and_rows_stay_short_on_the_default_model():
     """In the default model's tokens: every answer and its end of turn fit the task's `max_new_tokens`, and a
