@@ -1,1 +1,2 @@
-"""Datasets: the demo task, JSONL prompt/completion files, tokenization with loss masks."""
+"""Datasets: the demo and the built-in task suite (`tasks`), files in any supported format, tokenization
+with loss masks."""
