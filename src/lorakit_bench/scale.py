@@ -3,20 +3,26 @@
 Random-weight Llama models of real shapes are built once (`bench.scale_models`, cached under
 `$LORAKIT_CACHE/bench` or `--set dir=`), bf16 safetensors in 5 GB shards with the default model's
 tokenizer. Each step then runs alone in a fresh process (`measure.run_child`), which reports its
-own time and its peak resident set (VmHWM: everything the process ever held, imports included):
+own time and its peak resident set (VmHWM: everything the process ever held, imports included). The
+bf16 LoRA steps are in the default run: each costs about a bf16 load plus one step, far from doubling it.
 
   ours-load-4bit   `lorakit.models.load(folder, quant={})`: NF4 + double quant as the weights are read
   ours-qlora-step  the same load as `lorakit train quant={}` (k-bit preparation, gradient checkpointing),
                    LoRA r=8 on every linear, one AdamW step on batch 1 x `seq` tokens
+  ours-lora-step   the same as `lorakit train` without `quant` (the checkpoint's bf16, `dtype: auto`) plus
+                   gradient checkpointing: every weight read once, then LoRA r=8 on every linear, one AdamW step
   ours-load-bf16   `lorakit.models.load(folder)` (dtype auto: the checkpoint's bf16), then every weight read once
   ours-merge       `lorakit merge` of a random r=8 all-linear adapter, shard by shard (output removed after)
   peer-qlora-step  transformers + bitsandbytes `load_in_4bit` (NF4, double quant, fp32 compute) + PEFT
                    (`prepare_model_for_kbit_training`, LoRA r=8 all-linear), one AdamW step, same batch
+  peer-lora-step   transformers `from_pretrained(dtype=bfloat16)` + PEFT (gradient checkpointing, LoRA r=8
+                   all-linear): every weight read once, then one AdamW step, same batch
   peer-load-bf16   transformers `from_pretrained(dtype=bfloat16, low_cpu_mem_usage=True)`, then every weight read
                    once (transformers memory-maps the shards: untouched weights are not resident)
 
 Settings (--set KEY=VALUE): sizes=3b (any of 1b, 3b, 7b; tiny under --quick);
-steps=ours-load-4bit,ours-qlora-step,ours-load-bf16,ours-merge; peers=peer-qlora-step,peer-load-bf16
+steps=ours-load-4bit,ours-qlora-step,ours-lora-step,ours-load-bf16,ours-merge;
+peers=peer-qlora-step,peer-lora-step,peer-load-bf16
 (peers=none: none); seq=64; r=8; dir= (model cache; default $LORAKIT_CACHE/bench); max_rss_gib=20.
 """
 
@@ -29,17 +35,19 @@ import shutil
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 from lorakit_bench.settings import parse_settings
 
 GIB = 1 << 30
-OURS = ("ours-load-4bit", "ours-qlora-step", "ours-load-bf16", "ours-merge")
-PEERS = ("peer-qlora-step", "peer-load-bf16")
+OURS = ("ours-load-4bit", "ours-qlora-step", "ours-lora-step", "ours-load-bf16", "ours-merge")
+PEERS = ("peer-qlora-step", "peer-lora-step", "peer-load-bf16")
 DEFAULTS = {"sizes": ["3b"], "steps": list(OURS), "peers": list(PEERS), "seq": 64, "r": 8, "dir": "",
             "max_rss_gib": 20.0}
 QUICK = {"sizes": ["tiny"], "seq": 16, "r": 4, "max_rss_gib": 8.0}
-PAIRS = {"qlora_step": ("ours-qlora-step", "peer-qlora-step"), "load_bf16": ("ours-load-bf16", "peer-load-bf16")}
+PAIRS = {"qlora_step": ("ours-qlora-step", "peer-qlora-step"), "lora_step": ("ours-lora-step", "peer-lora-step"),
+         "load_bf16": ("ours-load-bf16", "peer-load-bf16")}
 
 
 def settings(items: list[str], quick: bool) -> dict:
@@ -136,6 +144,11 @@ def targets(size: str, steps: dict, sizes: dict) -> dict[str, dict]:
             check("3b qlora load+step seconds < peer's", qlora["seconds"] / peer["seconds"], 1.0)
     if size == "7b" and "4bit_bytes" in sizes:
         check("7b qlora peak_rss <= 1.3 x 4-bit size + 1 GiB", qlora.get("peak_rss"), 1.3 * sizes["4bit_bytes"] + GIB)
+    lora = steps.get("ours-lora-step", {})
+    if size == "3b" and "peak_rss" in lora and "loaded_peak_rss" in lora:
+        activations = lora["peak_rss"] - lora["loaded_peak_rss"]  # what the step adds over the loaded model
+        check("3b lora peak_rss <= 1.2 x bf16 size + activations", lora["peak_rss"],
+              1.2 * sizes["bf16_bytes"] + activations)
     merge = steps.get("ours-merge", {})
     if size in ("3b", "7b"):
         check(f"{size} merge peak_rss <= largest shard + 2 GiB", merge.get("peak_rss"),
@@ -156,6 +169,9 @@ def table(record: dict) -> str:
     for step, r in record["steps"].items():
         cell = lambda key, spec, scale=1, r=r: format(r[key] / scale, spec) if key in r else "-"
         notes = r.get("skipped") or (f"loss {r['loss']:.3f}" if "loss" in r else "")
+        if "loaded_peak_rss" in r:
+            added = (r["peak_rss"] - r["loaded_peak_rss"]) / GIB
+            notes += f"; loaded {r['loaded_peak_rss'] / GIB:.2f} GiB, the step adds {added:.2f}"
         lines.append("| " + " | ".join([step, cell("seconds", ".1f"), cell("load_s", ".1f"), cell("step_s", ".1f"),
                                         cell("process_s", ".1f"), cell("peak_rss", ".2f", GIB), notes]) + " |")
     for name, r in record["ratios"].items():
@@ -216,8 +232,9 @@ def touch(model) -> dict:
     return {"touch_s": time.perf_counter() - start}
 
 
-def ours_qlora_step(request: dict) -> dict:
-    """As `lorakit train base=FOLDER quant={} lora.r=R` builds its model, then one step."""
+def ours_lora_step(request: dict, quant: bool) -> dict:
+    """As `lorakit train base=FOLDER lora.r=R` builds its model (`quant={}`: 4-bit; else the checkpoint's bf16
+    with gradient checkpointing, which `quant` turns on by default), then one step."""
     import lorakit
     from lorakit.config import load_train_config
     from lorakit.train.loop import loss_sum
@@ -227,30 +244,45 @@ def ours_qlora_step(request: dict) -> dict:
 
     r = request["r"]
     start = time.perf_counter()
-    cfg = load_train_config(None, [f"base={request['model']}", "quant={}", f"lora.r={r}", f"lora.alpha={2 * r}",
-                                   "lora.targets=all-linear", "lora.dropout=0"])
+    cfg = load_train_config(None, [f"base={request['model']}", "quant={}" if quant else "gradient_checkpointing=true",
+                                   f"lora.r={r}", f"lora.alpha={2 * r}", "lora.targets=all-linear", "lora.dropout=0"])
     model, _ = load_base(cfg)
-    weight_bytes = int(weight_mib(model)["base_weight_mib"] * (1 << 20))  # the 4-bit model, before LoRA
+    weight_bytes = int(weight_mib(model)["base_weight_mib"] * (1 << 20))  # the base as stored, before LoRA
     lorakit.inject(model, cfg.lora)
     model.train()
+    loaded = {} if quant else loaded_peak(model)
     load_s = time.perf_counter() - start
     batch = make_batch(Workload(batch=1, seq=request["seq"]), model.config.vocab_size)
     n = supervised_tokens(batch)
     task = train_step_task(model, batch, 1e-4, lambda: loss_sum(model, batch) / n)
-    return {"load_s": load_s, "weight_bytes": weight_bytes, **timed(task.run)}
+    return {"load_s": load_s, "weight_bytes": weight_bytes, **loaded, **timed(task.run)}
 
 
-def peer_qlora_step(request: dict) -> dict:
-    """transformers + bitsandbytes + PEFT's QLoRA recipe (`bench.peers.peft_train`), then one step."""
+def peer_lora_step(request: dict, quant: bool) -> dict:
+    """PEFT's recipe (`bench.peers.peft_train`), then one step: `quant`: transformers + bitsandbytes' QLoRA
+    (fp32 compute); else a bf16 `from_pretrained` (transformers 5 always loads as `low_cpu_mem_usage=True` did)
+    with gradient checkpointing."""
     from lorakit_bench.peers import peft_train
     from lorakit_bench.workload import Workload
 
     r = request["r"]
     w = Workload(model_dir=request["model"], batch=1, seq=request["seq"], r=r, alpha=2.0 * r, checkpointing=True,
-                 dtype="float32")
+                 dtype="float32" if quant else "bfloat16")
     start = time.perf_counter()
-    task = peft_train(w, quantized=True)
-    return {"load_s": time.perf_counter() - start, **timed(task.run)}
+    task = peft_train(w, quantized=quant)
+    loaded = {} if quant else loaded_peak(task.keep[0])
+    return {"load_s": time.perf_counter() - start, **loaded, **timed(task.run)}
+
+
+def loaded_peak(model) -> dict:
+    """The peak RSS with the model loaded and every weight read once (both sides may memory-map the shards,
+    whose pages count only once read), before the step: the step's own addition (activations, gradients,
+    optimizer state) is `peak_rss - loaded_peak_rss`."""
+    from lorakit_bench.measure import peak_rss_bytes
+
+    if model is not None:
+        touch(model)
+    return {"loaded_peak_rss": peak_rss_bytes()}
 
 
 def timed(run) -> dict:
@@ -280,8 +312,10 @@ def ours_merge(request: dict) -> dict:
     return {"written_bytes": written}
 
 
-STEPS = {"ours-load-4bit": ours_load_4bit, "ours-qlora-step": ours_qlora_step, "ours-load-bf16": ours_load_bf16,
-         "ours-merge": ours_merge, "peer-qlora-step": peer_qlora_step, "peer-load-bf16": peer_load_bf16}
+STEPS = {"ours-load-4bit": ours_load_4bit, "ours-qlora-step": partial(ours_lora_step, quant=True),
+         "ours-lora-step": partial(ours_lora_step, quant=False), "ours-load-bf16": ours_load_bf16,
+         "ours-merge": ours_merge, "peer-qlora-step": partial(peer_lora_step, quant=True),
+         "peer-lora-step": partial(peer_lora_step, quant=False), "peer-load-bf16": peer_load_bf16}
 
 
 def main(request: str) -> int:
