@@ -17,6 +17,7 @@ import torch
 import yaml
 
 from lorakit.config import load_train_config, to_dict
+from lorakit.data.tasks import make_task, task_name
 from lorakit.devices import resolve_device
 from lorakit.models import load
 
@@ -57,6 +58,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 DEMO_PROMPT = "Convert the date 2001-12-25 to the format 'Month D, YYYY'."
 
 
+def task_prompt(name: str) -> str:
+    """A prompt of the built-in task `name` to try the adapter on: the demo's, else a held-out row's first
+    question (a follow-up alone would lack its context)."""
+    if name == "demo":
+        return DEMO_PROMPT
+    return make_task(name, seed=0, n_train=0, n_eval=1)[1][0].messages[0]["content"]
+
+
 def next_steps(cfg) -> str:
     """What a finished `lorakit train` wrote and three commands to try next, with the run's real paths, in
     the form the user called lorakit (`.venv/bin/lorakit`, `lorakit`, `python -m lorakit`)."""
@@ -67,10 +76,10 @@ def next_steps(cfg) -> str:
     lines.append("  metrics  " + ", ".join(str(out / f) for f in files))
     if (out / "loss.png").is_file():
         lines.append(f"  plot     {out / 'loss.png'}")
-    demo = cfg.dataset == "demo"
-    own = demo or cfg.eval_dataset is not None or cfg.val_size  # `eval` finds the run's held-out rows itself
+    task = task_name(cfg.dataset)
+    own = task is not None or cfg.eval_dataset is not None or cfg.val_size  # `eval` finds the run's held-out rows
     held_out = "" if own else f" --dataset {shlex.quote(cfg.dataset) if isinstance(cfg.dataset, str) else 'FILE'}"
-    prompt = shlex.quote(DEMO_PROMPT if demo else "YOUR PROMPT")
+    prompt = shlex.quote(task_prompt(task) if task else "YOUR PROMPT")
     name = out.name if re.fullmatch(r"[A-Za-z0-9_-]+", out.name) else "mine"
     lines += ["next:",
               f"  {called} eval {out / 'adapter'}{held_out}",
@@ -106,15 +115,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.dataset:
         held_out = read_rows(args.dataset)
         source = f"every row of {args.dataset}, training rows included if the adapter was trained on it"
+        max_new_tokens = EVAL_MAX_NEW_TOKENS
     else:
         cfg, source = held_out_config(args.adapter, args.seed)
-        held_out = datasets(cfg)[1]
+        held_out, max_new_tokens = datasets(cfg)[1], cfg.max_new_tokens
         if not held_out:
             raise ValueError(f"{source} held no rows out (no eval_dataset or val_size): pass --dataset FILE")
     model, tokenizer = load(args.base, adapters=[args.adapter] if args.adapter else [], device=device)
-    em = score_rows(model, tokenizer, held_out, args.max_new_tokens)
+    em = score_rows(model, tokenizer, held_out, args.max_new_tokens or max_new_tokens)
     print(f"exact match: {em:.1%} ({len(held_out)} examples: {source})")
     return 0
+
+
+EVAL_MAX_NEW_TOKENS = 24  # `lorakit eval --dataset FILE`: the answers' length is not known
 
 
 def held_out_config(adapter: str, seed: int | None) -> tuple:
@@ -403,7 +416,8 @@ def parser() -> argparse.ArgumentParser:
                    "results.json; else the demo task's)")
     e.add_argument("--base", help="base model (default: the one the adapter was saved for)")
     e.add_argument("--seed", type=int, help="the split's seed (default: the run's, else 0)")
-    e.add_argument("--max-new-tokens", type=positive_int, default=24)
+    e.add_argument("--max-new-tokens", type=positive_int, help="generation length (default: the run's "
+                   f"max_new_tokens when scoring its held-out rows, else {EVAL_MAX_NEW_TOKENS})")
     add_device_argument(e)
     e.set_defaults(func=cmd_eval)
 

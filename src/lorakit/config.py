@@ -23,6 +23,7 @@ import yaml
 
 from lorakit.data.encode import CHAT_TEMPLATES
 from lorakit.data.formats import FORMATS
+from lorakit.data.tasks import TASK_PREFIX, get_task, task_name
 from lorakit.devices import PRECISIONS, check_device_name
 from lorakit.models import DTYPE_CHOICES
 from lorakit.quant.optim import OPTIMIZERS
@@ -179,8 +180,10 @@ class TrainConfig:
     The defaults are the built-in demo's, validated on SmolLM2-135M-Instruct on 2 CPU cores
     (held-out exact match 0% before, 100% after 30 steps; 20 steps already suffice).
 
-    `dataset`: "demo" (the built-in task), a file or folder (JSONL/JSON/CSV/Parquet), a list of
-    them, or a list of {path, weight}; the row format is detected unless `format` names it.
+    `dataset`: "demo" (the built-in task), "task:NAME" (a task of the built-in suite, `lorakit.data.tasks`;
+    task:demo is the demo), a file or folder (JSONL/JSON/CSV/Parquet), a list of them, or a list of
+    {path, weight}; the row format is detected unless `format` names it. `demo_train` and `demo_eval`
+    size whichever built-in task is chosen.
     Exactly one of `max_steps` / `epochs` bounds the run (`max_steps` wins when both are set).
     """
 
@@ -194,9 +197,9 @@ class TrainConfig:
     train_on_prompt: bool = False
     truncation: str = "truncate"  # or "drop": rows longer than max_length
     packing: bool = False  # several examples per row of max_length, each attending only to itself
-    demo_train: int = 1000
-    demo_eval: int = 100
-    output_dir: str | None = None  # None: runs/demo for the demo, else runs/<name of the (first) dataset>
+    demo_train: int = 1000  # training rows of a built-in task (the demo or task:NAME)
+    demo_eval: int = 100  # held-out rows of a built-in task
+    output_dir: str | None = None  # None: runs/demo, runs/task-NAME, else runs/<name of the (first) dataset>
     lora: LoraSpec = field(default_factory=LoraSpec)
     quant: QuantConfig | None = None
     longlora: LongLoraConfig | None = None
@@ -225,7 +228,7 @@ class TrainConfig:
     max_bad_steps: int = 5  # non-finite steps in a row before the run stops
     seed: int = 0
     eval: bool = True
-    max_new_tokens: int = 12
+    max_new_tokens: int | None = None  # None: the built-in task's own (the demo's: 12), else 12
     log_every: int = 1
     tensorboard: bool = False  # mirror metrics.jsonl into output_dir/tensorboard (needs the tensorboard package)
     distributed: str = "none"  # "ddp" or "fsdp2" under torchrun (see docs/DISTRIBUTED.md)
@@ -255,6 +258,7 @@ class TrainConfig:
         if self.distributed == "fsdp2" and self.optim != "adamw":  # 8-bit states are not shaped like the shards
             raise ValueError(f"distributed=fsdp2 supports optim=adamw only, got {self.optim!r}")
         self.check_ranges()
+        self.check_task()
         if self.output_dir is None:
             self.output_dir = default_output_dir(self.dataset)
         check_optional_dependencies(self)
@@ -262,9 +266,9 @@ class TrainConfig:
     def check_ranges(self) -> None:
         """Counts at least 1 (`keep_checkpoints: 0` is an error, not "keep all"), rates positive and finite."""
         for key in ("batch_size", "grad_accum", "keep_checkpoints", "max_length", "log_every", "max_bad_steps",
-                    "demo_train", "demo_eval", "max_new_tokens"):
+                    "demo_train", "demo_eval"):
             check_positive_int(key, getattr(self, key))
-        for key in ("max_steps", "checkpoint_every", "eval_every", "early_stopping_patience"):
+        for key in ("max_steps", "checkpoint_every", "eval_every", "early_stopping_patience", "max_new_tokens"):
             if getattr(self, key) is not None:
                 check_positive_int(key, getattr(self, key))
         if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
@@ -279,9 +283,32 @@ class TrainConfig:
             raise ValueError(f"weight_decay must be a non-negative number, got {self.weight_decay!r}")
 
 
+    def check_task(self) -> None:
+        """A built-in task (`dataset: demo` or `task:NAME`) exists and has `demo_train + demo_eval` distinct
+        examples; `max_new_tokens` left unset becomes the task's own (12 for other datasets)."""
+        name = task_name(self.dataset)
+        if name is None:
+            self.max_new_tokens = self.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+            return
+        try:
+            task = get_task(name)
+        except ValueError as e:
+            raise ValueError(f"dataset: {e} (dataset: {TASK_PREFIX}NAME)") from None
+        if self.demo_train + self.demo_eval > task.size:
+            raise ValueError(f"demo_train + demo_eval = {self.demo_train} + {self.demo_eval} exceeds the "
+                             f"{task.size} distinct examples of dataset {self.dataset!r}")
+        self.max_new_tokens = self.max_new_tokens or task.max_new_tokens
+
+
+DEFAULT_MAX_NEW_TOKENS = 12  # generation length for exact match on a dataset that is not a built-in task
+
+
 def default_output_dir(dataset: str | list) -> str:
-    """`runs/demo` for the demo; otherwise `runs/` + the name of the (first) dataset file or folder, so a
-    user's own run does not overwrite the demo's adapter."""
+    """`runs/demo` for the demo, `runs/task-NAME` for a built-in task; otherwise `runs/` + the name of the
+    (first) dataset file or folder, so a user's own run does not overwrite the demo's adapter."""
+    name = task_name(dataset)
+    if name is not None:
+        return "runs/demo" if dataset == "demo" else f"runs/task-{name}"
     first = dataset[0] if isinstance(dataset, list) and dataset else dataset
     if isinstance(first, dict):
         first = first.get("path", "")

@@ -18,7 +18,7 @@ MONTHS = (
     "July", "August", "September", "October", "November", "December",
 )  # fmt: skip
 _FIRST = datetime.date(1950, 1, 1)
-_N_DAYS = (datetime.date(2050, 1, 1) - _FIRST).days  # dates are drawn from 1950-01-01 .. 2049-12-31
+N_DAYS = (datetime.date(2050, 1, 1) - _FIRST).days  # dates are drawn from 1950-01-01 .. 2049-12-31
 
 def date_example(date: datetime.date) -> Row:
     """The prompt asking to rewrite `date` in long form, and its exact answer, as a chat row."""
@@ -33,9 +33,9 @@ def make_demo(seed: int = 0, n_train: int = 1000, n_eval: int = 100) -> tuple[li
 
     The dates are drawn without replacement, so no held-out date appears in train.
     """
-    if n_train < 0 or n_eval < 0 or n_train + n_eval > _N_DAYS:
-        raise ValueError(f"need 0 <= n_train, n_eval and n_train + n_eval <= {_N_DAYS}, got {n_train}, {n_eval}")
+    if n_train < 0 or n_eval < 0 or n_train + n_eval > N_DAYS:
+        raise ValueError(f"need 0 <= n_train, n_eval and n_train + n_eval <= {N_DAYS}, got {n_train}, {n_eval}")
     rng = random.Random(seed)
-    days = rng.sample(range(_N_DAYS), n_train + n_eval)
+    days = rng.sample(range(N_DAYS), n_train + n_eval)
     examples = [date_example(_FIRST + datetime.timedelta(days=d)) for d in days]
     return examples[:n_train], examples[n_train:]

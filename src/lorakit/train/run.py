@@ -21,6 +21,7 @@ from lorakit.data.encode import CHAT_TEMPLATES, encode_all
 from lorakit.data.files import read_rows
 from lorakit.data.formats import Row
 from lorakit.data.packing import pack
+from lorakit.data.tasks import make_task, task_name
 from lorakit.devices import peak_memory_mb, resolve_device, resolve_precision
 from lorakit.generate import score_rows
 from lorakit.longlora import enable_s2_attention, interpolate_positions, trainable_module_names
@@ -33,14 +34,14 @@ from lorakit.train.plot import plot_or_warn
 
 
 def datasets(cfg: TrainConfig) -> tuple[list[Row], list[Row]]:
-    """(train, held-out) rows: the demo's splits or the dataset files, held-out from `eval_dataset`
-    or split off by `val_size` (a fraction or a count, chosen with the seed)."""
+    """(train, held-out) rows: a built-in task's splits (the demo or `task:NAME`, sized by `demo_train` and
+    `demo_eval`) or the dataset files, held-out from `eval_dataset` or split off by `val_size` (a fraction
+    or a count, chosen with the seed)."""
     if cfg.dataset == LONG_TEXT:
         return [], []  # token rows, made with the tokenizer: `long_text_rows`
-    if cfg.dataset == "demo":
-        from lorakit.data.demo import make_demo
-
-        train, held_out = make_demo(cfg.seed, n_train=cfg.demo_train, n_eval=cfg.demo_eval)
+    task = task_name(cfg.dataset)
+    if task is not None:
+        train, held_out = make_task(task, cfg.seed, n_train=cfg.demo_train, n_eval=cfg.demo_eval)
     else:
         train, held_out = read_rows(cfg.dataset, cfg.format, cfg.seed), []
     if cfg.eval_dataset is not None:
