@@ -21,6 +21,15 @@ def test_yaml_and_overrides(tmp_path):
     assert cfg.lora.dropout == TrainConfig().lora.dropout
 
 
+def test_default_lr_by_adapter_kind():
+    """lr unset: 2e-3, and 5x that for AdaLoRA (its three small factors learn slower); a given lr always wins."""
+    assert load_train_config(None, []).lr == 2e-3
+    assert load_train_config(None, ["lora.kind=dora"]).lr == 2e-3
+    assert load_train_config(None, ["lora.kind=adalora", "lora.r=12"]).lr == 1e-2
+    assert load_train_config(None, ["lora.kind=adalora", "lora.r=12", "lr=3e-4"]).lr == 3e-4
+    assert load_train_config(None, ["lr=null"]).lr == 2e-3
+
+
 def test_unknown_key_names_key_and_nearest(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("lora:\n  alpah: 4\n")
