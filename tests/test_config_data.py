@@ -74,7 +74,7 @@ def test_numbers_yaml_reads_as_strings_are_numbers(tmp_path):
 
 
 @pytest.mark.parametrize(("override", "message"), [
-    ("lr=abc", "lr: expected a number, got 'abc'"),
+    ("lr=abc", "lr: expected a number or null, got 'abc'"),  # null: the default lr of the adapter kind
     ("max_steps=1.5", "max_steps: expected an integer or null, got 1.5"),
     ("lora=5", "lora: expected a section"),
     ("eval=yes please", "eval: expected true or false, got 'yes please'"),
