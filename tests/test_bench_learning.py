@@ -75,6 +75,17 @@ def test_resume_skips_finished_runs(tmp_path, monkeypatch):
 
     monkeypatch.setattr(learning, "train_run", never)
     assert learning.run(args_for(tmp_path, *settings)) == again
+    # max_runs=0 reports only: it reads the file another invocation may be appending to, and leaves it alone
+    with open(path, "a") as f:
+        f.write('{"suite": "learn')  # a record being written
+    before = path.read_text()
+    assert learning.run(args_for(tmp_path, *settings, "max_runs=0")) == again
+    assert path.read_text() == before
+    # max_runs=N: at most N of the runs not yet done
+    more = ("tasks=demo", "seeds=0,1,2", "methods=lora,bitfit,pissa", "sweep=", "max_runs=1")
+    monkeypatch.setattr(learning, "train_run", lambda request: trained.append(request) or real(request))
+    assert len(learning.run(args_for(tmp_path, *more))) == 7
+    assert [(r["method"], r["seed"]) for r in trained[2:]] == [("lora", 2)]
     with pytest.raises(ValueError, match="steps=4, not 6"):
         learning.run(args_for(tmp_path, *settings, "steps=6", "evals=0,6"))
 

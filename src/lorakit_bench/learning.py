@@ -27,7 +27,9 @@ demo and json are learned within about 16 steps; units and roman are not learned
 
 Settings (`--set KEY=VALUE`, lists comma-separated): tasks (demo,json), methods (all of METHODS), seeds (0,1,2),
 steps (32), evals (0,4,8,16,32; the last must be `steps`), n_train (1000), n_eval (50), batch (4), sweep (lora,dora),
-sweep_lrs (5e-4,8e-3), plot (learning-curves.png; the lr plot beside it, -lr.png), table (learning.md).
+sweep_lrs (5e-4,8e-3), plot (learning-curves.png; the lr plot beside it, -lr.png), table (learning.md),
+max_runs (-1: every planned run not yet done; N: at most N of them now; 0: only the table and plots of the runs
+done, reading --json without writing it, so it can report while another invocation is still appending).
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ MIB = 1 << 20
 def settings(args: argparse.Namespace) -> dict:
     known = {"tasks": ["demo", "json"], "methods": list(METHODS), "seeds": [0, 1, 2], "steps": 32,
              "evals": [0, 4, 8, 16, 32], "n_train": 1000, "n_eval": 50, "batch": 4, "sweep": ["lora", "dora"],
-             "sweep_lrs": [5e-4, 8e-3], "plot": "learning-curves.png", "table": "learning.md"}
+             "sweep_lrs": [5e-4, 8e-3], "plot": "learning-curves.png", "table": "learning.md", "max_runs": -1}
     quick = {"steps": 4, "evals": [0, 2, 4], "n_train": 16, "n_eval": 4, "seeds": [0, 1]} if args.quick else None
     out = parse_settings("learning", getattr(args, "set", None), known, quick)
     from lorakit.data.tasks import TASKS
@@ -148,9 +150,10 @@ def train_run(request: dict) -> dict:
 
 # ---- records: read, append, summarize ------------------------------------------------------------
 
-def read_records(path: Path) -> list[dict]:
+def read_records(path: Path, repair: bool = True) -> list[dict]:
     """The learning records of a --json file (none if it does not exist). Unreadable lines (a run killed
-    mid-write) are dropped from the file, with a note, so that the next record starts a line of its own."""
+    mid-write) are skipped with a note and, when `repair`, dropped from the file, so that the next record
+    starts a line of its own (not when only reporting: another process may be appending to the file)."""
     from lorakit.atomic import atomic_write_text
 
     if not path.is_file():
@@ -165,7 +168,7 @@ def read_records(path: Path) -> list[dict]:
         kept.append(line)
         if isinstance(record, dict) and record.get("suite") == "learning":
             records.append(record)
-    if path.read_text() != "".join(f"{line}\n" for line in kept):
+    if repair and path.read_text() != "".join(f"{line}\n" for line in kept):
         atomic_write_text(path, "".join(f"{line}\n" for line in kept))
     return records
 
@@ -334,13 +337,14 @@ def run(args: argparse.Namespace) -> list[dict]:
     threads = args.threads or int(os.environ.get("OMP_NUM_THREADS", 0)) or 2
     config = {k: s[k] for k in CONFIG_KEYS} | {"model": "tiny" if args.quick else "default"}
     path = Path(args.json) if args.json else None
-    records = read_records(path) if path else []
+    records = read_records(path, repair=s["max_runs"] != 0) if path else []
     if path:
         check_same_settings(records, config, path)
     done = {run_key(r) for r in records}
     plan = planned_runs(s)
-    todo = [key for key in plan if key not in done]
-    print(f"bench learning: {len(plan)} runs planned, {len(plan) - len(todo)} already in {path}, {len(todo)} to run "
+    todo = [key for key in plan if key not in done][: None if s["max_runs"] < 0 else s["max_runs"]]
+    print(f"bench learning: {len(plan)} runs planned, {len(set(plan) & done)} already "
+          f"in {path}, {len(todo)} to run now "
           f"(load average {os.getloadavg()[0]:.1f})", flush=True)
     for i, (task, method, lr, seed) in enumerate(todo, 1):
         request = {"task": task, "method": method, "lr": lr, "seed": seed, "quick": bool(args.quick),
