@@ -260,9 +260,15 @@ def table(records: list[dict], s: dict) -> str:
 
 # ---- plots ---------------------------------------------------------------------------------------
 
+PANELS = {"size: full FT, BitFit, LoRA by rank, rsLoRA": ("full", "bitfit", "lora_r1", "lora_r4", "lora", "lora_r16",
+                                                           "lora_r64", "rslora"),
+          "kind at r=8 (LoRA r=8 for reference)": ("lora", "dora_r4", "dora", "adalora", "loraplus", "pissa", "qlora")}
+
+
 def plot_curves(records: list[dict], path: Path, title: str) -> list[Path]:
-    """`path`: exact match against steps, one panel per task (mean over seeds, the range shaded); beside it
-    (-lr.png): final exact match against lr for the swept methods. Returns the files written."""
+    """`path`: exact match against steps, a row per task and a panel per group of methods (`PANELS`; mean over
+    seeds, the range shaded); beside it (-lr.png): final exact match against lr for the swept methods.
+    Returns the files written."""
     try:
         import matplotlib
 
@@ -273,26 +279,28 @@ def plot_curves(records: list[dict], path: Path, title: str) -> list[Path]:
         return []
     summary = summarize(records)
     tasks = list(dict.fromkeys(k[0] for k in summary))
-    colors = plt.get_cmap("tab20").colors
+    colors = dict(zip(METHODS, plt.get_cmap("tab20").colors, strict=False))
     written = []
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.5), dpi=110, squeeze=False)
-    for ax, task in zip(axes[0], tasks, strict=True):
-        for i, m in enumerate(METHODS):
-            g = summary.get((task, m, METHODS[m]["lr"]))
-            if g is None:
-                continue
-            color, style = colors[i % len(colors)], "--" if i % 2 else "-"
-            ax.plot(g["eval_steps"], [100 * v for v in g["mean"]], style, color=color, marker="o", ms=3, lw=1.3,
-                    label=f"{g['label']} ({len(g['seeds'])})")
-            ax.fill_between(g["eval_steps"], [100 * v for v in g["min"]], [100 * v for v in g["max"]], color=color,
-                            alpha=0.12, lw=0)
-        ax.set_title(f"{task}: {title}", fontsize=9)
-        ax.set_xlabel("training step")
-        ax.set_ylabel("held-out exact match % (mean; range over seeds)")
-        ax.set_ylim(-2, 102)
-        ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), title="method (seeds)",
-                       title_fontsize=7)
+    fig, axes = plt.subplots(len(tasks), len(PANELS), figsize=(6.5 * len(PANELS), 3.8 * len(tasks)), dpi=110,
+                             squeeze=False)
+    for row, task in zip(axes, tasks, strict=True):
+        for ax, (panel, methods) in zip(row, PANELS.items(), strict=True):
+            for m in methods:
+                g = summary.get((task, m, METHODS[m]["lr"]))
+                if g is None:
+                    continue
+                ax.plot(g["eval_steps"], [100 * v for v in g["mean"]], color=colors[m], marker="o", ms=3, lw=1.3,
+                        label=f"{g['label']} ({len(g['seeds'])})")
+                ax.fill_between(g["eval_steps"], [100 * v for v in g["min"]], [100 * v for v in g["max"]],
+                                color=colors[m], alpha=0.12, lw=0)
+            ax.set_title(f"{task} — {panel}\n{title}", fontsize=8)
+            ax.set_xlabel("training step")
+            ax.set_ylabel("held-out exact match %")
+            ax.set_ylim(-2, 102)
+            ax.grid(alpha=0.3)
+            if ax.get_lines():
+                ax.legend(fontsize=6.5, loc="lower right", title="method (seeds); mean, range shaded",
+                          title_fontsize=6.5)
     written.append(save(fig, path))
     sweep = {k: g for k, g in summary.items() if any(k2[1] == k[1] and k2[2] != k[2] for k2 in summary)}
     if sweep:
