@@ -21,6 +21,15 @@ def test_yaml_and_overrides(tmp_path):
     assert cfg.lora.dropout == TrainConfig().lora.dropout
 
 
+def test_default_lr_by_adapter_kind():
+    """lr unset: 2e-3, and 5x that for AdaLoRA (its three small factors learn slower); a given lr always wins."""
+    assert load_train_config(None, []).lr == 2e-3
+    assert load_train_config(None, ["lora.kind=dora"]).lr == 2e-3
+    assert load_train_config(None, ["lora.kind=adalora", "lora.r=12"]).lr == 1e-2
+    assert load_train_config(None, ["lora.kind=adalora", "lora.r=12", "lr=3e-4"]).lr == 3e-4
+    assert load_train_config(None, ["lr=null"]).lr == 2e-3
+
+
 def test_unknown_key_names_key_and_nearest(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("lora:\n  alpah: 4\n")
@@ -65,7 +74,7 @@ def test_numbers_yaml_reads_as_strings_are_numbers(tmp_path):
 
 
 @pytest.mark.parametrize(("override", "message"), [
-    ("lr=abc", "lr: expected a number, got 'abc'"),
+    ("lr=abc", "lr: expected a number or null, got 'abc'"),  # null: the default lr of the adapter kind
     ("max_steps=1.5", "max_steps: expected an integer or null, got 1.5"),
     ("lora=5", "lora: expected a section"),
     ("eval=yes please", "eval: expected true or false, got 'yes please'"),

@@ -278,6 +278,7 @@ def add_export_parser(sub) -> None:
 BENCH_SUITES = {
     "multi": "lorakit_bench.multi",
     "variants": "lorakit_bench.variants",
+    "learning": "lorakit_bench.learning",
     "longlora": "lorakit_bench.longlora",
     "ddp": "lorakit_bench.ddp",
     "gpu": "lorakit_bench.gpu",

@@ -23,23 +23,26 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from lorakit.config import ADALORA_LR
+from lorakit_bench.finetune import run_in_process, tiny_model_and_tokenizer, train_method
 from lorakit_bench.settings import parse_settings
 
+__all__ = ["VARIANTS", "run", "tiny_model_and_tokenizer", "train_variant"]  # the tiny model: tests build it too
+
 # name -> (what trains, settings). Learning rates: the demo's 2e-3 for the adapters and BitFit; full
-# fine-tuning at 5e-5 (2e-3 diverges on every weight); LoRA+ at 1e-3 with B at 16x (the paper's ratio).
+# fine-tuning at 5e-5 (2e-3 diverges on every weight); LoRA+ at 1e-3 with B at 16x (the paper's ratio);
+# AdaLoRA at its own default, 1e-2 (`config.ADALORA_LR`: at 2e-3 it reached 59% in 30 steps).
 VARIANTS: dict[str, dict] = {
     "full": {"label": "full fine-tuning", "train": "full", "lr": 5e-5},
     "bitfit": {"label": "BitFit (bias/norm)", "train": "bitfit", "lr": 2e-3},
     "lora": {"label": "LoRA r=8", "lora": {"r": 8, "alpha": 16}, "lr": 2e-3},
     "rslora": {"label": "rsLoRA r=64", "lora": {"r": 64, "alpha": 16, "rslora": True}, "lr": 2e-3},
     "dora": {"label": "DoRA r=8", "lora": {"r": 8, "alpha": 16, "kind": "dora"}, "lr": 2e-3},
-    "adalora": {"label": "AdaLoRA r=12 -> 8", "lora": {"r": 12, "alpha": 16, "kind": "adalora"}, "lr": 2e-3,
+    "adalora": {"label": "AdaLoRA r=12 -> 8", "lora": {"r": 12, "alpha": 16, "kind": "adalora"}, "lr": ADALORA_LR,
                 "adalora": {"target_r": 8}},
     "loraplus": {"label": "LoRA+ r=8 (ratio 16)", "lora": {"r": 8, "alpha": 16}, "lr": 1e-3, "loraplus_ratio": 16.0},
 }
@@ -62,115 +65,16 @@ def settings(args: argparse.Namespace) -> dict:
 
 # ---- one variant, in its own process -------------------------------------------------------------
 
-def tiny_model_and_tokenizer(seed: int):
-    """A tiny random Llama and a character-level ChatML tokenizer (ids < 128) for --quick."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    from lorakit.data.encode import CHAT_TEMPLATES
-
-    vocab = {chr(i): i for i in range(32, 127)} | {"<unk>": 0, "<|im_end|>": 1, "<|im_start|>": 2, "\n": 10}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    backend.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<|im_end|>",
-                                  pad_token="<|im_end|>", bos_token="<|im_start|>")
-    tok.chat_template = CHAT_TEMPLATES["chatml"]
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    model = LlamaForCausalLM(config).eval()
-    model.generation_config.pad_token_id = model.generation_config.eos_token_id = 1
-    return model, tok
-
-
-def set_trainable(model, variant: dict, seed: int):
-    """Make the variant's parameters trainable (inject its adapter); returns its LoRA spec or None."""
-    import torch
-
-    from lorakit.adapters.inject import inject
-    from lorakit.config import AdaLoraSpec, LoraSpec
-
-    model.requires_grad_(False)
-    if variant.get("train") == "full":
-        model.requires_grad_(True)
-        return None
-    if variant.get("train") == "bitfit":  # biases and normalization scales only
-        norms = [m for m in model.modules() if "norm" in type(m).__name__.lower()]
-        for module in norms:
-            module.requires_grad_(True)
-        for name, p in model.named_parameters():
-            if name.endswith(".bias"):
-                p.requires_grad_(True)
-        return None
-    ada = AdaLoraSpec(**variant["adalora"]) if "adalora" in variant else None
-    spec = LoraSpec(**variant["lora"], adalora=ada)
-    torch.manual_seed(seed)
-    inject(model, spec)
-    return spec
-
-
 def train_variant(request: dict) -> dict:
-    """Train one variant as `request` says; its figures and loss curve."""
-    import torch
-
-    from lorakit.adapters.loraplus import loraplus_param_groups
-    from lorakit.config import TrainConfig
-    from lorakit.data.demo import make_demo
-    from lorakit.data.encode import encode_all
+    """Train one variant as `request` says (the demo task); its figures, loss curve and held-out exact match."""
     from lorakit.generate import score_rows
-    from lorakit.models import load
-    from lorakit.train.fit import fit
-    from lorakit_bench.measure import peak_rss_bytes, reset_peak_rss
 
-    torch.set_num_threads(request["threads"])
-    variant, seed = VARIANTS[request["variant"]], request["seed"]
-    model, tokenizer = tiny_model_and_tokenizer(seed) if request["quick"] else load("default")
-    train, held_out = make_demo(seed, n_train=request["n_train"], n_eval=request["n_eval"])
-    cfg = TrainConfig(max_steps=request["steps"], lr=variant["lr"], loraplus_ratio=variant.get("loraplus_ratio"),
-                      seed=seed, eval=False, warmup_steps=min(5, request["steps"] // 4))
-    rows = encode_all(tokenizer, train, cfg.max_length, warn=lambda _m: None)
-    spec = set_trainable(model, variant, seed)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    groups = loraplus_param_groups(model, cfg.lr, cfg.loraplus_ratio, None, cfg.weight_decay) \
-        if cfg.loraplus_ratio else None
-    setup_rss = peak_rss_bytes()
-    reset_peak_rss()
-    result = fit(model, rows, cfg, tokenizer.pad_token_id, param_groups=groups, log=lambda _m: None)
-    train_rss = peak_rss_bytes()
-    ends = [r["seconds"] for r in result.history]
-    step_s = [b - a for a, b in zip(ends, ends[1:], strict=False)]  # the first step (allocations) left out
+    variant = VARIANTS[request["variant"]]
+    trained = train_method(variant, request)
     t = time.perf_counter()
-    exact = score_rows(model, tokenizer, held_out, cfg.max_new_tokens)
-    record = {
-        "variant": request["variant"], "label": variant["label"], "lr": variant["lr"],
-        "exact_match": exact, "trainable_params": trainable, "total_params": total,
-        "step_s": statistics.median(step_s) if step_s else result.seconds, "train_s": result.seconds,
-        "peak_rss": train_rss, "setup_peak_rss": setup_rss, "eval_s": time.perf_counter() - t,
-        "first_loss": result.first_loss, "last_loss": result.last_loss,
-        "losses": [r["loss"] for r in result.history],
-    }
-    if spec is not None and spec.kind == "adalora":
-        from lorakit.adapters.adalora import final_ranks
-
-        ranks = final_ranks(model, "default")
-        record["adalora_total_rank"] = sum(ranks.values())
-        record["adalora_target_rank"] = spec.adalora.target_r * len(ranks)
-    return record
-
-
-def run_variant_process(request: dict) -> dict:
-    """`train_variant` in a fresh Python process (its peak RSS its own); the record it prints."""
-    threads = str(request["threads"])
-    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-    done = subprocess.run([sys.executable, "-m", "lorakit_bench.variants", json.dumps(request)],
-                          capture_output=True, text=True, env=env)
-    lines = done.stdout.strip().splitlines()
-    if done.returncode != 0 or not lines:
-        raise RuntimeError(f"variant {request['variant']} failed:\n{done.stderr[-4000:]}")
-    return json.loads(lines[-1])
+    exact = score_rows(trained.model, trained.tokenizer, trained.held_out, trained.max_new_tokens)
+    return {"variant": request["variant"], "label": variant["label"], **trained.record, "exact_match": exact,
+            "eval_s": time.perf_counter() - t}
 
 
 # ---- DoRA vs LoRA step time, lorakit and PEFT ----------------------------------------------------
@@ -281,7 +185,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     for name in s["variants"]:
         request = {"variant": name, "quick": bool(args.quick), "steps": s["steps"], "n_train": s["n_train"],
                    "n_eval": s["n_eval"], "seed": 0, "threads": threads}
-        record = train_variant(request) if args.quick else run_variant_process(request)
+        record = train_variant(request) if args.quick else run_in_process("lorakit_bench.variants", request)
         print(f"{record['label']}: exact match {record['exact_match']:.0%}, {record['step_s']:.3f} s/step, "
               f"peak RSS {record['peak_rss'] / MIB:.0f} MiB (load {os.getloadavg()[0]:.1f})", flush=True)
         records.append(record)

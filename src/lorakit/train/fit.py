@@ -371,12 +371,8 @@ class Run:
         if self.evaluate is not None and due:
             record.update(self.evaluate(self.model))
             self.model.train()
-            if result.best_val_loss is None or record["val_loss"] < result.best_val_loss:
-                result.best_val_loss, self.since_best = record["val_loss"], 0
-                if cfg.early_stopping_patience:
-                    self.best_params = {n: p.detach().clone() for n, p in self.params.items()}
-            else:
-                self.since_best += 1
+            if "val_loss" in record:  # other metrics `evaluate` returns are only recorded (bench learning: exact match)
+                self.track_best(record["val_loss"])
         result.history.append(record)
         if self.metrics and (step % cfg.log_every == 0 or self.step == self.steps or "val_loss" in record):
             self.metrics.write(json.dumps(record) + "\n")
@@ -390,6 +386,15 @@ class Run:
             self.log(f"early stop at step {self.step}: no better val_loss in {self.since_best} evaluations")
             result.stopped_early = self.stopped = True
         return record
+
+    def track_best(self, val_loss: float) -> None:
+        """Count evaluations since the best val_loss; keep the best parameters when early stopping."""
+        if self.result.best_val_loss is None or val_loss < self.result.best_val_loss:
+            self.result.best_val_loss, self.since_best = val_loss, 0
+            if self.cfg.early_stopping_patience:
+                self.best_params = {n: p.detach().clone() for n, p in self.params.items()}
+        else:
+            self.since_best += 1
 
     def checkpoint(self) -> Path:
         extra = {"allocator": self.allocator.state_dict()} if self.allocator is not None else {}
@@ -438,7 +443,8 @@ def fit(
     """Train the model's trainable parameters on encoded rows.
 
     `out`: where metrics.jsonl and checkpoints go (None: nowhere). `evaluate(model)` returns
-    validation metrics ({"val_loss": ...}) every `eval_every` steps. `param_groups` replaces the
+    metrics every `eval_every` steps and at the last: a "val_loss" there drives early stopping and the
+    best parameters kept; every metric is recorded in the step's record. `param_groups` replaces the
     default single group (LoRA+). Ctrl-C writes a checkpoint before it stops the run.
     """
     torch.manual_seed(cfg.seed)
