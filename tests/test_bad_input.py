@@ -50,7 +50,7 @@ PEFT_CONFIG = json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_
 
 CASES = [
     # ---------------------------------------------------------------- configs and overrides
-    Case("lr-not-a-number", train("lr=abc"), ["lr: expected a number, got 'abc'"], ROWS),
+    Case("lr-not-a-number", train("lr=abc"), ["lr: expected a number or null, got 'abc'"], ROWS),
     Case("lr-negative", train("lr=-1"), ["lr must be a positive number, got -1"], ROWS),
     Case("max-steps-negative", train("max_steps=-3"), ["max_steps must be a positive integer, got -3"], ROWS),
     Case("max-steps-fraction", train("max_steps=1.5"), ["max_steps: expected an integer or null, got 1.5"], ROWS),
@@ -68,7 +68,7 @@ CASES = [
          ROWS),
     Case("override-without-value", train("max_steps"), ["override 'max_steps' is not of the form key=value"], ROWS),
     Case("unknown-key", train("lora.rr=4"), ["unknown key 'rr' (did you mean 'r'?)"], ROWS),
-    Case("yaml-number-as-text", ["train", "{case}/c.yaml"], ["c.yaml: lr: expected a number, got 'abc'"],
+    Case("yaml-number-as-text", ["train", "{case}/c.yaml"], ["c.yaml: lr: expected a number or null, got 'abc'"],
          {"c.yaml": "lr: abc\n"}),
     Case("yaml-broken", ["train", "{case}/c.yaml"], ["c.yaml: invalid YAML"], {"c.yaml": "lr: [1, 2\n"}),
     Case("yaml-not-a-mapping", ["train", "{case}/c.yaml"], ["c.yaml: top level must be a mapping"],
