@@ -122,3 +122,22 @@ def test_plan_order_and_settings_checks():
                          (["evals=0,8"], "evals must rise")):
         with pytest.raises(ValueError, match=message):
             learning.settings(argparse.Namespace(quick=False, set=bad))
+
+
+def test_jobs_run_side_by_side_and_match_one_at_a_time(tmp_path):
+    """jobs=2: two runs at once, each in its own process; every planned run recorded once, with the same
+    figures as the runs made one after another (the requests do not get mixed up between the job threads)."""
+    settings = ("tasks=demo", "seeds=0,1", "methods=lora,bitfit,pissa", "sweep=")
+    serial = learning.run(args_for(tmp_path, *settings, json_name="serial.jsonl"))
+    side = learning.run(args_for(tmp_path, *settings, "jobs=2", json_name="side.jsonl"))
+    lines = [json.loads(line) for line in (tmp_path / "side.jsonl").read_text().splitlines()]
+    keys = [learning.run_key(r) for r in lines]
+    assert sorted(keys) == sorted(learning.run_key(r) for r in serial) and len(set(keys)) == len(keys) == 6
+    assert {r["env"]["jobs"] for r in lines} == {2}
+    by_key = {learning.run_key(r): r for r in side}
+    for r in serial:
+        twin = by_key[learning.run_key(r)]
+        assert twin["exact_match_curve"] == r["exact_match_curve"], learning.run_key(r)
+        assert twin["losses"] == pytest.approx(r["losses"], rel=1e-5), learning.run_key(r)
+    with pytest.raises(ValueError, match="jobs=0"):
+        learning.run(args_for(tmp_path, *settings, "jobs=0", json_name="never.jsonl"))

@@ -29,7 +29,10 @@ Settings (`--set KEY=VALUE`, lists comma-separated): tasks (demo,json), methods 
 steps (32), evals (0,4,8,16,32; the last must be `steps`), n_train (1000), n_eval (50), batch (4), sweep (lora,dora),
 sweep_lrs (5e-4,8e-3), plot (learning-curves.png; the lr plot beside it, -lr.png), table (learning.md),
 max_runs (-1: every planned run not yet done; N: at most N of them now; 0: only the table and plots of the runs
-done, reading --json without writing it, so it can report while another invocation is still appending).
+done, reading --json without writing it, so it can report while another invocation is still appending), jobs (1:
+runs at once, each in its own process with --threads threads; on two idle cores `--threads 1 --set jobs=2` does
+more runs an hour than one run with two threads: the default model's small matrices keep a second thread
+half idle).
 """
 
 from __future__ import annotations
@@ -40,7 +43,9 @@ import math
 import os
 import statistics
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from lorakit_bench.finetune import run_in_process, train_method
@@ -81,7 +86,8 @@ MIB = 1 << 20
 def settings(args: argparse.Namespace) -> dict:
     known = {"tasks": ["demo", "json"], "methods": list(METHODS), "seeds": [0, 1, 2], "steps": 32,
              "evals": [0, 4, 8, 16, 32], "n_train": 1000, "n_eval": 50, "batch": 4, "sweep": ["lora", "dora"],
-             "sweep_lrs": [5e-4, 8e-3], "plot": "learning-curves.png", "table": "learning.md", "max_runs": -1}
+             "sweep_lrs": [5e-4, 8e-3], "plot": "learning-curves.png", "table": "learning.md", "max_runs": -1,
+             "jobs": 1}
     quick = {"steps": 4, "evals": [0, 2, 4], "n_train": 16, "n_eval": 4, "seeds": [0, 1]} if args.quick else None
     out = parse_settings("learning", getattr(args, "set", None), known, quick)
     from lorakit.data.tasks import TASKS
@@ -90,6 +96,8 @@ def settings(args: argparse.Namespace) -> dict:
         unknown = [n for n in out[key] if n not in known_names]
         if unknown:
             raise ValueError(f"bench learning: --set {key}: unknown {unknown}; known: {list(known_names)}")
+    if out["jobs"] < 1:
+        raise ValueError(f"bench learning: --set jobs={out['jobs']}: at least 1 run at a time")
     evals = out["evals"]
     if evals != sorted(set(evals)) or evals[0] < 0 or evals[-1] != out["steps"]:
         raise ValueError(f"bench learning: evals must rise from >= 0 to steps={out['steps']}, got {evals}")
@@ -354,24 +362,43 @@ def run(args: argparse.Namespace) -> list[dict]:
     print(f"bench learning: {len(plan)} runs planned, {len(set(plan) & done)} already "
           f"in {path}, {len(todo)} to run now "
           f"(load average {os.getloadavg()[0]:.1f})", flush=True)
-    for i, (task, method, lr, seed) in enumerate(todo, 1):
+    known = len(records)
+    lock = threading.Lock()  # the job threads share `records` (step 0 is read from it), the file and the count
+
+    def one(key: tuple) -> None:
+        task, method, lr, seed = key
+        with lock:
+            step0 = None if method in OWN_STEP0 else shared_step0(records, task, seed)
         request = {"task": task, "method": method, "lr": lr, "seed": seed, "quick": bool(args.quick),
                    "steps": s["steps"], "evals": s["evals"], "n_train": s["n_train"], "n_eval": s["n_eval"],
-                   "batch": s["batch"], "threads": threads,
-                   "step0": None if method in OWN_STEP0 else shared_step0(records, task, seed)}
+                   "batch": s["batch"], "threads": threads, "step0": step0}
         load_before, t = os.getloadavg()[0], time.perf_counter()
-        record = train_run(request) if args.quick else run_in_process("lorakit_bench.learning", request)
-        record |= {"config": config, "env": {**environment(threads), "loadavg_1m_before": load_before,
-                                             "loadavg_1m_after": os.getloadavg()[0],
+        in_here = args.quick and s["jobs"] == 1  # runs side by side need processes of their own (torch's seeds)
+        record = train_run(request) if in_here else run_in_process("lorakit_bench.learning", request)
+        record |= {"config": config, "env": {**environment(threads), "jobs": s["jobs"],
+                                             "loadavg_1m_before": load_before, "loadavg_1m_after": os.getloadavg()[0],
                                              "wall_s": time.perf_counter() - t}}
-        records.append(record)
-        if path:
-            append_record(path, record)
-        curve = " ".join(f"{n}:{100 * v:.0f}" for n, v in zip(record["eval_steps"], record["exact_match_curve"],
-                                                              strict=True))
-        print(f"[{i}/{len(todo)}] {task} {record['label']} lr={lr:g} seed={seed}: exact match % {curve}; "
-              f"{record['step_s']:.2f} s/step, eval {record['eval_s']:.0f} s, wall {record['env']['wall_s']:.0f} s "
-              f"(load {load_before:.1f})", flush=True)
+        with lock:  # recorded before this thread takes its next run, so that run can share this one's step 0
+            records.append(record)
+            if path:
+                append_record(path, record)
+            curve = " ".join(f"{n}:{100 * v:.0f}" for n, v in zip(record["eval_steps"], record["exact_match_curve"],
+                                                                  strict=True))
+            print(f"[{len(records) - known}/{len(todo)}] {task} {record['label']} lr={lr:g} seed={seed}: "
+                  f"exact match % {curve}; {record['step_s']:.2f} s/step, eval {record['eval_s']:.0f} s, "
+                  f"wall {record['env']['wall_s']:.0f} s (load {load_before:.1f})", flush=True)
+
+    # jobs=1: one run after another, in the planned order; jobs=N: N at once, started in the planned order and
+    # appended as each finishes. Each run has --threads threads (on 2 cores: --threads 1 --set jobs=2).
+    with ThreadPoolExecutor(max_workers=s["jobs"]) as pool:
+        futures = [pool.submit(one, key) for key in todo]
+        try:
+            for future in as_completed(futures):
+                future.result()
+        except BaseException:
+            for f in futures:  # the runs not started yet; those running finish and are recorded
+                f.cancel()
+            raise
     ran = {run_key(r) for r in records}
     shown = [r for r in records if run_key(r) in set(plan) & ran]  # this invocation's plan, as far as it got
     text = table(shown, s)
