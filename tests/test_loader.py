@@ -382,3 +382,52 @@ def test_a_4bit_folder_split_across_shards_loads_like_one_file(tmp_path, tokens)
     assert sa.keys() == sb.keys() == ref.keys() and all(torch.equal(sb[k], ref[k]) and torch.equal(sa[k], ref[k])
                                                         for k in ref)
     torch.testing.assert_close(b(tokens).logits, model(tokens).logits, rtol=0, atol=0)
+
+
+def keep_fp32_model(arch: str):
+    """Tiny random models whose class keeps some tensors in fp32: GPT-OSS its norms (in fp16), DeepSeek-V3
+    and GLM-4-MoE their routers and e_score_correction_bias (in fp16 and bf16)."""
+    from transformers import AutoConfig
+
+    common = dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.2)
+    extra = {
+        "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, head_dim=8, sliding_window=16,
+                        layer_types=["sliding_attention", "full_attention"]),
+        "deepseek_v3": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, n_shared_experts=1,
+                            first_k_dense_replace=1, n_group=2, topk_group=1, q_lora_rank=16, kv_lora_rank=16,
+                            qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8),
+        "glm4_moe": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, n_shared_experts=1,
+                         first_k_dense_replace=1, n_group=2, topk_group=1, head_dim=8),
+    }[arch]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(arch, **common, **extra))
+    with torch.no_grad():  # e_score_correction_bias starts at zero: values that bf16 would round
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.copy_(torch.rand(buffer.shape) * 1e-2 + 1.0)
+    return model.eval()
+
+
+@pytest.mark.parametrize(("arch", "dtype", "kept"), [
+    ("gpt_oss", torch.float16, "layernorm.weight"), ("gpt_oss", torch.bfloat16, None),
+    ("deepseek_v3", torch.bfloat16, "e_score_correction_bias"), ("glm4_moe", torch.float16, "mlp.gate.weight"),
+])
+def test_tensors_kept_in_fp32_as_transformers_keeps_them(arch, dtype, kept, tmp_path):
+    """transformers keeps `_keep_in_fp32_modules` (in fp16) and `_keep_in_fp32_modules_strict` (fp16 and bf16)
+    in fp32: the loader gives every tensor transformers' dtype and value, from an fp32 folder cast on load and
+    from a folder stored in `dtype` (dtype auto)."""
+    fp32 = keep_fp32_model(arch)
+    for folder, asked in ((save(fp32, tmp_path / "fp32"), dtype), (save(fp32.to(dtype), tmp_path / "low"), "auto")):
+        theirs = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).state_dict()
+        ours = load(str(folder), dtype=asked)[0].state_dict()
+        assert ours.keys() == theirs.keys()
+        for key, want in theirs.items():
+            assert ours[key].dtype == want.dtype and torch.equal(ours[key], want), (key, ours[key].dtype, want.dtype)
+        fp32_keys = [k for k, t in theirs.items() if t.dtype == torch.float32]
+        if kept is None:  # GPT-OSS in bf16: its norms follow the dtype
+            assert not fp32_keys
+        else:
+            assert fp32_keys and any(kept in k for k in fp32_keys), fp32_keys
+            assert len(fp32_keys) < len(theirs)
+        fp32 = keep_fp32_model(arch)  # save() above cast it

@@ -3,10 +3,10 @@
 Each tensor is read from its shard with a positioned read (not through a memory map: the pages of
 a mapped file stay resident, and count in the process's memory, until the file is closed, so a
 5 GB shard would cost 5 GB), moved to the device, checked against the parameter it fills, and put
-in place in the file's dtype (or cast to `dtype`). The weight of a linear layer that `quant` makes
-4-bit goes straight into its `Linear4bit`; a folder already in the bitsandbytes 4-bit layout is
-rebuilt from its packed bytes. So the full-precision model never exists: the peak is the finished
-model plus one tensor in flight.
+in place in the file's dtype (or cast to `dtype`; the few a model keeps in fp32, `KeepFp32`, in fp32). The
+weight of a linear layer that `quant` makes 4-bit goes straight into its `Linear4bit`; a folder already in the
+bitsandbytes 4-bit layout is rebuilt from its packed bytes. So the full-precision model never exists: the peak
+is the finished model plus one tensor in flight.
 
 Mixture-of-experts checkpoints store each expert's projections apart (`experts.3.w1.weight`, ...), which
 transformers merges into fused weights (`experts.gate_up_proj` [E, 2 * ff, hidden]); here each expert's
@@ -190,13 +190,12 @@ def fill_model(model: nn.Module, folder: Path, how: Fill) -> nn.Module:
             how.quant_storage))  # fmt: skip
     fused = {f"{n}.{p}" for n, m in model.named_modules() if isinstance(m, Experts4bit) for p in m.quantized}
     pending: dict[str, dict[str, Tensor]] = {name: {} for name in packed}
-    renames, parts = KeyRenames.of(model), ExpertParts()
+    renames, parts, keep_fp32 = KeyRenames.of(model), ExpertParts(), KeepFp32.of(model)
     for file, key, tensor in read_grouped(headers, renames, how.device):
         name = _model_key(model, key, expected, renames)
         piece = renames.expert_piece(key)
         if piece is not None and name in expected:  # one expert's part of a fused expert weight
-            if how.dtype is not None:
-                tensor = tensor.to(how.dtype)
+            tensor = keep_fp32.cast(name, tensor, how.dtype)
             parts.add(model, name, *piece, tensor, tuple(expected[name].shape), file)
             continue
         module_name, _, attr = name.rpartition(".")
@@ -211,8 +210,7 @@ def fill_model(model: nn.Module, folder: Path, how: Fill) -> nn.Module:
         if tuple(expected[name].shape) != tuple(tensor.shape):
             raise CheckpointError(f"{file}: tensor {key} has shape {list(tensor.shape)}, but the model built "
                                   f"from config.json expects {list(expected[name].shape)}")
-        if how.dtype is not None and tensor.is_floating_point():
-            tensor = tensor.to(how.dtype)
+        tensor = keep_fp32.cast(name, tensor, how.dtype)
         if attr == "weight" and module_name in to_quantize:
             _put_4bit(model, to_quantize[module_name], tensor, how)
         elif name in fused:  # a fused expert weight stored whole, into its Experts4bit
@@ -244,6 +242,36 @@ def _names_to_quantize(model: nn.Module, packed: set[str]) -> dict[str, list[str
     for name, module in quantization_targets(model):
         by_id.setdefault(id(module), []).append(name)
     return {names[0]: names for names in by_id.values() if not packed.intersection(names)}
+
+
+@dataclass
+class KeepFp32:
+    """The tensors a model keeps in fp32 whatever the load's dtype, as transformers' from_pretrained does:
+    `_keep_in_fp32_modules` when the tensors are fp16 (GPT-OSS's norms), `_keep_in_fp32_modules_strict` when
+    fp16 or bf16 (the routers and `e_score_correction_bias` of DeepSeek-V3, GLM-4-MoE, ...: rounded to bf16
+    they would change which experts a token goes to). Patterns as transformers reads them: a regex searched
+    in the parameter's name, `*` any text."""
+
+    loose: re.Pattern | None
+    strict: re.Pattern | None
+
+    @classmethod
+    def of(cls, model: nn.Module) -> KeepFp32:
+        def pattern(attr: str) -> re.Pattern | None:  # the top model holds its submodels' lists (post_init)
+            names = sorted(getattr(model, attr, None) or ())
+            return re.compile("|".join(f"(?:{n.replace('*', '.*')})" for n in names)) if names else None
+
+        return cls(pattern("_keep_in_fp32_modules"), pattern("_keep_in_fp32_modules_strict"))
+
+    def cast(self, name: str, tensor: Tensor, dtype: torch.dtype | None) -> Tensor:
+        """`tensor` (of parameter or buffer `name`) in `dtype` (None: as stored), or in fp32 where kept."""
+        if not tensor.is_floating_point():
+            return tensor
+        target = dtype or tensor.dtype
+        if (target == torch.float16 and self.loose is not None and self.loose.search(name)) or \
+                (target in (torch.float16, torch.bfloat16) and self.strict is not None and self.strict.search(name)):
+            target = torch.float32
+        return tensor.to(target)
 
 
 @dataclass
