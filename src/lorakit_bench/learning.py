@@ -23,16 +23,17 @@ The budget (about two hours on two idle CPU cores; docs/RESULTS.md): 14 methods 
 2 other lrs x 2 tasks x 3 seeds = 108 runs of about 70 s each: process start and model load ~8 s, 32 steps of 4
 rows (under 100 tokens each) at ~1.3 s, four evaluations of 50 held-out rows at ~6 s. Batch 4 rather than the
 demo's 8 buys twice the steps per second; the eval points crowd the first steps, where the methods differ (the
-demo and json are learned within about 16 steps; units and roman are not learned in 32: 6% -> 10%).
+demo and json are learned within about 16 steps; units and roman are not learned in 32: 6% -> 10%). The harder
+`units` task at 64 steps (`--set tasks=units --set steps=64 --set evals=0,8,16,32,64`, 54 runs) took 80 minutes
+with `--threads 1 --set jobs=2` on the idle machine (2026-12-05): 147-317 s a run, two at once (docs/RESULTS.md).
 
 Settings (`--set KEY=VALUE`, lists comma-separated): tasks (demo,json), methods (all of METHODS), seeds (0,1,2),
 steps (32), evals (0,4,8,16,32; the last must be `steps`), n_train (1000), n_eval (50), batch (4), sweep (lora,dora),
 sweep_lrs (5e-4,8e-3), plot (learning-curves.png; the lr plot beside it, -lr.png), table (learning.md),
 max_runs (-1: every planned run not yet done; N: at most N of them now; 0: only the table and plots of the runs
 done, reading --json without writing it, so it can report while another invocation is still appending), jobs (1:
-runs at once, each in its own process with --threads threads; on two idle cores `--threads 1 --set jobs=2` does
-more runs an hour than one run with two threads: the default model's small matrices keep a second thread
-half idle).
+runs at once, each in its own process with --threads threads; on two cores `--threads 1 --set jobs=2`: the
+default model's small matrices keep a second thread of one run half idle).
 """
 
 from __future__ import annotations
