@@ -137,6 +137,22 @@ def randomize_adapters(model: torch.nn.Module, seed: int = 1) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
 
 
+
+def add_expert_updates(base: torch.nn.Module, model: torch.nn.Module) -> torch.nn.Module:
+    """The plain-torch reference of LoRA on fused expert weights: `base` with W_e += (alpha / r) B_e A_e, expert
+    by expert, for every expert adapter active in `model` (a 2-D weight is one expert). Returns `base`."""
+    from lorakit.adapters.params import param_layers
+
+    with torch.no_grad():
+        for path, layer in param_layers(model):
+            for name in layer.active:
+                for param, adapter in layer.adapters[name].items():
+                    weight = base.get_submodule(path)._parameters[param]
+                    stacked = weight if weight.dim() == 3 else weight[None]  # [E, out, in]
+                    for e in range(stacked.shape[0]):
+                        stacked[e] += adapter.lora_B[e] @ adapter.lora_A[e] * (adapter.alpha / adapter.r)
+    return base
+
 @pytest.fixture
 def tokens() -> torch.Tensor:
     return torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))

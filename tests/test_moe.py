@@ -14,7 +14,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora.layer import ParamWrapper
 
 import lorakit
-from conftest import randomize_adapters
+from conftest import add_expert_updates, randomize_adapters
 from lorakit.adapters.inject import count_parameters
 from lorakit.adapters.params import ParamLoraLayer, param_layers
 from tiny_archs import tiny_model
@@ -33,16 +33,7 @@ def logits(model, batch=None) -> torch.Tensor:
 
 def reference(arch: str, model) -> torch.Tensor:
     """Logits of a fresh base whose held weights are W_e + scale * B_e A_e, computed expert by expert."""
-    base = tiny_model(arch)
-    with torch.no_grad():
-        for path, layer in param_layers(model):
-            for name in layer.active:
-                for param, adapter in layer.adapters[name].items():
-                    weight = base.get_submodule(path)._parameters[param]
-                    stacked = weight if weight.dim() == 3 else weight[None]  # [E, out, in]
-                    for e in range(stacked.shape[0]):
-                        stacked[e] += adapter.lora_B[e] @ adapter.lora_A[e] * (adapter.alpha / adapter.r)
-    return logits(base)
+    return logits(add_expert_updates(tiny_model(arch), model))
 
 
 def peft_model(arch: str, **config):

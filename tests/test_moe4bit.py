@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, MixtralConfig, Qwen3MoeConfig
 
 import lorakit
-from conftest import randomize_adapters, tiny_tokenizer
+from conftest import add_expert_updates, randomize_adapters, tiny_tokenizer
 from lorakit.adapters.params import ParamLoraLayer, param_layers
 from lorakit.models import load
 from lorakit.quant import linear4bit
@@ -164,15 +164,7 @@ def test_4bit_experts_stay_close_to_full_precision(arch):
 def reference_with_adapters(fp_model, model) -> torch.nn.Module:
     """The bitsandbytes-dequantized model with `model`'s expert adapters as plain per-expert updates of its
     expert weights: W_e + scale * B_e A_e, expert by expert."""
-    ref = bnb_dequantized_model(fp_model)
-    with torch.no_grad():
-        for path, layer in param_layers(model):
-            for name in layer.active:
-                for param, adapter in layer.adapters[name].items():
-                    weight = ref.get_submodule(path)._parameters[param]
-                    for e in range(weight.shape[0]):
-                        weight[e] += adapter.lora_B[e] @ adapter.lora_A[e] * adapter.scale
-    return ref
+    return add_expert_updates(bnb_dequantized_model(fp_model), model)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
