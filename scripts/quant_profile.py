@@ -62,25 +62,35 @@ class Clock:
                     statistics.median(r[n][1] for r in self.runs if n in r)) for n in names}  # fmt: skip
 
 
+def timed_chunks(nf4, w: torch.Tensor, clock: Clock, prefix: str, pack) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chunk loop both quantizers share, each step timed: to fp32, absmax and scale, then `pack(part, am,
+    scaled)` (a version's own steps, timed inside it) -> the chunk's packed bytes. Returns (packed, absmax)."""
+    flat, chunk, packed, absmax = w.reshape(-1), nf4.QUANTIZE_CHUNK, [], []
+    for start in range(0, flat.numel(), chunk):
+        with clock(f"{prefix}to fp32"):
+            part = flat[start : start + chunk].float()
+        with clock(f"{prefix}absmax + scale (+ clamp)"):
+            am, scaled = nf4._scale_blocks(part, 64)
+        packed.append(pack(part, am, scaled))
+        absmax.append(am)
+    with clock(f"{prefix}concatenate chunks"):
+        return torch.cat(packed), torch.cat(absmax)
+
+
 def steps_now(nf4, weights: list[torch.Tensor], clock: Clock, prefix: str) -> None:
     """lorakit's quantize_4bit (NF4, blocksize 64, double quantization), one step at a time."""
     lookup = nf4._code_lookup("nf4", torch.device("cpu"))
+
+    def pack(part: torch.Tensor, am: torch.Tensor, scaled: torch.Tensor) -> torch.Tensor:
+        with clock(f"{prefix}NaN/Inf check"):
+            math.isfinite(am.max())
+        with clock(f"{prefix}nearest code (lookup table)"):
+            q = nf4._nearest_code(scaled, lookup)
+        with clock(f"{prefix}pack two codes a byte"):
+            return torch.add(q[1::2], q[0::2], alpha=16)
+
     for w in weights:
-        flat, chunk, packed, absmax = w.reshape(-1), nf4.QUANTIZE_CHUNK, [], []
-        for start in range(0, flat.numel(), chunk):
-            with clock(f"{prefix}to fp32"):
-                part = flat[start : start + chunk].float()
-            with clock(f"{prefix}absmax + scale (+ clamp)"):
-                am, scaled = nf4._scale_blocks(part, 64)
-            with clock(f"{prefix}NaN/Inf check"):
-                math.isfinite(am.max())
-            with clock(f"{prefix}nearest code (lookup table)"):
-                q = nf4._nearest_code(scaled, lookup)
-            with clock(f"{prefix}pack two codes a byte"):
-                packed.append(torch.add(q[1::2], q[0::2], alpha=16))
-            absmax.append(am)
-        with clock(f"{prefix}concatenate chunks"):
-            packed, am = torch.cat(packed), torch.cat(absmax)
+        _packed, am = timed_chunks(nf4, w, clock, prefix, pack)
         state = nf4.QuantState(am, w.shape, w.dtype, 64, "nf4", nf4.code_book("nf4"))
         with clock(f"{prefix}double quantization"):
             nf4._double_quantize(state)
@@ -89,24 +99,19 @@ def steps_now(nf4, weights: list[torch.Tensor], clock: Clock, prefix: str) -> No
 def steps_afd4a92(nf4, weights: list[torch.Tensor], clock: Clock, prefix: str) -> None:
     """The quantizer of commit afd4a92 (chunks of 2^20, bucketize), one step at a time."""
     code = nf4.code_book("nf4")
+
+    def pack(part: torch.Tensor, am: torch.Tensor, scaled: torch.Tensor) -> torch.Tensor:
+        with clock(f"{prefix}pad to even"):
+            scaled = F.pad(scaled, (0, part.numel() % 2))
+        with clock(f"{prefix}nearest code (bucketize + order)"):
+            q = nf4._nearest_code(scaled, code)
+        with clock(f"{prefix}to uint8"):
+            q = q.to(torch.uint8)
+        with clock(f"{prefix}pack two codes a byte"):
+            return q[0::2] << 4 | q[1::2]
+
     for w in weights:
-        flat, chunk, packed, absmax = w.reshape(-1), nf4.QUANTIZE_CHUNK, [], []
-        for start in range(0, flat.numel(), chunk):
-            with clock(f"{prefix}to fp32"):
-                part = flat[start : start + chunk].float()
-            with clock(f"{prefix}absmax + scale (+ clamp)"):
-                am, scaled = nf4._scale_blocks(part, 64)
-            with clock(f"{prefix}pad to even"):
-                scaled = F.pad(scaled, (0, part.numel() % 2))
-            with clock(f"{prefix}nearest code (bucketize + order)"):
-                q = nf4._nearest_code(scaled, code)
-            with clock(f"{prefix}to uint8"):
-                q = q.to(torch.uint8)
-            with clock(f"{prefix}pack two codes a byte"):
-                packed.append(q[0::2] << 4 | q[1::2])
-            absmax.append(am)
-        with clock(f"{prefix}concatenate chunks"):
-            packed, am = torch.cat(packed), torch.cat(absmax)
+        _packed, am = timed_chunks(nf4, w, clock, prefix, pack)
         with clock(f"{prefix}NaN/Inf check"):
             bool(torch.isfinite(am).all())
         state = nf4.QuantState(am, w.shape, w.dtype, 64, "nf4", code)
